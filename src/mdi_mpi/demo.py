@@ -1,0 +1,130 @@
+"""Random-weight Llama checkpoints built locally: the demo model and the benchmark workload.
+
+They are ordinary Hugging Face checkpoint directories (transformers ``save_pretrained``), built
+once from a fixed seed into a cache directory and reused. Their weights are random, so the text
+they generate is meaningless; they exist so that everything runs with no download.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEMO_WARNING = "note: the demo model has random weights, so its text is meaningless"
+
+# A small Llama with GQA: 10 layers so that up to 10 ranks can share it.
+DEMO_CONFIG = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=10,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# The shape of TinyLlama-1.1B: same speed and memory as the real model.
+TINYLLAMA_CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+_CORPUS = """\
+Model-distributed inference splits a language model into blocks of layers, one block per machine.
+Activations travel around a ring of machines, and while one sequence is on the second machine,
+others are on the first and the third, so no machine sits idle. The quick brown fox jumps over the
+lazy dog. A Raspberry Pi has little memory, but a handful of them together can hold a model that
+none of them could hold alone. Once upon a time there was a cluster of small computers that
+wanted to tell stories. Hello, world! What is the capital of France? Paris is the capital of France.
+"""
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where built checkpoints live: ``$MDI_MPI_CACHE``, else ``$XDG_CACHE_HOME/mdi-mpi``, else ``~/.cache/mdi-mpi``."""
+    if os.environ.get("MDI_MPI_CACHE"):
+        return Path(os.environ["MDI_MPI_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mdi-mpi"
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer trained on a fixed paragraph, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", chat_template=CHAT_TEMPLATE
+    )
+
+
+def build_checkpoint(
+    path: Path, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer: bool = True
+) -> Path:
+    """Write a random-init ``LlamaForCausalLM`` with ``config`` to ``path``, atomically: a
+    finished directory is never half-written, and concurrent builders (ranks) agree."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if path.is_dir():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**config)).to(dtype)
+        model.save_pretrained(tmp)
+        del model
+        if tokenizer:
+            build_tokenizer(config["vocab_size"]).save_pretrained(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process finished first
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def demo_model() -> Path:
+    """The demo checkpoint, built on first use."""
+    return build_checkpoint(cache_dir() / "demo-llama-v1", DEMO_CONFIG, seed=0)
+
+
+def tinyllama_model(dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The TinyLlama-1.1B-shaped random checkpoint of the benchmark, built on first use."""
+    name = "tinyllama-shape-" + str(dtype).removeprefix("torch.")
+    return build_checkpoint(cache_dir() / name, TINYLLAMA_CONFIG, seed=0, dtype=dtype, tokenizer=False)

@@ -1,0 +1,79 @@
+"""Slot-indexed KV cache and the batch descriptor that addresses it.
+
+A cache is preallocated once for ``n_slots`` sequences of at most ``max_seq_len`` positions; every
+forward writes keys and values at explicit positions of explicit slots, so nothing is allocated per
+token and many sequences at different positions share one stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Which tokens a forward call carries: segment i is ``lengths[i]`` tokens of slot ``slots[i]``
+    starting at position ``starts[i]``. Tokens are packed in segment order."""
+
+    slots: tuple[int, ...]
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+    positions: torch.Tensor  # [T] long: the position of every packed token
+    last: torch.Tensor  # [B] long: index of each segment's last token in the packed tokens
+
+    @classmethod
+    def make(cls, slots: list[int], starts: list[int], lengths: list[int]) -> Batch:
+        """Describe segments (slot, start, length); positions are derived, never guessed."""
+        if not (len(slots) == len(starts) == len(lengths)) or not slots:
+            raise ValueError("a batch needs one start and one length per slot, and at least one slot")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot appears twice in one batch: {slots}")
+        if min(lengths) < 1 or min(starts) < 0:
+            raise ValueError(f"bad segment starts {starts} or lengths {lengths}")
+        if all(n == 1 for n in lengths):
+            positions = torch.tensor(starts, dtype=torch.long)
+        else:
+            positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
+        last = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
+        return cls(tuple(slots), tuple(starts), tuple(lengths), positions, last)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(self.lengths))
+
+
+class KVCache(nn.Module):
+    """Keys and values of one attention layer for ``n_slots`` sequences."""
+
+    def __init__(self, n_slots: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (n_slots, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)  # [S, Hkv, L, hd]
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)  # [S, Hkv, L, hd]
+        self.lengths = [0] * n_slots  # valid positions per slot
+
+    def update(
+        self, slot: int, start: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``, ``v`` [n, Hkv, hd] at positions start..start+n-1 of ``slot``; return views of the
+        slot's keys and values so far, each [1, Hkv, start+n, hd]."""
+        n = k.shape[0]
+        end = start + n
+        if start > self.lengths[slot]:
+            raise RuntimeError(f"slot {slot}: write at position {start} leaves a gap after {self.lengths[slot]}")
+        if end > self.k.shape[2]:
+            raise RuntimeError(f"slot {slot}: position {end - 1} is beyond the cache ({self.k.shape[2]})")
+        self.k[slot, :, start:end].copy_(k.transpose(0, 1))
+        self.v[slot, :, start:end].copy_(v.transpose(0, 1))
+        self.lengths[slot] = end
+        return self.k[slot : slot + 1, :, :end], self.v[slot : slot + 1, :, :end]
+
+    def reset(self, slot: int) -> None:
+        """Forget the sequence in ``slot`` so that a new one can start at position 0."""
+        self.lengths[slot] = 0
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes

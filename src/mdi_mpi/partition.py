@@ -1,0 +1,87 @@
+"""Split a model's decoder layers into contiguous blocks, one per rank (pure functions).
+
+Rank 0 also embeds tokens and runs the final norm, the LM head and the sampler, so the default split
+gives it fewer layers: its extra load counts as ``edge_cost`` layers. Every rank holds at least one
+layer (a rank with none would only relay activations and add a hop), so more ranks than layers is
+an error.
+"""
+
+from __future__ import annotations
+
+import math
+
+from mdi_mpi.config import ModelConfig
+from mdi_mpi.errors import UserError
+
+
+def edge_cost(config: ModelConfig) -> float:
+    """Rank 0's extra per-token work in units of one decoder layer: the LM head's matmul
+    (the embedding is a lookup and costs next to nothing)."""
+    return config.vocab_size * config.hidden_size / config.layer_param_count()
+
+
+def parse_split(text: str) -> list[int]:
+    """Parse an explicit split such as ``"6,8,8"``."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--layers expects comma-separated layer counts such as 6,8,8, got {text!r}") from None
+    return counts
+
+
+def split_layers(
+    n_layers: int,
+    n_ranks: int,
+    extra: float = 0.0,
+    weights: list[float] | None = None,
+    split: list[int] | None = None,
+) -> list[range]:
+    """Contiguous layer ranges, one per rank, in ring order.
+
+    ``split`` (explicit layer counts) wins. Otherwise the split minimises the slowest rank's time,
+    where rank r takes (its layers + ``extra`` if r == 0) / ``weights[r]`` (relative speed or memory;
+    all equal by default).
+    """
+    if n_ranks < 1:
+        raise UserError(f"need at least one rank, got {n_ranks}")
+    if n_ranks > n_layers:
+        raise UserError(f"{n_ranks} ranks but the model has only {n_layers} layers; use at most {n_layers} ranks")
+    if split is not None:
+        counts = list(split)
+        if len(counts) != n_ranks:
+            raise UserError(f"--layers gives {len(counts)} counts for {n_ranks} ranks")
+        if sum(counts) != n_layers:
+            raise UserError(f"--layers {','.join(map(str, counts))} sums to {sum(counts)}, the model has {n_layers} layers")
+        if min(counts) < 1:
+            raise UserError("--layers: every rank needs at least one layer")
+    else:
+        counts = _balanced_counts(n_layers, n_ranks, extra, weights or [1.0] * n_ranks)
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _balanced_counts(n_layers: int, n_ranks: int, extra: float, weights: list[float]) -> list[int]:
+    if len(weights) != n_ranks:
+        raise UserError(f"{len(weights)} rank weights for {n_ranks} ranks")
+    if min(weights) <= 0 or not all(math.isfinite(w) for w in weights):
+        raise UserError(f"rank weights must be positive numbers, got {weights}")
+    extras = [extra] + [0.0] * (n_ranks - 1)
+
+    def counts_within(limit: float) -> list[int]:
+        return [max(1, math.floor(limit * w - e + 1e-9)) for w, e in zip(weights, extras)]
+
+    def load(r: int, n: int) -> float:
+        return (n + extras[r]) / weights[r]
+
+    # The best limit is the load of some rank with some layer count: try them in increasing order.
+    candidates = sorted({load(r, n) for r in range(n_ranks) for n in range(1, n_layers + 1)})
+    for limit in candidates:
+        counts = counts_within(limit)
+        if sum(counts) >= n_layers:
+            break
+    while sum(counts) > n_layers:  # trim the most loaded ranks first; later ranks first on ties
+        r = max((r for r in range(n_ranks) if counts[r] > 1), key=lambda r: (load(r, counts[r]), r))
+        counts[r] -= 1
+    return counts

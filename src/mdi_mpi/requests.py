@@ -1,0 +1,161 @@
+"""Requests: reading prompts (flags, plain lines, JSONL, stdin), tokenizing them, and result records."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mdi_mpi.errors import UserError
+from mdi_mpi.sampling import SamplingParams
+
+PER_REQUEST_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+@dataclass
+class Request:
+    """One generation request; ``index`` is its place in the run and seeds its generator."""
+
+    id: str
+    index: int
+    prompt: str | None
+    input_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class Prompt:
+    """A prompt as the user gave it, before tokenization."""
+
+    id: str | None
+    text: str | None
+    input_ids: list[int] | None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_prompt_lines(lines: list[str], source: str) -> list[Prompt]:
+    """Parse prompt lines: JSONL objects (``id``, ``prompt`` or ``input_ids``, per-request sampling
+    keys) or plain text, one prompt per line. Blank lines are skipped."""
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not line.lstrip().startswith("{"):
+            prompts.append(Prompt(None, line.rstrip("\n"), None))
+            continue
+        where = f"{source} line {number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: invalid JSON ({e.msg})") from None
+        unknown = set(obj) - {"id", "prompt", "input_ids", *PER_REQUEST_KEYS}
+        if unknown:
+            raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        text, ids = obj.get("prompt"), obj.get("input_ids")
+        if (text is None) == (ids is None):
+            raise UserError(f"{where}: give exactly one of 'prompt' or 'input_ids'")
+        if text is not None and not isinstance(text, str):
+            raise UserError(f"{where}: 'prompt' must be a string")
+        if ids is not None and not (
+            isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+        ):
+            raise UserError(f"{where}: 'input_ids' must be a non-empty list of integers")
+        overrides = {k: obj[k] for k in PER_REQUEST_KEYS if k in obj}
+        ident = obj.get("id")
+        prompts.append(Prompt(None if ident is None else str(ident), text, ids, overrides))
+    if not prompts:
+        raise UserError(f"{source} holds no prompts")
+    return prompts
+
+
+def read_prompts_file(path: str) -> list[Prompt]:
+    """Read prompts from a file (``-`` for standard input)."""
+    import sys
+
+    if path == "-":
+        return parse_prompt_lines(sys.stdin.readlines(), "standard input")
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"prompts file {path} does not exist")
+    try:
+        lines = file.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"prompts file {path} is not UTF-8 text") from None
+    return parse_prompt_lines(lines, path)
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The checkpoint's tokenizer, or None when it ships none."""
+    if not any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure is a broken checkpoint for the user
+        raise UserError(f"cannot load the tokenizer in {model_dir}: {e}") from None
+
+
+def build_requests(
+    prompts: list[Prompt],
+    defaults: SamplingParams,
+    tokenizer,
+    vocab_size: int,
+    max_seq_len: int,
+    chat: bool = False,
+    n_samples: int = 1,
+) -> list[Request]:
+    """Tokenize prompts, apply per-request overrides and expand ``n_samples`` samples of each."""
+    if n_samples < 1:
+        raise UserError(f"--n-samples must be at least 1, got {n_samples}")
+    if chat and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise UserError("--chat: this tokenizer has no chat template")
+    requests = []
+    for number, p in enumerate(prompts):
+        label = p.id if p.id is not None else str(number)
+        if p.input_ids is not None:
+            ids = list(p.input_ids)
+        elif tokenizer is None:
+            raise UserError(f"prompt {label}: the checkpoint has no tokenizer, so give prompts as input_ids (JSONL)")
+        elif chat:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": p.text}], tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(p.text)["input_ids"]
+        if not ids:
+            raise UserError(f"prompt {label} is empty")
+        if max(ids) >= vocab_size or min(ids) < 0:
+            raise UserError(f"prompt {label}: token ids must lie in [0, {vocab_size})")
+        if len(ids) > max_seq_len:
+            raise UserError(
+                f"prompt {label} has {len(ids)} tokens, longer than the context (--max-seq-len {max_seq_len})"
+            )
+        try:
+            params = replace(defaults, **p.overrides)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"prompt {label}: {e}") from None
+        for k in range(n_samples):
+            ident = label if n_samples == 1 else f"{label}-{k}"
+            requests.append(Request(ident, len(requests), p.text, ids, params))
+    return requests
+
+
+@dataclass
+class Result:
+    """A finished request, written as one JSONL record."""
+
+    id: str
+    prompt: str | None
+    input_ids: list[int]
+    tokens: list[int]
+    text: str | None
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max_new_tokens) or "context" (cache full)
+    ttft_s: float  # from admission to its slot to its first token
+    duration_s: float  # from admission to its slot to its last token
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, ensure_ascii=False)

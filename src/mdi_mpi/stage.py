@@ -1,0 +1,85 @@
+"""A rank's share of the model: the full decoder pruned to one contiguous block of layers.
+
+Layers are kept in a dict keyed by their *global* index so checkpoint names still match. The
+embedding, the final norm and the LM head exist only on the stage that owns the model's edges
+(rank 0 in the ring); elsewhere they are ``None``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mdi_mpi.config import ModelConfig
+from mdi_mpi.kv_cache import Batch, KVCache
+from mdi_mpi.model import DecoderLayer, RMSNorm, rope_tables
+
+
+class Stage(nn.Module):
+    """Decoder layers ``layers`` (a range of global indices), plus the edges when ``edges`` is true."""
+
+    def __init__(self, config: ModelConfig, layers: range, edges: bool):
+        super().__init__()
+        self.config = config
+        self.layer_range = layers
+        d, vocab = config.hidden_size, config.vocab_size
+        self.embed_tokens = nn.Embedding(vocab, d) if edges else None
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in layers})
+        self.norm = RMSNorm(d, config.rms_norm_eps) if edges else None
+        self.lm_head = nn.Linear(d, vocab, bias=False) if edges and not config.tie_word_embeddings else None
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+
+    @property
+    def has_edges(self) -> bool:
+        return self.embed_tokens is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def setup_cache(self, n_slots: int, max_seq_len: int) -> None:
+        """Allocate the KV caches and RoPE tables once, after the weights are loaded."""
+        c = self.config
+        for layer in self.layers.values():
+            layer.self_attn.kv_cache = KVCache(n_slots, c.n_kv_heads, max_seq_len, c.head_dim, self.dtype)
+        self.cos, self.sin = rope_tables(c, max_seq_len, self.dtype)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cos.shape[0]
+
+    def reset(self, slot: int) -> None:
+        """Free ``slot`` for a new sequence."""
+        for layer in self.layers.values():
+            layer.self_attn.kv_cache.reset(slot)
+
+    def cache_bytes(self) -> int:
+        return sum(layer.self_attn.kv_cache.nbytes() for layer in self.layers.values())
+
+    def weight_bytes(self) -> int:
+        return sum(p.nbytes for p in self.parameters())
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [T] -> hidden states [T, D]."""
+        return self.embed_tokens(ids)
+
+    def forward_layers(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Run this stage's decoder layers on hidden states [T, D], writing the slots' KV caches."""
+        cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, hd]
+        sin = self.sin[batch.positions].unsqueeze(1)  # [T, 1, hd]
+        for layer in self.layers.values():
+            h = layer(h, batch, cos, sin)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, D] -> float32 logits [B, V] (final norm, then LM head)."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(self.norm(h), weight).float()
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, batch: Batch, all_logits: bool = False) -> torch.Tensor:
+        """A whole-model stage: token ids [T] -> logits of each segment's last token [B, V]
+        (or of every token [T, V] with ``all_logits``)."""
+        h = self.forward_layers(self.embed(ids), batch)
+        return self.head(h if all_logits else h[batch.last])

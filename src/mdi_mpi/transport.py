@@ -1,0 +1,195 @@
+"""The ring transport: the only module that imports mpi4py.
+
+Each message is one preallocated byte buffer: a fixed header of int64s followed by the activation
+payload in the model dtype (bf16 travels as 2 bytes per value). Per-token traffic uses ``Isend`` and
+``Irecv`` on these buffers, nothing is pickled. Every rank keeps one posted receive per group that
+can be in flight, so a message always finds a receive waiting and no send ever blocks the ring.
+
+Header: ``[kind, group, n_segments, n_rows, then (slot, start, length, sampled) per segment]``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+WORK, STOP = 1, 2
+_FIXED = 4  # kind, group, n_segments, n_rows
+_PER_SEG = 4  # slot, start, length, sampled
+TAG = 7
+
+
+@dataclass
+class Message:
+    """A received message; ``rows`` views the receive buffer and is valid until it is released."""
+
+    kind: int
+    group: int
+    slots: list[int]
+    starts: list[int]
+    lengths: list[int]
+    sampled: list[int]  # segment indices whose logits rank 0 samples
+    rows: torch.Tensor | None  # [n_rows, D]
+    buffer: int  # which receive buffer holds it
+
+
+class Ring:
+    """Neighbour links of one rank in the ring 0 -> 1 -> ... -> N-1 -> 0."""
+
+    def __init__(self, comm: MPI.Comm, n_buffers: int, max_segments: int, max_rows: int, dim: int, dtype: torch.dtype):
+        self.comm = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.dest, self.src = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        self.header_len = _FIXED + _PER_SEG * max_segments
+        self.dim, self.dtype = dim, dtype
+        self.row_bytes = dim * torch.empty((), dtype=dtype).element_size()
+        nbytes = 8 * self.header_len + max_rows * self.row_bytes
+        self.max_rows = max_rows
+        self.recv_bufs = [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(n_buffers)]
+        self.send_bufs = [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(n_buffers)]
+        self.recv_views = [b.numpy() for b in self.recv_bufs]
+        self.send_views = [b.numpy() for b in self.send_bufs]
+        self.send_reqs: list[MPI.Request] = [MPI.REQUEST_NULL] * n_buffers
+        self.pending: deque[tuple[int, MPI.Request]] = deque()  # posted receives, in matching order
+        self.bytes_sent = 0
+        self.wait_recv_s = 0.0
+        self.wait_send_s = 0.0
+        for i in range(n_buffers):
+            self._post(i)
+
+    def buffer_bytes(self) -> int:
+        return sum(b.nbytes for b in self.recv_bufs + self.send_bufs)
+
+    def _post(self, i: int) -> None:
+        self.pending.append((i, self.comm.Irecv([self.recv_views[i], MPI.BYTE], source=self.src, tag=TAG)))
+
+    def send(
+        self,
+        buf: int,
+        group: int,
+        slots: tuple[int, ...],
+        starts: tuple[int, ...],
+        lengths: tuple[int, ...],
+        sampled: list[int],
+        rows: torch.Tensor | None,
+        kind: int = WORK,
+    ) -> None:
+        """Send a message to the next rank from send buffer ``buf`` (waiting for that buffer's
+        previous send first). ``rows`` [n_rows, D] is copied into the buffer."""
+        t0 = time.perf_counter()
+        self.send_reqs[buf].Wait()
+        self.wait_send_s += time.perf_counter() - t0
+        view = self.send_views[buf]
+        header = view[: 8 * self.header_len].view(np.int64)
+        n_rows = 0 if rows is None else rows.shape[0]
+        if n_rows > self.max_rows:
+            raise RuntimeError(f"message of {n_rows} rows exceeds the buffer ({self.max_rows} rows)")
+        header[:_FIXED] = (kind, group, len(slots), n_rows)
+        flags = [0] * len(slots)
+        for i in sampled:
+            flags[i] = 1
+        n = len(slots)
+        seg = header[_FIXED : _FIXED + _PER_SEG * n].reshape(n, _PER_SEG) if n else None
+        if n:
+            seg[:, 0], seg[:, 1], seg[:, 2], seg[:, 3] = slots, starts, lengths, flags
+        end = 8 * self.header_len
+        if n_rows:
+            payload = self.send_bufs[buf][end : end + n_rows * self.row_bytes].view(self.dtype).view(n_rows, self.dim)
+            payload.copy_(rows)
+            end += n_rows * self.row_bytes
+        self.send_reqs[buf] = self.comm.Isend([view[:end], MPI.BYTE], dest=self.dest, tag=TAG)
+        self.bytes_sent += end
+
+    def recv(self) -> Message:
+        """Wait for the next message from the previous rank."""
+        i, req = self.pending.popleft()
+        t0 = time.perf_counter()
+        req.Wait()
+        self.wait_recv_s += time.perf_counter() - t0
+        header = self.recv_views[i][: 8 * self.header_len].view(np.int64)
+        kind, group, n, n_rows = (int(x) for x in header[:_FIXED])
+        seg = header[_FIXED : _FIXED + _PER_SEG * n].reshape(n, _PER_SEG).tolist()
+        rows = None
+        if n_rows:
+            start = 8 * self.header_len
+            rows = self.recv_bufs[i][start : start + n_rows * self.row_bytes].view(self.dtype).view(n_rows, self.dim)
+        return Message(
+            kind,
+            group,
+            [s[0] for s in seg],
+            [s[1] for s in seg],
+            [s[2] for s in seg],
+            [j for j, s in enumerate(seg) if s[3]],
+            rows,
+            i,
+        )
+
+    def release(self, msg: Message) -> None:
+        """Hand a message's buffer back to MPI for the next receive."""
+        self._post(msg.buffer)
+
+    def close(self) -> None:
+        """Finish outstanding sends and cancel the receives still posted."""
+        MPI.Request.Waitall(self.send_reqs)
+        for _, req in self.pending:
+            req.Cancel()
+            req.Wait()
+        self.pending.clear()
+
+
+@dataclass
+class LocalMessage:
+    kind: int
+    group: int
+    rows: torch.Tensor | None
+    buffer: int = 0
+
+
+class LocalRing:
+    """The ring of one rank: what rank 0 sends comes straight back to it."""
+
+    size, rank = 1, 0
+
+    def __init__(self) -> None:
+        self.queue: deque[LocalMessage] = deque()
+        self.bytes_sent = 0
+        self.wait_recv_s = 0.0
+        self.wait_send_s = 0.0
+
+    def send(self, buf, group, slots, starts, lengths, sampled, rows, kind=WORK) -> None:
+        self.queue.append(LocalMessage(kind, group, rows))
+
+    def recv(self) -> LocalMessage:
+        return self.queue.popleft()
+
+    def release(self, msg) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def buffer_bytes(self) -> int:
+        return 0
+
+
+def world() -> MPI.Comm:
+    """The job's communicator."""
+    return MPI.COMM_WORLD
+
+
+def abort(comm: MPI.Comm, code: int) -> None:
+    """End every rank of the job now."""
+    comm.Abort(code)
+
+
+def local_ranks(comm: MPI.Comm) -> int:
+    """How many ranks of the job share this rank's node."""
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    n = node.Get_size()
+    node.Free()
+    return n
