@@ -101,9 +101,8 @@ def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype)
     """Build the stage for ``layers`` (plus the edges if ``edges``) and fill it from ``ckpt``,
     reading only its own tensors and casting them to ``dtype``."""
     with torch.device("meta"):
-        stage = Stage(ckpt.config, layers, edges).to(dtype)
-    stage = stage.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, param in stage.named_parameters():
-            param.copy_(ckpt.read(hf_name(name), param.shape))
-    return stage
+        stage = Stage(ckpt.config, layers, edges)
+    # Each tensor read becomes the parameter itself (no second copy), cast only if its dtype differs.
+    tensors = {name: ckpt.read(hf_name(name), p.shape).to(dtype) for name, p in stage.named_parameters()}
+    stage.load_state_dict(tensors, assign=True, strict=True)
+    return stage.requires_grad_(False)

@@ -81,7 +81,7 @@ def _balanced_counts(n_layers: int, n_ranks: int, extra: float, weights: list[fl
         counts = counts_within(limit)
         if sum(counts) >= n_layers:
             break
-    while sum(counts) > n_layers:  # trim the most loaded ranks first; later ranks first on ties
-        r = max((r for r in range(n_ranks) if counts[r] > 1), key=lambda r: (load(r, counts[r]), r))
+    while sum(counts) > n_layers:  # trim the most loaded ranks first; on ties the earlier rank (rank 0 has the head)
+        r = max((r for r in range(n_ranks) if counts[r] > 1), key=lambda r: (load(r, counts[r]), -r))
         counts[r] -= 1
     return counts

@@ -1,0 +1,92 @@
+"""Shared fixtures: small random-init checkpoints written with transformers ``save_pretrained``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# name -> (transformers config class name, overrides)
+VARIANTS = {
+    "llama-gqa-llama3": ("LlamaConfig", dict(
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32},
+        rope_theta=50000.0,
+    )),
+    "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True, num_key_value_heads=4)),
+    "llama-linear-headdim": ("LlamaConfig", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, head_dim=24)),
+    "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
+}
+
+
+def build_hf_model(path: Path, kind: str, overrides: dict, seed: int = 0, **save_kwargs) -> Path:
+    """Random-init a transformers causal LM and save it as a normal HF checkpoint directory."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = getattr(transformers, kind)(**{**TINY, **overrides})
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path, **save_kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: build_hf_model(root / name, kind, ov) for name, (kind, ov) in VARIANTS.items()}
+
+
+@pytest.fixture(scope="session")
+def twelve_layers(tmp_path_factory) -> dict[str, Path]:
+    """A 12-layer llama saved as one file and as shards."""
+    root = tmp_path_factory.mktemp("twelve")
+    single = build_hf_model(root / "single", "LlamaConfig", dict(num_hidden_layers=12), seed=1)
+    sharded = root / "sharded"
+    shutil.copytree(single, sharded)
+    (sharded / "model.safetensors").unlink()
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(single)
+    model.save_pretrained(sharded, max_shard_size="200KB")
+    return {"single": single, "sharded": sharded}
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The demo model, built in a private cache so the tests never touch the user's."""
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["MDI_MPI_CACHE"] = str(cache)
+    from mdi_mpi.demo import demo_model
+
+    return demo_model()
+
+
+def run_cli(args: list[str], ranks: int = 1, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m mdi_mpi.generate`` (under mpiexec when ``ranks`` > 1) and capture its output."""
+    cmd = [sys.executable, "-m", "mdi_mpi.generate", *args]
+    if ranks > 1:
+        mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+        cmd = [mpiexec, "-n", str(ranks), *cmd]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)

@@ -1,0 +1,31 @@
+"""Small helpers shared by tests: load a whole-model stage and generate greedily with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mdi_mpi.checkpoint import Checkpoint, load_stage
+from mdi_mpi.requests import Request
+from mdi_mpi.sampling import SamplingParams
+from mdi_mpi.scheduler import Scheduler, run_local
+from mdi_mpi.stage import Stage
+
+
+def full_stage(path: Path, dtype: torch.dtype = torch.float32, n_slots: int = 4, max_seq_len: int = 128) -> Stage:
+    ckpt = Checkpoint(path)
+    stage = load_stage(ckpt, range(ckpt.config.n_layers), True, dtype)
+    stage.setup_cache(n_slots, max_seq_len)
+    return stage
+
+
+def make_requests(prompts: list[list[int]], **params) -> list[Request]:
+    p = SamplingParams(**{"max_new_tokens": 32, **params})
+    return [Request(str(i), i, None, ids, p) for i, ids in enumerate(prompts)]
+
+
+def generate(stage: Stage, prompts: list[list[int]], n_slots: int, prefill_chunk: int = 64, **params) -> dict[str, list[int]]:
+    """Tokens generated for each prompt, keyed by request id."""
+    sched = Scheduler(make_requests(prompts, **params), n_slots, stage.max_seq_len, prefill_chunk, stage.config.eos_token_ids)
+    return {r.id: r.tokens for r in run_local(stage, sched)}

@@ -1,0 +1,135 @@
+"""Partial loading reads only a stage's tensors; broken checkpoints give errors naming the problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mdi_mpi.checkpoint import Checkpoint, load_stage
+from mdi_mpi.errors import UserError
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_stage_reads_only_its_tensors(twelve_layers, layout):
+    path = twelve_layers[layout]
+    if layout == "sharded":
+        assert (path / "model.safetensors.index.json").is_file()
+        assert len(list(path.glob("model-*.safetensors"))) > 3
+    ckpt = Checkpoint(path)
+    stage = load_stage(ckpt, range(5, 10), edges=False, dtype=torch.float32)
+    layers_read = {int(n.split(".")[2]) for n in ckpt.names_read}
+    assert layers_read == {5, 6, 7, 8, 9}
+    assert not any("embed" in n or "lm_head" in n or n == "model.norm.weight" for n in ckpt.names_read)
+    assert len(ckpt.names_read) == 5 * 9  # 9 tensors per llama layer
+    assert set(stage.layers) == {"5", "6", "7", "8", "9"}
+    # The stage holds exactly the bytes of the tensors it read, far less than the checkpoint.
+    full = {}
+    for f in path.glob("*.safetensors"):
+        full.update(load_file(f))
+    read_bytes = sum(full[n].nbytes for n in ckpt.names_read)
+    assert stage.weight_bytes() == read_bytes
+    assert read_bytes < 0.4 * sum(t.nbytes for t in full.values())
+    ref = full["model.layers.7.mlp.down_proj.weight"]
+    assert torch.equal(stage.layers["7"].mlp.down_proj.weight, ref)
+
+
+def test_edge_stage_has_embedding_and_head(twelve_layers):
+    ckpt = Checkpoint(twelve_layers["sharded"])
+    stage = load_stage(ckpt, range(0, 2), edges=True, dtype=torch.bfloat16)
+    assert stage.embed_tokens.weight.dtype == torch.bfloat16
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= set(ckpt.names_read)
+    assert not any(n.startswith("model.layers.2.") for n in ckpt.names_read)
+
+
+RSS_SCRIPT = """
+import resource, sys, torch
+from mdi_mpi.checkpoint import Checkpoint, load_stage
+ckpt = Checkpoint(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+stage = load_stage(ckpt, range(5, 10), False, torch.float32)
+total = sum(float(p.sum()) for p in stage.parameters())  # touch every weight
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, stage.weight_bytes())
+"""
+
+
+def test_partial_load_memory_is_its_share(tmp_path):
+    # 12 layers of ~13 MB each in float32: a 5-layer stage must not pay for the other 7.
+    from conftest import build_hf_model
+
+    path = build_hf_model(tmp_path / "m", "LlamaConfig", dict(num_hidden_layers=12, hidden_size=512,
+                          intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4))
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path)], capture_output=True, text=True, check=True)
+    grown, weights = map(int, out.stdout.split())
+    file_bytes = (path / "model.safetensors").stat().st_size
+    assert weights < 0.45 * file_bytes
+    assert grown < weights + 16 * 2**20, f"peak RSS grew {grown} for {weights} bytes of weights"
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        Checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        Checkpoint(tmp_path / "empty")
+
+
+def test_pickle_only_checkpoint_is_refused(models, tmp_path):
+    d = _copy(models["mistral"], tmp_path / "bin")
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"not even read")
+    with pytest.raises(UserError, match="never unpickles.*save_pretrained"):
+        Checkpoint(d)
+
+
+def test_missing_tensor_is_named(models, tmp_path):
+    d = _copy(models["mistral"], tmp_path / "missing")
+    tensors = load_file(d / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    ckpt = Checkpoint(d)
+    with pytest.raises(UserError, match="model.layers.1.mlp.up_proj.weight is missing"):
+        load_stage(ckpt, range(0, 4), True, torch.float32)
+    load_stage(Checkpoint(d), range(2, 4), False, torch.float32)  # a stage without layer 1 does not care
+
+
+def test_shape_mismatch_is_named(models, tmp_path):
+    d = _copy(models["mistral"], tmp_path / "shape")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"model.layers.0.mlp.gate_proj.weight has shape \[160, 64\]"):
+        load_stage(Checkpoint(d), range(0, 1), False, torch.float32)
+
+
+def test_config_with_fewer_layers_than_weights(models, tmp_path):
+    d = _copy(models["mistral"], tmp_path / "layers")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="says 3 layers but the checkpoint has tensors for layer 3"):
+        Checkpoint(d)
+
+
+def test_corrupt_safetensors(models, tmp_path):
+    d = _copy(models["mistral"], tmp_path / "corrupt")
+    (d / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        Checkpoint(d)
+
+
+def test_missing_shard(twelve_layers, tmp_path):
+    d = _copy(twelve_layers["sharded"], tmp_path / "shards")
+    next(d.glob("model-*.safetensors")).unlink()
+    with pytest.raises(UserError, match="names the shard .* which is missing"):
+        Checkpoint(d)

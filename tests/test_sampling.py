@@ -1,0 +1,64 @@
+"""Sampler: greedy, top-k, top-p, seeded determinism, argument checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mdi_mpi.sampling import SamplingParams, filter_logits, request_generator, sample
+
+LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, 2.5, -1.0])
+
+
+def test_greedy_is_argmax():
+    assert sample(LOGITS, SamplingParams(temperature=0.0), request_generator(0, 0)) == 1
+
+
+@pytest.mark.parametrize("k, kept", [(1, {1}), (2, {1, 4}), (3, {1, 4, 2}), (0, set(range(6))), (10, set(range(6)))])
+def test_top_k_keeps_k(k, kept):
+    out = filter_logits(LOGITS, k, 1.0)
+    assert set(torch.isfinite(out).nonzero().flatten().tolist()) == kept
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.6, 0.8, 0.95, 0.999])
+def test_top_p_keeps_smallest_set_reaching_p(p):
+    probs = LOGITS.softmax(-1)
+    out = filter_logits(LOGITS, 0, p)
+    kept = torch.isfinite(out)
+    order = probs.argsort(descending=True)
+    n = int(kept.sum())
+    assert set(order[:n].tolist()) == set(kept.nonzero().flatten().tolist())  # the most likely ones
+    assert probs[kept].sum() >= p - 1e-6  # they reach p
+    assert n == 1 or probs[order[: n - 1]].sum() < p  # and one fewer would not
+
+
+def test_seeded_sampling_is_deterministic_and_seed_dependent():
+    params = SamplingParams(temperature=1.0)
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    draw = lambda seed, index: [sample(logits, params, g) for g in [request_generator(seed, index)] for _ in range(40)]
+    assert draw(3, 7) == draw(3, 7)
+    assert draw(3, 7) != draw(3, 8)
+    assert draw(3, 7) != draw(4, 7)
+
+
+def test_sampling_respects_filters():
+    g = request_generator(0, 0)
+    params = SamplingParams(temperature=2.0, top_k=2)
+    assert {sample(LOGITS, params, g) for _ in range(200)} == {1, 4}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=-1.0),
+        dict(temperature=float("nan")),
+        dict(top_k=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(max_new_tokens=0),
+        dict(seed=-3),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
