@@ -90,3 +90,12 @@ def run_cli(args: list[str], ranks: int = 1, timeout: float = 120, env: dict | N
         cmd = [mpiexec, "-n", str(ranks), *cmd]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/mpi needs several ranks: it runs under ``mpirun -np 2`` and is skipped otherwise."""
+    if collection_path.name == "mpi" and collection_path.parent == Path(__file__).parent:
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD.Get_size() < 2
+    return None

@@ -134,7 +134,10 @@ def run(args: argparse.Namespace, comm) -> dict:
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         parse_dtype(args.dtype)
-        SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop))
+        try:
+            SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop))
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if not args.prompt and not args.prompts_file:
             raise UserError("no prompts: give --prompt TEXT, --prompts-file FILE, or --prompts-file - for standard input")
 

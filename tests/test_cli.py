@@ -1,0 +1,160 @@
+"""``python -m mdi_mpi.generate`` end to end, in one process and under mpiexec."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import run_cli
+
+FIELDS = {"id", "prompt", "input_ids", "tokens", "text", "finish_reason", "ttft_s", "duration_s"}
+
+
+def write_prompts(path, prompts: list[list[int]], **extra) -> str:
+    path.write_text("".join(json.dumps({"id": f"p{i}", "input_ids": p, **extra}) + "\n" for i, p in enumerate(prompts)))
+    return str(path)
+
+
+def records(path) -> dict[str, dict]:
+    out = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        assert set(rec) == FIELDS
+        out[rec["id"]] = rec
+    return out
+
+
+PROMPTS = [[5, 9, 17], list(range(3, 30)), [7], list(range(40, 52)), [100, 3, 4, 5, 6], [11, 12]]
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(models):
+    path = models["llama-gqa-llama3"]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = {}
+    for i, p in enumerate(PROMPTS):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, pad_token_id=0)
+        ref[f"p{i}"] = out[0, len(p):].tolist()
+    return ref
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("ranks, slots", [(1, 1), (1, 4), (2, 2), (3, 3), (3, 6)])
+def test_greedy_equals_transformers_for_any_ranks_and_slots(models, greedy_reference, tmp_path, ranks, slots):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "out.jsonl"
+    res = run_cli(["--model", str(models["llama-gqa-llama3"]), "--dtype", "float32", "--prompts-file", prompts,
+                   "--max-new-tokens", "20", "--slots", str(slots), "--output", str(out), "--quiet"], ranks=ranks)
+    assert res.returncode == 0, res.stderr
+    recs = records(out)
+    assert {k: r["tokens"] for k, r in recs.items()} == greedy_reference
+    assert all(r["text"] is None and r["finish_reason"] in ("length", "stop") for r in recs.values())
+    assert f"{ranks} ranks, {slots} slots" in res.stderr
+
+
+@pytest.mark.timeout(300)
+def test_sampled_output_is_identical_across_ranks_slots_and_micro_batches(models, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:4])
+    runs = {}
+    for ranks, slots, micro in [(1, 1, 1), (1, 5, 5), (2, 2, 1), (2, 6, 3), (3, 3, 1), (3, 6, 2), (3, 4, 1)]:
+        out = tmp_path / f"out-{ranks}-{slots}-{micro}.jsonl"
+        res = run_cli(["--model", str(models["qwen2"]), "--dtype", "bfloat16", "--prompts-file", prompts,
+                       "--n-samples", "2", "--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--seed", "7",
+                       "--max-new-tokens", "12", "--slots", str(slots), "--micro-batch", str(micro),
+                       "--prefill-chunk", "5", "--output", str(out), "--quiet"], ranks=ranks)
+        assert res.returncode == 0, res.stderr
+        runs[(ranks, slots, micro)] = {k: r["tokens"] for k, r in records(out).items()}
+    first = next(iter(runs.values()))
+    assert len(first) == 8
+    assert first["p0-0"] != first["p0-1"]  # samples of one prompt differ
+    for key, tokens in runs.items():
+        assert tokens == first, key
+
+
+def test_demo_model_single_process(demo_dir, tmp_path):
+    out = tmp_path / "out.jsonl"
+    res = run_cli(["--prompt", "Once upon a time", "--prompt", "Hello", "--max-new-tokens", "8",
+                   "--output", str(out), "--stop", "zzz-never"])
+    assert res.returncode == 0, res.stderr
+    assert "random weights" in res.stderr
+    recs = records(out)
+    assert set(recs) == {"0", "1"}
+    assert recs["0"]["prompt"] == "Once upon a time" and recs["0"]["input_ids"][0] == 1  # BOS
+    assert all(isinstance(r["text"], str) and len(r["tokens"]) == 8 for r in recs.values())
+    assert "--- 0 (length, 8 tokens)" in res.stdout
+    assert "tokens/s" in res.stderr and "rank 0: layers 0-9" in res.stderr
+
+
+def test_demo_chat_and_streaming(demo_dir):
+    res = run_cli(["--prompt", "What is MPI?", "--chat", "--max-new-tokens", "5"])
+    assert res.returncode == 0, res.stderr
+    assert "---" not in res.stdout  # a single request streams its text, no header
+
+
+def test_help_lists_the_flags():
+    res = run_cli(["--help"])
+    assert res.returncode == 0
+    for flag in ("--model", "--dtype", "--max-seq-len", "--threads", "--layers", "--slots", "--micro-batch",
+                 "--prefill-chunk", "--prompts-file", "--n-samples", "--temperature", "--top-k", "--top-p",
+                 "--seed", "--chat", "--output"):
+        assert flag in res.stdout
+
+
+def _bad(tmp_path, models):
+    m = str(models["mistral"])
+    long_prompt = tmp_path / "long.jsonl"
+    long_prompt.write_text(json.dumps({"input_ids": list(range(3, 40))}) + "\n")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"input_ids": [1, 2]}\n{"input_ids": [1, 2\n')
+    return [
+        (["--model", str(tmp_path / "missing"), "--prompt", "x"], "does not exist"),
+        (["--model", m, "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--model", m, "--prompt", "x", "--bogus"], "unrecognized arguments: --bogus"),
+        (["--model", m, "--prompt", "x", "--slots", "0"], "--slots must be at least 1"),
+        (["--model", m, "--prompt", "x"], "has no tokenizer, so give prompts as input_ids"),
+        (["--model", m, "--prompts-file", str(broken)], "broken.jsonl line 2: invalid JSON"),
+        (["--model", m, "--prompts-file", str(tmp_path / "none.txt")], "does not exist"),
+        (["--model", m, "--prompts-file", str(long_prompt), "--max-seq-len", "16"], "37 tokens, longer than the context"),
+        (["--model", m], "no prompts"),
+        (["--model", m, "--prompt", "x", "--dtype", "int3"], "unknown dtype"),
+    ]
+
+
+def test_bad_input_single_process(models, tmp_path):
+    for args, message in _bad(tmp_path, models):
+        res = run_cli(args, timeout=60)
+        assert res.returncode == 2, (args, res.stderr)
+        assert message in res.stderr, (args, res.stderr)
+        assert "Traceback" not in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+@pytest.mark.timeout(300)
+def test_bad_input_every_rank_exits_2_with_one_message(models, tmp_path):
+    cases = _bad(tmp_path, models)[:6:2] + [
+        (["--model", str(models["mistral"]), "--prompt", "x"], "has no tokenizer"),
+        (["--model", str(models["mistral"]), "--prompt", "x", "--layers", "1,1,1"], "sums to 3, the model has 4 layers"),
+    ]
+    for args, message in cases:
+        res = run_cli(args, ranks=3, timeout=60)
+        assert res.returncode == 2, (args, res.stderr)
+        assert res.stderr.count(message) == 1, (args, res.stderr)
+        assert "Traceback" not in res.stderr
+    res = run_cli(["--model", str(models["mistral"]), "--prompt", "x"], ranks=5, timeout=60)
+    assert res.returncode == 2 and res.stderr.count("5 ranks but the model has only 4 layers") == 1, res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_rank_ends_the_job_and_keeps_results(models, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 3, max_new_tokens=2)
+    out = tmp_path / "out.jsonl"
+    res = run_cli(["--model", str(models["llama-tied"]), "--prompts-file", prompts, "--slots", "1",
+                   "--output", str(out), "--quiet"], ranks=3, timeout=60, env={"MDI_MPI_FAIL": "1:7"})
+    assert res.returncode != 0
+    assert "rank 1: RuntimeError: injected failure at step 7" in res.stderr
+    done = records(out)  # every line written is a whole record
+    assert 2 <= len(done) < len(PROMPTS) * 3
