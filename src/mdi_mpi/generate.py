@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import resource
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -69,9 +70,11 @@ def build_parser() -> Parser:
     g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass; 1: all (default)")
     g.add_argument("--seed", type=int, default=0, help="base seed; request i samples from a generator seeded with (seed, i)")
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token (for benchmarks)")
     o = p.add_argument_group("output")
     o.add_argument("--output", metavar="FILE.jsonl", help="append one JSON record per finished request, as it finishes")
     o.add_argument("--stats-json", metavar="FILE", help="write the run summary (throughput, per-rank time and memory) as JSON")
+    o.add_argument("--trace", metavar="FILE.h5", help="record every rank's event timeline into one HDF5 file (see python -m mdi_mpi.trace)")
     o.add_argument("--quiet", action="store_true", help="print no completions on stdout (records still go to --output)")
     return p
 
@@ -119,10 +122,11 @@ def run(args: argparse.Namespace, comm) -> dict:
     from mdi_mpi.checkpoint import Checkpoint, load_stage
     from mdi_mpi.config import parse_dtype
     from mdi_mpi.partition import edge_cost, parse_split, split_layers
-    from mdi_mpi.pipeline import run_first, run_worker, slot_groups
+    from mdi_mpi.pipeline import Recorder, run_first, run_worker, slot_groups
     from mdi_mpi.requests import Prompt, build_requests, load_tokenizer, parse_prompt_lines, read_prompts_file
     from mdi_mpi.sampling import SamplingParams
     from mdi_mpi.scheduler import Scheduler
+    from mdi_mpi.trace import write_trace
     from mdi_mpi.transport import LocalRing, Ring, local_ranks
 
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -213,12 +217,13 @@ def run(args: argparse.Namespace, comm) -> dict:
         else Ring(comm, len(groups), settings.micro_batch, settings.max_rows, cfg.hidden_size, dtype)
     )
     comm.Barrier()
+    rec = Recorder(trace=bool(args.trace))  # origin: just after the barrier, shared by all ranks
     fail_at = _injected_failure(rank)
     if rank == 0:
         if is_demo:
             print(demo.DEMO_WARNING, file=sys.stderr, flush=True)
         out = open(args.output, "a", encoding="utf-8") if args.output else None
-        printer = _Printer(tokenizer, streaming=len(requests) == 1 and not args.quiet, quiet=args.quiet)
+        printer = _Printer(tokenizer, len(requests), streaming=len(requests) == 1 and not args.quiet, quiet=args.quiet)
 
         def on_finish(result) -> None:
             if out is not None:
@@ -226,35 +231,34 @@ def run(args: argparse.Namespace, comm) -> dict:
                 out.flush()
             printer.finished(result)
 
+        eos = () if args.ignore_eos else cfg.eos_token_ids
         sched = Scheduler(
-            requests, settings.n_slots, max_seq_len, args.prefill_chunk, cfg.eos_token_ids, tokenizer,
+            requests, settings.n_slots, max_seq_len, args.prefill_chunk, eos, tokenizer,
             on_finish=on_finish, on_token=printer.token,
         )
         try:
-            stats = run_first(stage, sched, ring, groups, fail_at=fail_at)
+            run_first(stage, sched, ring, groups, rec, fail_at=fail_at)
         finally:
             if out is not None:
                 out.close()
     else:
-        stats = run_worker(stage, ring, fail_at=fail_at)
+        run_worker(stage, ring, rec, fail_at=fail_at)
 
     mine = {
         "rank": rank,
+        "host": socket.gethostname(),
         "layers": [layers.start, layers.stop],
         "weight_bytes": stage.weight_bytes(),
         "kv_cache_bytes": stage.cache_bytes(),
         "buffer_bytes": ring.buffer_bytes(),
         "peak_rss_bytes": _peak_rss(),
         "load_s": round(load_s, 3),
-        "wall_s": round(stats.wall_s, 4),
-        "compute_s": round(stats.compute_s, 4),
-        "sample_s": round(stats.sample_s, 4),
-        "wait_recv_s": round(ring.wait_recv_s, 4),
-        "wait_send_s": round(ring.wait_send_s, 4),
-        "bytes_sent": ring.bytes_sent,
         "threads": threads,
+        "bytes_sent": ring.bytes_sent,
+        **rec.summary(),
     }
     ranks = comm.gather(mine, root=0)
+    events = comm.gather(rec.event_array(), root=0) if args.trace else None
     if rank != 0:
         return {}
     results = sched.results
@@ -266,12 +270,17 @@ def run(args: argparse.Namespace, comm) -> dict:
         "ranks": size,
         "slots": settings.n_slots,
         "micro_batch": settings.micro_batch,
+        "prefill_chunk": args.prefill_chunk,
         "max_seq_len": max_seq_len,
         "requests": len(results),
         "generated_tokens": n_tokens,
-        "generate_s": round(stats.wall_s, 4),
-        "tokens_per_s": round(n_tokens / stats.wall_s, 3) if stats.wall_s else 0.0,
+        "generate_s": round(rec.wall_s, 4),
+        "tokens_per_s": round(n_tokens / rec.wall_s, 3) if rec.wall_s else 0.0,
+        "tokens_per_s_per_sequence": round(
+            sum(len(r.tokens) / r.duration_s for r in results if r.duration_s) / max(1, len(results)), 3
+        ),
         "mean_ttft_s": round(sum(r.ttft_s for r in results) / max(1, len(results)), 4),
+        "bytes_sent_per_token": round(sum(r["bytes_sent"] for r in ranks) / max(1, n_tokens), 1),
         "startup_s": round(t_load - t0, 3),
         "per_rank": ranks,
     }
@@ -279,18 +288,25 @@ def run(args: argparse.Namespace, comm) -> dict:
     if args.stats_json:
         with open(args.stats_json, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
+    if args.trace:
+        write_trace(args.trace, summary, groups, events)
     return summary
 
 
 class _Printer:
     """Completions on stdout: one request streams token by token, several print as they finish."""
 
-    def __init__(self, tokenizer, streaming: bool, quiet: bool):
+    def __init__(self, tokenizer, n_requests: int, streaming: bool, quiet: bool):
         self.tokenizer = tokenizer
         self.streaming = streaming
         self.quiet = quiet
         self.generated: list[int] = []
         self.shown = ""
+        self.n_requests = n_requests
+        self.n_done = 0
+        self.n_tokens = 0
+        self.t0 = time.perf_counter()
+        self.progress = sys.stderr.isatty() and not streaming
 
     def token(self, request, token: int) -> None:
         if not self.streaming:
@@ -307,6 +323,12 @@ class _Printer:
         sys.stdout.flush()
 
     def finished(self, result) -> None:
+        self.n_done += 1
+        self.n_tokens += len(result.tokens)
+        if self.progress:  # on a terminal only: never mixed into redirected output
+            rate = self.n_tokens / (time.perf_counter() - self.t0)
+            end = "\n" if self.n_done == self.n_requests else ""
+            print(f"\r{self.n_done}/{self.n_requests} requests, {rate:.1f} tokens/s", end=end, file=sys.stderr, flush=True)
         if self.quiet:
             return
         if self.streaming:
@@ -327,12 +349,12 @@ def _print_summary(s: dict) -> None:
         file=err,
     )
     for r in s["per_rank"]:
-        busy = r["compute_s"] + r["sample_s"]
+        busy = r["compute_s"] + r["prefill_s"] + r["sample_s"]
         wall = r["wall_s"] or 1.0
         print(
             f"  rank {r['rank']}: layers {r['layers'][0]}-{r['layers'][1] - 1}, weights {_gib(r['weight_bytes'])}, "
             f"KV cache {_gib(r['kv_cache_bytes'])}, peak RSS {_gib(r['peak_rss_bytes'])}, "
-            f"busy {100 * busy / wall:.0f}%, waiting {100 * r['wait_recv_s'] / wall:.0f}%",
+            f"busy {100 * busy / wall:.0f}%, waiting {100 * r['recv_wait_s'] / wall:.0f}%",
             file=err,
         )
 

@@ -9,14 +9,18 @@ The last rank sends back only the rows rank 0 samples from.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mdi_mpi.kv_cache import Batch
 from mdi_mpi.scheduler import Scheduler, Work
 from mdi_mpi.stage import Stage
 from mdi_mpi.transport import STOP
+
+EVENT_KINDS = ("recv-wait", "compute", "prefill", "send", "sample")
+RECV, COMPUTE, PREFILL, SEND, SAMPLE = range(len(EVENT_KINDS))
+
 
 def slot_groups(n_slots: int, micro_batch: int) -> list[list[int]]:
     """Split slots 0..n_slots-1 into consecutive groups of at most ``micro_batch``."""
@@ -25,24 +29,55 @@ def slot_groups(n_slots: int, micro_batch: int) -> list[list[int]]:
     return [list(range(a, min(a + micro_batch, n_slots))) for a in range(0, n_slots, micro_batch)]
 
 
-@dataclass
-class RankStats:
-    """Where one rank's wall time went."""
+class Recorder:
+    """Where one rank's time goes: totals per event kind, and with ``trace`` the whole timeline
+    (kind, group, start, end; seconds since ``origin``, a moment all ranks share)."""
 
-    compute_s: float = 0.0
-    sample_s: float = 0.0
-    wall_s: float = 0.0
-    steps: int = 0
-    extra: dict = field(default_factory=dict)
+    def __init__(self, trace: bool = False, origin: float | None = None):
+        self.origin = time.perf_counter() if origin is None else origin
+        self.totals = [0.0] * len(EVENT_KINDS)
+        self.events: list[tuple[int, int, float, float]] | None = [] if trace else None
+        self.steps = 0
+        self.wall_s = 0.0
+
+    def add(self, kind: int, group: int, t0: float, t1: float) -> None:
+        self.totals[kind] += t1 - t0
+        if self.events is not None:
+            self.events.append((kind, group, t0 - self.origin, t1 - self.origin))
+
+    def summary(self) -> dict[str, float]:
+        """Seconds per kind, plus the wall time of the loop."""
+        out = {f"{k.replace('-', '_')}_s": round(v, 4) for k, v in zip(EVENT_KINDS, self.totals)}
+        return {**out, "wall_s": round(self.wall_s, 4), "steps": self.steps}
+
+    def event_array(self) -> np.ndarray:
+        """The timeline as a structured array (empty when tracing is off)."""
+        dtype = [("kind", "i1"), ("group", "i4"), ("start", "f8"), ("end", "f8")]
+        return np.array(self.events or [], dtype=dtype)
+
+
+def _compute_kind(batch: Batch) -> int:
+    return PREFILL if batch.n_tokens > len(batch.slots) else COMPUTE
+
+
+def _recv(ring, rec: Recorder):
+    t0 = time.perf_counter()
+    msg = ring.recv()
+    rec.add(RECV, msg.group, t0, time.perf_counter())
+    return msg
+
+
+def _send(ring, rec: Recorder, group: int, batch: Batch, sampled: list[int], h: torch.Tensor) -> None:
+    t0 = time.perf_counter()
+    ring.send(group, group, batch.slots, batch.starts, batch.lengths, sampled, h)
+    rec.add(SEND, group, t0, time.perf_counter())
 
 
 @torch.inference_mode()
 def run_first(
-    stage: Stage, sched: Scheduler, ring, groups: list[list[int]], fail_at: int | None = None
-) -> RankStats:
+    stage: Stage, sched: Scheduler, ring, groups: list[list[int]], rec: Recorder, fail_at: int | None = None
+) -> None:
     """Rank 0: feed every group into the ring, sample what comes back, refill, then stop the ring."""
-    stats = RankStats()
-    t_start = time.perf_counter()
     works: dict[int, Work] = {}
     last = ring.size == 1
 
@@ -50,64 +85,60 @@ def run_first(
         work = sched.plan(groups[g])
         if work is None:
             return False
-        _maybe_fail(stats.steps, fail_at)
+        _maybe_fail(rec.steps, fail_at)
         t0 = time.perf_counter()
         h = stage.forward_layers(stage.embed(work.ids), work.batch)  # [T, D]
         if last:
             h = h[work.batch.last[work.sampled]]
-        stats.compute_s += time.perf_counter() - t0
+        rec.add(_compute_kind(work.batch), g, t0, time.perf_counter())
         works[g] = work
-        b = work.batch
-        ring.send(g, g, b.slots, b.starts, b.lengths, work.sampled, h)
-        stats.steps += 1
+        _send(ring, rec, g, work.batch, work.sampled, h)
+        rec.steps += 1
         return True
 
     in_flight = sum(launch(g) for g in range(len(groups)))
     while in_flight:
-        msg = ring.recv()
+        msg = _recv(ring, rec)
         work = works.pop(msg.group)
-        t0 = time.perf_counter()
-        logits = stage.head(msg.rows) if work.sampled else None  # [len(sampled), V]
-        ring.release(msg)
-        t1 = time.perf_counter()
-        if logits is not None:
+        if work.sampled:
+            t0 = time.perf_counter()
+            logits = stage.head(msg.rows)  # [len(sampled), V]
+            t1 = time.perf_counter()
+            rec.add(COMPUTE, msg.group, t0, t1)
             sched.complete(work, logits)
-        stats.compute_s += t1 - t0
-        stats.sample_s += time.perf_counter() - t1
+            rec.add(SAMPLE, msg.group, t1, time.perf_counter())
+        ring.release(msg)
         in_flight -= 1
         in_flight += launch(msg.group)
     ring.send(0, 0, (), (), (), [], None, kind=STOP)
     msg = ring.recv()
-    assert msg.kind == STOP, "the ring returned work after the stop message"
+    if msg.kind != STOP:
+        raise RuntimeError("the ring returned work after the stop message")
     ring.close()
-    stats.wall_s = time.perf_counter() - t_start
-    return stats
+    rec.wall_s = time.perf_counter() - rec.origin
 
 
 @torch.inference_mode()
-def run_worker(stage: Stage, ring, fail_at: int | None = None) -> RankStats:
+def run_worker(stage: Stage, ring, rec: Recorder, fail_at: int | None = None) -> None:
     """Ranks 1..N-1: run this stage on each message and pass it on, until the stop message."""
-    stats = RankStats()
-    t_start = time.perf_counter()
     last = ring.rank == ring.size - 1
     while True:
-        msg = ring.recv()
+        msg = _recv(ring, rec)
         if msg.kind == STOP:
             ring.send(0, 0, (), (), (), [], None, kind=STOP)
             break
-        _maybe_fail(stats.steps, fail_at)
+        _maybe_fail(rec.steps, fail_at)
         t0 = time.perf_counter()
         batch = Batch.make(msg.slots, msg.starts, msg.lengths)
         h = stage.forward_layers(msg.rows, batch)  # [T, D]
         ring.release(msg)
         if last:
             h = h[batch.last[msg.sampled]]
-        stats.compute_s += time.perf_counter() - t0
-        ring.send(msg.group, msg.group, batch.slots, batch.starts, batch.lengths, msg.sampled, h)
-        stats.steps += 1
+        rec.add(_compute_kind(batch), msg.group, t0, time.perf_counter())
+        _send(ring, rec, msg.group, batch, msg.sampled, h)
+        rec.steps += 1
     ring.close()
-    stats.wall_s = time.perf_counter() - t_start
-    return stats
+    rec.wall_s = time.perf_counter() - rec.origin
 
 
 def _maybe_fail(step: int, fail_at: int | None) -> None:

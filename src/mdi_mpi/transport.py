@@ -10,7 +10,6 @@ Header: ``[kind, group, n_segments, n_rows, then (slot, start, length, sampled) 
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -57,8 +56,6 @@ class Ring:
         self.send_reqs: list[MPI.Request] = [MPI.REQUEST_NULL] * n_buffers
         self.pending: deque[tuple[int, MPI.Request]] = deque()  # posted receives, in matching order
         self.bytes_sent = 0
-        self.wait_recv_s = 0.0
-        self.wait_send_s = 0.0
         for i in range(n_buffers):
             self._post(i)
 
@@ -81,9 +78,7 @@ class Ring:
     ) -> None:
         """Send a message to the next rank from send buffer ``buf`` (waiting for that buffer's
         previous send first). ``rows`` [n_rows, D] is copied into the buffer."""
-        t0 = time.perf_counter()
         self.send_reqs[buf].Wait()
-        self.wait_send_s += time.perf_counter() - t0
         view = self.send_views[buf]
         header = view[: 8 * self.header_len].view(np.int64)
         n_rows = 0 if rows is None else rows.shape[0]
@@ -108,9 +103,7 @@ class Ring:
     def recv(self) -> Message:
         """Wait for the next message from the previous rank."""
         i, req = self.pending.popleft()
-        t0 = time.perf_counter()
         req.Wait()
-        self.wait_recv_s += time.perf_counter() - t0
         header = self.recv_views[i][: 8 * self.header_len].view(np.int64)
         kind, group, n, n_rows = (int(x) for x in header[:_FIXED])
         seg = header[_FIXED : _FIXED + _PER_SEG * n].reshape(n, _PER_SEG).tolist()
@@ -158,8 +151,6 @@ class LocalRing:
     def __init__(self) -> None:
         self.queue: deque[LocalMessage] = deque()
         self.bytes_sent = 0
-        self.wait_recv_s = 0.0
-        self.wait_send_s = 0.0
 
     def send(self, buf, group, slots, starts, lengths, sampled, rows, kind=WORK) -> None:
         self.queue.append(LocalMessage(kind, group, rows))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mdi_mpi.config import ModelConfig
-from mdi_mpi.pipeline import run_first, run_worker, slot_groups
+from mdi_mpi.pipeline import Recorder, run_first, run_worker, slot_groups
 from mdi_mpi.requests import Request
 from mdi_mpi.sampling import SamplingParams
 from mdi_mpi.scheduler import Scheduler, run_local
@@ -61,10 +61,10 @@ def run_ring(comm, reqs, n_slots: int, micro_batch: int, prefill_chunk: int = 8)
     ring = Ring(comm, len(groups), micro_batch, micro_batch * prefill_chunk, CONFIG.hidden_size, torch.float32)
     if rank == 0:
         sched = Scheduler(reqs, n_slots, MAX_SEQ, prefill_chunk, CONFIG.eos_token_ids)
-        run_first(stage, sched, ring, groups)
+        run_first(stage, sched, ring, groups, Recorder())
         assert sched.done
         return {r.id: r.tokens for r in sched.results}
-    run_worker(stage, ring)
+    run_worker(stage, ring, Recorder())
     return None
 
 

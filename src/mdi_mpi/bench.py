@@ -1,0 +1,198 @@
+"""Benchmark: one workload through transformers and through mdi-mpi on 1..N ranks, in one run.
+
+    python -m mdi_mpi.bench                       # the full table (TinyLlama-1.1B-shaped, bf16)
+    python -m mdi_mpi.bench --tiny --json b.json  # a quick check on a small model
+
+Every configuration runs in its own process (mdi-mpi under ``mpiexec``, launched from here), so its
+peak RSS is its own. The workload: prompts of ``--prompt-len`` random token ids, ``--new-tokens``
+greedy tokens each (EOS ignored), as many requests as slots (transformers: the batch size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from mdi_mpi.errors import UserError
+
+HF_SCRIPT = r"""
+import json, resource, sys, time, torch
+from transformers import AutoModelForCausalLM
+model_dir, dtype, threads, batch, prompt_len, new_tokens = sys.argv[1:7]
+torch.set_num_threads(int(threads))
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(3, model.config.vocab_size, (int(batch), int(prompt_len)), generator=g)
+kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+with torch.inference_mode():
+    model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+    t = time.perf_counter(); model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw); ttft = time.perf_counter() - t
+    t = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=int(new_tokens), min_new_tokens=int(new_tokens), **kw)
+    wall = time.perf_counter() - t
+n = (out.shape[1] - int(prompt_len)) * int(batch)
+print(json.dumps({"tokens_per_s": n / wall, "tokens_per_s_per_sequence": n / wall / int(batch), "ttft_s": ttft,
+                  "generated_tokens": n, "peak_rss_bytes": [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]}))
+"""
+
+
+def _mpiexec() -> str:
+    found = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+    if found is None:
+        raise UserError("mpiexec not found: install an MPI (pip install mpich) or put it on PATH")
+    return found
+
+
+def run_hf(model: str, dtype: str, threads: int, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    """transformers ``generate`` in a fresh process."""
+    cmd = [sys.executable, "-c", HF_SCRIPT, model, dtype, str(threads), str(batch), str(prompt_len), str(new_tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if out.returncode:
+        raise RuntimeError(f"transformers run failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro: int, prompt_len: int,
+            new_tokens: int, work: Path, trace: str | None = None) -> dict:
+    """``mpiexec -n ranks python -m mdi_mpi.generate`` on the workload; returns its summary."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    prompts = work / "prompts.jsonl"
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    with prompts.open("w") as f:
+        for i in range(slots):
+            f.write(json.dumps({"id": i, "input_ids": torch.randint(3, vocab, (prompt_len,), generator=g).tolist()}) + "\n")
+    stats = work / "stats.json"
+    cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mdi_mpi.generate", "--model", model, "--dtype", dtype,
+           "--threads", str(threads), "--slots", str(slots), "--micro-batch", str(micro), "--prompts-file", str(prompts),
+           "--max-new-tokens", str(new_tokens), "--ignore-eos", "--quiet", "--stats-json", str(stats),
+           "--max-seq-len", str(prompt_len + new_tokens + 1)]
+    if trace:
+        cmd += ["--trace", trace]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if out.returncode:
+        raise RuntimeError(f"mdi-mpi run failed ({' '.join(cmd)}): {out.stderr[-2000:]}")
+    s = json.loads(stats.read_text())
+    per_rank = s["per_rank"]
+    return {
+        "tokens_per_s": s["tokens_per_s"],
+        "tokens_per_s_per_sequence": s["tokens_per_s_per_sequence"],
+        "ttft_s": s["mean_ttft_s"],
+        "generated_tokens": s["generated_tokens"],
+        "peak_rss_bytes": [r["peak_rss_bytes"] for r in per_rank],
+        "weight_bytes": [r["weight_bytes"] for r in per_rank],
+        "kv_cache_bytes": [r["kv_cache_bytes"] for r in per_rank],
+        "layers": [r["layers"] for r in per_rank],
+        "fractions": [
+            {k: round(r[f"{k}_s"] / r["wall_s"], 4) if r["wall_s"] else 0.0
+             for k in ("compute", "prefill", "recv_wait", "send", "sample")}
+            for r in per_rank
+        ],
+        "bytes_sent_per_token": s["bytes_sent_per_token"],
+    }
+
+
+def configurations(ranks: list[int], slots: list[str], hf: bool, hf_threads: list[int]) -> list[dict]:
+    """The configurations of one table: transformers baselines, then mdi-mpi per N, K, micro-batching."""
+    out = []
+    for n in ranks:
+        ks = sorted({_slot_count(k, n) for k in slots})
+        for k in ks:
+            out.append({"engine": "mdi-mpi", "ranks": n, "slots": k, "micro_batch": -(-k // n)})
+            if k > n:  # without micro-batching: one slot per message, K groups
+                out.append({"engine": "mdi-mpi", "ranks": n, "slots": k, "micro_batch": 1})
+    if hf:
+        batches = sorted({_slot_count(k, 1) for k in slots} | {1})
+        out = [{"engine": "transformers", "batch": b, "threads": t} for t in hf_threads for b in batches] + out
+    return out
+
+
+def _slot_count(spec: str, n: int) -> int:
+    """``"N"``, ``"2N"`` or an integer."""
+    spec = spec.strip().upper()
+    if spec.endswith("N"):
+        return int(spec[:-1] or 1) * n
+    return int(spec)
+
+
+HEADER = f"{'engine':<13}{'N':>3}{'K':>4}{'MB':>4}{'thr':>4}{'tok/s':>9}{'tok/s/seq':>10}{'TTFT s':>8}  {'peak RSS GiB per rank':<24}{'B/token':>9}  max recv-wait"
+
+
+def format_row(r: dict) -> str:
+    """One configuration's line of the table."""
+    rss = ",".join(f"{b / 2**30:.2f}" for b in r["peak_rss_bytes"])
+    if r["engine"] == "transformers":
+        cfg = f"{'transformers':<13}{1:>3}{r['batch']:>4}{'-':>4}{r['threads']:>4}"
+        extra = f"{'-':>9}  -"
+    else:
+        cfg = f"{'mdi-mpi':<13}{r['ranks']:>3}{r['slots']:>4}{r['micro_batch']:>4}{r['threads']:>4}"
+        wait = max(f["recv_wait"] for f in r["fractions"]) if r["ranks"] > 1 else 0.0
+        extra = f"{r['bytes_sent_per_token']:>9.0f}  {100 * wait:.1f}%"
+    return f"{cfg}{r['tokens_per_s']:>9.2f}{r['tokens_per_s_per_sequence']:>10.2f}{r['ttft_s']:>8.3f}  {rss:<24}{extra}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mdi_mpi.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", metavar="DIR", help="checkpoint; default: the TinyLlama-1.1B-shaped random model (built once, ~2.2 GB)")
+    p.add_argument("--tiny", action="store_true", help="use the small demo model and few tokens (a quick check)")
+    p.add_argument("--dtypes", default="bfloat16", help="comma-separated dtypes (default: bfloat16)")
+    p.add_argument("--ranks", default="1,2,3", help="rank counts N (default: 1,2,3)")
+    p.add_argument("--slots", default="1,N,2N,8", help="slot counts K; N means the rank count (default: 1,N,2N,8)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default: 1)")
+    p.add_argument("--hf-threads", default="1,2", help="thread counts for the transformers baseline (default: 1,2)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--json", metavar="FILE", help="write the table as JSON")
+    args = p.parse_args(argv)
+    try:
+        from mdi_mpi import demo
+
+        if args.model:
+            model = args.model
+        elif args.tiny:
+            model = str(demo.demo_model())
+        else:
+            model = str(demo.tinyllama_model())
+        if args.tiny:
+            args.new_tokens = min(args.new_tokens, 8)
+        ranks = [int(x) for x in args.ranks.split(",")]
+        slots = args.slots.split(",")
+        configs = configurations(ranks, slots, not args.no_hf, [int(x) for x in args.hf_threads.split(",")])
+        print(f"model {model}; prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens greedy; "
+              f"{os.cpu_count()} cores, {args.threads} thread(s) per rank", flush=True)
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for dtype in args.dtypes.split(","):
+                print(f"\ndtype {dtype}\n{HEADER}", flush=True)
+                table = []
+                for c in configs:
+                    if c["engine"] == "transformers":
+                        r = run_hf(model, dtype, c["threads"], c["batch"], args.prompt_len, args.new_tokens)
+                    else:
+                        r = run_mdi(model, dtype, args.threads, c["ranks"], c["slots"], c["micro_batch"],
+                                    args.prompt_len, args.new_tokens, Path(tmp))
+                        r["threads"] = args.threads
+                    row = {**c, "dtype": dtype, **r}
+                    table.append(row)
+                    print(format_row(row), flush=True)
+                rows += table
+        if args.json:
+            Path(args.json).write_text(json.dumps({"model": model, "prompt_len": args.prompt_len,
+                                                   "new_tokens": args.new_tokens, "rows": rows}, indent=1))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Traces (write, read back, summary, plot) and the benchmark in a tiny configuration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from mdi_mpi.trace import read_trace, utilization
+
+
+@pytest.fixture(scope="module")
+def trace_file(demo_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("trace") / "run.h5"
+    out = path.with_suffix(".jsonl")
+    res = run_cli(["--prompt", "a", "--prompt", "bb", "--prompt", "ccc", "--max-new-tokens", "6", "--slots", "3",
+                   "--micro-batch", "1", "--trace", str(path), "--output", str(out), "--quiet"], ranks=2)
+    assert res.returncode == 0, res.stderr
+    return path
+
+
+def test_trace_round_trip(trace_file):
+    trace = read_trace(str(trace_file))
+    assert trace.summary["ranks"] == 2 and len(trace.events) == 2
+    assert trace.groups == [[0], [1], [2]]
+    assert trace.kinds[:3] == ["recv-wait", "compute", "prefill"]
+    for ev in trace.events:
+        assert len(ev) > 0
+        assert np.all(ev["end"] >= ev["start"])
+        assert np.all(np.diff(ev["start"]) >= 0)  # one rank does one thing at a time, in order
+        assert np.all(ev["start"][1:] >= ev["end"][:-1] - 1e-9)
+    # Every generated token is one sampling step of its group on rank 0: 3 requests x 6 tokens.
+    sample = trace.kinds.index("sample")
+    rank0 = trace.events[0]
+    assert sorted(np.bincount(rank0[rank0["kind"] == sample]["group"]).tolist()) == [6, 6, 6]
+    rows = utilization(trace)
+    assert all(0 < r["busy"] <= 1.0 + 1e-6 for r in rows)
+
+
+def test_trace_summary_and_plot(trace_file, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "mdi_mpi.trace", "summary", str(trace_file)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "bubble fraction" in res.stdout and "rank" in res.stdout
+    png = tmp_path / "pipeline.png"
+    res = subprocess.run([sys.executable, "-m", "mdi_mpi.trace", "plot", str(trace_file), "-o", str(png)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_trace_of_a_non_trace_file(tmp_path):
+    bad = tmp_path / "x.h5"
+    bad.write_text("nope")
+    res = subprocess.run([sys.executable, "-m", "mdi_mpi.trace", "summary", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 2 and "not an mdi-mpi trace" in res.stderr
+
+
+@pytest.mark.timeout(300)
+def test_bench_tiny_end_to_end(demo_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, "-m", "mdi_mpi.bench", "--tiny", "--ranks", "1,2", "--slots", "1,N",
+                          "--hf-threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stderr
+    table = json.loads(out.read_text())
+    kinds = {(r["engine"], r.get("ranks"), r.get("slots"), r.get("batch")) for r in table["rows"]}
+    assert kinds == {("transformers", None, None, 1), ("mdi-mpi", 1, 1, None), ("mdi-mpi", 2, 1, None),
+                     ("mdi-mpi", 2, 2, None)}
+    for r in table["rows"]:
+        assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and all(b > 0 for b in r["peak_rss_bytes"])
+        if r["engine"] == "mdi-mpi":
+            assert len(r["peak_rss_bytes"]) == len(r["fractions"]) == r["ranks"]
+            assert r["generated_tokens"] == r["slots"] * table["new_tokens"]
+            assert set(r["fractions"][0]) == {"compute", "prefill", "recv_wait", "send", "sample"}
+            assert r["bytes_sent_per_token"] > (0 if r["ranks"] > 1 else -1)
