@@ -47,8 +47,8 @@ def test_mixed_batch_of_prefill_and_decode(stage):
     stage(b[:4], Batch.make([1], [0], [4]))
     ref_b = stage(b[4:], Batch.make([1], [4], [1]))
     stage(b[:4], Batch.make([3], [0], [4]))
-    both = stage(torch.cat([a, b[4:]]), Batch.make([2, 3], [0, 4], [6, 1]))
-    assert torch.allclose(both, torch.cat([ref_a, ref_b]), atol=1e-5)
+    both = stage(torch.cat([b[4:], a]), Batch.make([3, 2], [4, 0], [1, 6]))
+    assert torch.allclose(both, torch.cat([ref_b, ref_a]), atol=1e-5)
 
 
 def test_cache_refuses_gaps_and_overflow():
@@ -67,6 +67,9 @@ def test_batch_validation():
         Batch.make([0, 0], [0, 1], [1, 1])
     with pytest.raises(ValueError):
         Batch.make([0], [0], [0])
-    b = Batch.make([3, 1], [2, 0], [2, 3])
-    assert b.positions.tolist() == [2, 3, 0, 1, 2]
-    assert b.last.tolist() == [1, 4]
+    with pytest.raises(ValueError, match="single-token segments must come first"):
+        Batch.make([0, 1], [0, 5], [3, 1])
+    b = Batch.make([0, 3, 1], [9, 2, 0], [1, 2, 3])
+    assert b.positions.tolist() == [9, 2, 3, 0, 1, 2]
+    assert b.last.tolist() == [0, 2, 5]
+    assert b.n_single == 1

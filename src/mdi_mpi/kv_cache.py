@@ -16,13 +16,15 @@ from torch import nn
 @dataclass(frozen=True)
 class Batch:
     """Which tokens a forward call carries: segment i is ``lengths[i]`` tokens of slot ``slots[i]``
-    starting at position ``starts[i]``. Tokens are packed in segment order."""
+    starting at position ``starts[i]``. Tokens are packed in segment order, single-token (decode)
+    segments first: the first ``n_single`` rows are decode rows, the rest prompt rows."""
 
     slots: tuple[int, ...]
     starts: tuple[int, ...]
     lengths: tuple[int, ...]
     positions: torch.Tensor  # [T] long: the position of every packed token
     last: torch.Tensor  # [B] long: index of each segment's last token in the packed tokens
+    n_single: int  # rows that belong to single-token segments (they come first)
 
     @classmethod
     def make(cls, slots: list[int], starts: list[int], lengths: list[int]) -> Batch:
@@ -33,12 +35,15 @@ class Batch:
             raise ValueError(f"a slot appears twice in one batch: {slots}")
         if min(lengths) < 1 or min(starts) < 0:
             raise ValueError(f"bad segment starts {starts} or lengths {lengths}")
+        n_single = next((i for i, n in enumerate(lengths) if n > 1), len(lengths))
+        if any(n == 1 for n in lengths[n_single:]):
+            raise ValueError(f"single-token segments must come first, got lengths {lengths}")
         if all(n == 1 for n in lengths):
             positions = torch.tensor(starts, dtype=torch.long)
         else:
             positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
         last = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
-        return cls(tuple(slots), tuple(starts), tuple(lengths), positions, last)
+        return cls(tuple(slots), tuple(starts), tuple(lengths), positions, last, n_single)
 
     @property
     def n_tokens(self) -> int:

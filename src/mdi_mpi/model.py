@@ -3,6 +3,13 @@
 Module and parameter names follow Hugging Face's so checkpoint tensors map one to one. Tokens are
 packed: a forward call sees ``T`` tokens from one or more sequences, described by a ``Batch``.
 Nothing here knows about MPI.
+
+Batch invariance: a matmul library picks its kernel (and so its summation order) by the number of
+rows, so a token's result would depend on which other tokens share its forward call, and output
+would change with the number of slots or the micro-batch size. Every linear layer therefore runs
+its rows in tiles of a fixed shape: decode rows in tiles of ``DECODE_TILE``, prompt rows in tiles
+of ``PREFILL_TILE``. A lone decode row uses ``mv`` instead when that kernel gives bit-identical
+results (checked per stage at set-up), which is also the fastest way to stream weights for one row.
 """
 
 from __future__ import annotations
@@ -13,6 +20,54 @@ from torch import nn
 
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.kv_cache import Batch, KVCache
+
+
+DECODE_TILE = 8  # rows per matmul for decode rows
+PREFILL_TILE = 64  # rows per matmul for prompt rows
+
+
+def _tiles(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int, mv: bool) -> torch.Tensor:
+    """``x`` [m, in] @ weight.T in row tiles of exactly ``tile`` rows (zero-padded) -> [m, out]."""
+    m = x.shape[0]
+    if m == 1 and mv:
+        y = torch.mv(weight, x[0]) if bias is None else torch.addmv(bias, weight, x[0])
+        return y.unsqueeze(0)
+    pad = -m % tile
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+    if x.shape[0] == tile:
+        return F.linear(x, weight, bias)[:m]
+    return torch.cat([F.linear(t, weight, bias) for t in x.split(tile)])[:m]
+
+
+def tiled_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_single: int, mv: bool
+) -> torch.Tensor:
+    """Batch-invariant linear: ``x`` [T, in] -> [T, out], rows [:n_single] decode rows, the rest prompt rows."""
+    if n_single == x.shape[0]:
+        return _tiles(x, weight, bias, DECODE_TILE, mv)
+    if n_single == 0:
+        return _tiles(x, weight, bias, PREFILL_TILE, False)
+    return torch.cat(
+        [_tiles(x[:n_single], weight, bias, DECODE_TILE, mv), _tiles(x[n_single:], weight, bias, PREFILL_TILE, False)]
+    )
+
+
+def mv_matches_tiles(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``mv`` gives, bit for bit, what a decode tile gives for each row (true for bf16 and
+    fp16 on x86 with oneDNN, false for fp32 there)."""
+    x = torch.randn(DECODE_TILE, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    rows = torch.stack([_tiles(r[None], weight, bias, DECODE_TILE, True)[0] for r in x])
+    return torch.equal(rows, _tiles(x, weight, bias, DECODE_TILE, False))
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose rows are computed in fixed tiles (see the module docstring)."""
+
+    mv = False  # a lone decode row may use mv; set by Stage.setup_cache
+
+    def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:  # type: ignore[override]
+        return tiled_linear(x, self.weight, self.bias, n_single, self.mv)
 
 
 class RMSNorm(nn.Module):
@@ -49,18 +104,18 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, hd
-        self.q_proj = nn.Linear(d, config.n_heads * hd, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.n_heads * hd, d, bias=config.o_bias)
+        self.q_proj = Linear(d, config.n_heads * hd, bias=config.qkv_bias)
+        self.k_proj = Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
+        self.v_proj = Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
+        self.o_proj = Linear(config.n_heads * hd, d, bias=config.o_bias)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, D]; cos, sin: [T, 1, hd]
-        t = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(t, self.n_heads, self.head_dim), cos, sin)  # [T, H, hd]
-        k = apply_rope(self.k_proj(x).view(t, self.n_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, hd]
-        v = self.v_proj(x).view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, hd]
+        t, ns = x.shape[0], batch.n_single
+        q = apply_rope(self.q_proj(x, ns).view(t, self.n_heads, self.head_dim), cos, sin)  # [T, H, hd]
+        k = apply_rope(self.k_proj(x, ns).view(t, self.n_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, hd]
+        v = self.v_proj(x, ns).view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, hd]
         outs = []
         off = 0
         for slot, start, n in zip(batch.slots, batch.starts, batch.lengths):
@@ -75,19 +130,19 @@ class Attention(nn.Module):
             outs.append(o[0].transpose(0, 1).reshape(n, -1))
             off += n
         y = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, H*hd]
-        return self.o_proj(y)
+        return self.o_proj(y, ns)
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(d, i, bias=False)
-        self.up_proj = nn.Linear(d, i, bias=False)
-        self.down_proj = nn.Linear(i, d, bias=False)
+        self.gate_proj = Linear(d, i, bias=False)
+        self.up_proj = Linear(d, i, bias=False)
+        self.down_proj = Linear(i, d, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, n_single)) * self.up_proj(x, n_single), n_single)
 
 
 class DecoderLayer(nn.Module):
@@ -101,4 +156,4 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, D]
         x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), batch.n_single)

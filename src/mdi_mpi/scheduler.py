@@ -79,7 +79,7 @@ class Scheduler:
     def plan(self, slots: Sequence[int]) -> Work | None:
         """The next forward pass for ``slots``, admitting waiting requests into free ones;
         None when none of them has anything left to do."""
-        seg_slots, starts, lengths, chunks, sampled = [], [], [], [], []
+        segments = []  # (slot, start, length, needs sampling)
         for slot in slots:
             seq = self.active[slot]
             if seq is None and self.waiting:
@@ -87,15 +87,16 @@ class Scheduler:
             if seq is None:
                 continue
             n = min(self.prefill_chunk, len(seq.ids) - seq.pos)
-            if seq.pos + n == len(seq.ids):
-                sampled.append(len(seg_slots))
-            seg_slots.append(slot)
-            starts.append(seq.pos)
-            lengths.append(n)
-            chunks.extend(seq.ids[seq.pos : seq.pos + n])
+            segments.append((slot, seq.pos, n, seq.pos + n == len(seq.ids)))
             seq.pos += n
-        if not seg_slots:
+        if not segments:
             return None
+        segments.sort(key=lambda seg: seg[2] > 1)  # decode segments first (stable), as Batch requires
+        seg_slots = [seg[0] for seg in segments]
+        starts = [seg[1] for seg in segments]
+        lengths = [seg[2] for seg in segments]
+        sampled = [i for i, seg in enumerate(segments) if seg[3]]
+        chunks = [t for slot, start, n, _ in segments for t in self.active[slot].ids[start : start + n]]
         batch = Batch.make(seg_slots, starts, lengths)
         return Work(batch, torch.tensor(chunks, dtype=torch.long), sampled)
 

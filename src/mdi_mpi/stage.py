@@ -12,7 +12,7 @@ from torch import nn
 
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.kv_cache import Batch, KVCache
-from mdi_mpi.model import DecoderLayer, RMSNorm, rope_tables
+from mdi_mpi.model import DecoderLayer, Linear, RMSNorm, mv_matches_tiles, rope_tables, tiled_linear
 
 
 class Stage(nn.Module):
@@ -26,9 +26,10 @@ class Stage(nn.Module):
         self.embed_tokens = nn.Embedding(vocab, d) if edges else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in layers})
         self.norm = RMSNorm(d, config.rms_norm_eps) if edges else None
-        self.lm_head = nn.Linear(d, vocab, bias=False) if edges and not config.tie_word_embeddings else None
+        self.lm_head = Linear(d, vocab, bias=False) if edges and not config.tie_word_embeddings else None
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
+        self.head_mv = False
 
     @property
     def has_edges(self) -> bool:
@@ -39,11 +40,24 @@ class Stage(nn.Module):
         return next(self.parameters()).dtype
 
     def setup_cache(self, n_slots: int, max_seq_len: int) -> None:
-        """Allocate the KV caches and RoPE tables once, after the weights are loaded."""
+        """Allocate the KV caches and RoPE tables once, after the weights are loaded, and pick
+        the single-row matmul kernel."""
         c = self.config
         for layer in self.layers.values():
             layer.self_attn.kv_cache = KVCache(n_slots, c.n_kv_heads, max_seq_len, c.head_dim, self.dtype)
         self.cos, self.sin = rope_tables(c, max_seq_len, self.dtype)
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        checks = [(m.weight, m.bias) for m in linears] + ([(self.head_weight, None)] if self.has_edges else [])
+        distinct = {(tuple(w.shape), b is not None): (w, b) for w, b in checks}  # kernels depend on shape only
+        with torch.inference_mode():
+            mv = all(mv_matches_tiles(w, b) for w, b in distinct.values())
+        for m in linears:
+            m.mv = mv
+        self.head_mv = mv
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     @property
     def max_seq_len(self) -> int:
@@ -73,9 +87,8 @@ class Stage(nn.Module):
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, D] -> float32 logits [B, V] (final norm, then LM head)."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(self.norm(h), weight).float()
+        """Hidden states [B, D] of sampled tokens -> float32 logits [B, V] (final norm, then LM head)."""
+        return tiled_linear(self.norm(h), self.head_weight, None, h.shape[0], self.head_mv).float()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, batch: Batch, all_logits: bool = False) -> torch.Tensor:
