@@ -3,16 +3,21 @@
 Supports ``model.safetensors`` and sharded ``model-0000i-of-0000n.safetensors`` with
 ``model.safetensors.index.json``. Nothing is ever unpickled: a checkpoint with only
 ``pytorch_model.bin`` is refused with instructions to convert it.
+
+A safetensors file is an 8-byte header length, a JSON header (dtype, shape and byte range of every
+tensor) and the raw tensor bytes. We parse the header and read each tensor's bytes straight into the
+parameter that will hold it, so a stage's peak memory is its own weights (plus one tensor in the
+file's dtype when casting): no memory map of the whole file, no second copy.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.errors import UserError
@@ -25,11 +30,61 @@ CONVERT_HINT = (
     "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
 )
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_MAX_HEADER = 100 * 2**20
 
 
 def hf_name(name: str) -> str:
     """Our parameter name -> the checkpoint's tensor name (HF nests all but the head under ``model.``)."""
     return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+class SafetensorsFile:
+    """The header of one safetensors file; reads single tensors into caller-owned memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(8)
+                n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+                if not 0 < n <= _MAX_HEADER:
+                    raise ValueError("bad header length")
+                header = json.loads(f.read(n))
+            size = path.stat().st_size
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not a readable safetensors file: {e}") from None
+        self.data_start = 8 + n
+        self.tensors: dict[str, dict] = {k: v for k, v in header.items() if k != "__metadata__"}
+        for name, info in self.tensors.items():
+            begin, end = info.get("data_offsets", (0, -1))
+            if not 0 <= begin <= end <= size - self.data_start:
+                raise UserError(f"{path} is truncated or corrupt: tensor {name} lies outside the file")
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read tensor ``name`` into ``out`` (same shape), casting if the file's dtype differs."""
+        info = self.tensors[name]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise UserError(f"tensor {name} has dtype {info['dtype']}; supported: {', '.join(_DTYPES)}")
+        shape = tuple(info["shape"])
+        if shape != tuple(out.shape):
+            raise UserError(f"tensor {name} has shape {list(shape)}, the config implies {list(out.shape)}")
+        begin, end = info["data_offsets"]
+        buf = out if out.dtype == dtype else torch.empty(shape, dtype=dtype)
+        if end - begin != buf.nbytes:
+            raise UserError(f"tensor {name} in {self.path.name} has {end - begin} bytes, its shape needs {buf.nbytes}")
+        view = memoryview(buf.view(-1).view(torch.uint8).numpy())
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.data_start + begin)
+            done = 0
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise UserError(f"{self.path} ended while reading tensor {name}")
+                done += n
+        if buf is not out:
+            out.copy_(buf)
 
 
 class Checkpoint:
@@ -44,24 +99,27 @@ class Checkpoint:
         self.names_read: list[str] = []
         self._check_layers()
 
-    def _index(self) -> dict[str, Path]:
+    def _index(self) -> dict[str, SafetensorsFile]:
         index, single = self.path / INDEX, self.path / SINGLE
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise UserError(f"{index} is not a valid safetensors index: {e}") from None
-            files = {name: self.path / f for name, f in weight_map.items()}
-            for f in set(files.values()):
-                if not f.is_file():
-                    raise UserError(f"{index} names the shard {f.name}, which is missing")
+            shards = {}
+            for f in sorted(set(weight_map.values())):
+                if not (self.path / f).is_file():
+                    raise UserError(f"{index} names the shard {f}, which is missing")
+                shards[f] = SafetensorsFile(self.path / f)
+            files = {}
+            for name, f in weight_map.items():
+                if name not in shards[f].tensors:
+                    raise UserError(f"tensor {name} is missing from {f} (the index says it is there)")
+                files[name] = shards[f]
             return files
         if single.is_file():
-            try:
-                with safe_open(single, framework="pt") as f:
-                    return {name: single for name in f.keys()}
-            except (SafetensorError, OSError) as e:
-                raise UserError(f"{single} is not a readable safetensors file: {e}") from None
+            st = SafetensorsFile(single)
+            return {name: st for name in st.tensors}
         if any(self.path.glob("*.bin")) or any(self.path.glob("*.pt")) or any(self.path.glob("*.pth")):
             raise UserError(
                 f"{self.path} holds only pickled weights (*.bin/*.pt); mdi-mpi loads safetensors only, "
@@ -78,36 +136,22 @@ class Checkpoint:
                 f"but the checkpoint has tensors for layer {extra[0]}"
             )
 
-    def read(self, name: str, shape: torch.Size) -> torch.Tensor:
-        """Read one tensor by checkpoint name, checking it exists and has ``shape``."""
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read one tensor by checkpoint name into ``out``, checking that it exists and fits."""
         file = self.files.get(name)
         if file is None:
             raise UserError(f"tensor {name} is missing from the checkpoint {self.path}")
-        try:
-            with safe_open(file, framework="pt") as f:
-                if name not in f.keys():
-                    raise UserError(f"tensor {name} is missing from {file.name} (the index says it is there)")
-                found = tuple(f.get_slice(name).get_shape())
-                if found != tuple(shape):
-                    raise UserError(f"tensor {name} has shape {list(found)}, the config implies {list(shape)}")
-                tensor = f.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"cannot read tensor {name} from {file}: {e}") from None
+        file.read_into(name, out)
         self.names_read.append(name)
-        return tensor
 
 
 def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype) -> Stage:
     """Build the stage for ``layers`` (plus the edges if ``edges``) and fill it from ``ckpt``,
     reading only its own tensors and casting them to ``dtype``."""
     with torch.device("meta"):
-        stage = Stage(ckpt.config, layers, edges)
-    # Each tensor is copied out of the file's memory map into private memory (streaming weights from
-    # there is ~10% faster than from file pages), one at a time, so the peak stays near the share.
-    tensors = {}
-    for name, p in stage.named_parameters():
-        t = ckpt.read(hf_name(name), p.shape)
-        tensors[name] = t.clone() if t.dtype == dtype else t.to(dtype)
-        del t
-    stage.load_state_dict(tensors, assign=True, strict=True)
-    return stage.requires_grad_(False)
+        stage = Stage(ckpt.config, layers, edges).to(dtype)
+    stage = stage.to_empty(device="cpu").requires_grad_(False)
+    with torch.no_grad():
+        for name, param in stage.named_parameters():
+            ckpt.read_into(hf_name(name), param)
+    return stage

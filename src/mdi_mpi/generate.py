@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mdi_mpi.errors import UserError
+from mdi_mpi.plan import add_plan_arguments
 
 EXIT_USAGE = 2
 EXAMPLES = """\
@@ -54,6 +55,7 @@ def build_parser() -> Parser:
     m.add_argument("--max-seq-len", type=int, metavar="L", help="positions per sequence in the KV cache (prompt + generated); default: min(model's max, 2048)")
     m.add_argument("--threads", type=int, metavar="T", help="torch threads per rank; default: the node's cores divided by its ranks")
     m.add_argument("--layers", metavar="A,B,...", help="explicit layer counts per rank, e.g. 6,8,8; default: balanced, rank 0 fewer (it also runs the LM head)")
+    add_plan_arguments(m)
     s = p.add_argument_group("scheduling")
     s.add_argument("--slots", type=int, metavar="K", help="sequences in flight at once; default: max(N, min(requests, 4N))")
     s.add_argument("--micro-batch", type=int, metavar="M", help="slots that travel together as one message; default: ceil(K / N), so that N groups keep N ranks busy")
@@ -121,7 +123,9 @@ def run(args: argparse.Namespace, comm) -> dict:
     from mdi_mpi import demo
     from mdi_mpi.checkpoint import Checkpoint, load_stage
     from mdi_mpi.config import parse_dtype
-    from mdi_mpi.partition import edge_cost, parse_split, split_layers
+    from mdi_mpi.partition import parse_split, split_layers
+    from mdi_mpi.plan import available_memory, check_fit, layer_speed, make_plan, rank_memory, suggestion
+    from mdi_mpi.split import read_split, shard_dir
     from mdi_mpi.pipeline import Recorder, run_first, run_worker, slot_groups
     from mdi_mpi.requests import Prompt, build_requests, load_tokenizer, parse_prompt_lines, read_prompts_file
     from mdi_mpi.sampling import SamplingParams
@@ -142,6 +146,7 @@ def run(args: argparse.Namespace, comm) -> dict:
             SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop))
         except ValueError as e:
             raise UserError(str(e)) from None
+        _check_launcher(size)
         if not args.prompt and not args.prompts_file:
             raise UserError("no prompts: give --prompt TEXT, --prompts-file FILE, or --prompts-file - for standard input")
 
@@ -160,22 +165,35 @@ def run(args: argparse.Namespace, comm) -> dict:
     else:
         model_dir = os.path.expanduser(args.model)
 
-    def open_checkpoint() -> tuple[Checkpoint, list[range]]:
-        # Every rank opens the checkpoint itself (each node may have its own copy).
-        ckpt = Checkpoint(model_dir)
-        ckpt.config.check_context(args.max_seq_len or 2)
+    def open_checkpoint() -> tuple[Checkpoint, list[int] | None, str]:
+        # Every rank opens its checkpoint itself (each node may have its own copy or its own shard).
         split = parse_split(args.layers) if args.layers else None
-        return ckpt, split_layers(ckpt.config.n_layers, size, edge_cost(ckpt.config), split=split)
+        shards = read_split(model_dir)
+        if shards is not None:
+            if shards["ranks"] != size:
+                raise UserError(f"{model_dir} is split for {shards['ranks']} ranks, but the job has {size}")
+            counts = [len(r) for r in shards["layers"]]
+            if split is not None and split != counts:
+                raise UserError(f"--layers {args.layers} does not match the split's layers {','.join(map(str, counts))}")
+            split, own_dir = counts, str(shard_dir(model_dir, rank))
+        else:
+            own_dir = model_dir
+        ckpt = Checkpoint(own_dir)
+        ckpt.config.check_context(args.max_seq_len or 2)
+        split_layers(ckpt.config.n_layers, size, split=split)  # fail early on too many ranks or a bad split
+        rank_memory(args, size)
+        return ckpt, split, own_dir
 
-    ckpt, plan = _agree(comm, open_checkpoint)
+    ckpt, split, own_dir = _agree(comm, open_checkpoint)
     cfg = ckpt.config
     max_seq_len = args.max_seq_len or min(cfg.max_position_embeddings, 2048)
+    tokenizer_dir = shard_dir(model_dir, 0) if split is not None and own_dir != model_dir else model_dir
 
     tokenizer = None
 
     def prepare_requests() -> tuple[list, Settings]:
         nonlocal tokenizer
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_tokenizer(tokenizer_dir)
         prompts = [Prompt(None, text, None) for text in args.prompt]
         if args.prompts_file:
             prompts += read_prompts_file(args.prompts_file)
@@ -204,7 +222,15 @@ def run(args: argparse.Namespace, comm) -> dict:
 
     settings: Settings = comm.bcast(_agree(comm, prepare_on_first), root=0)
     groups = slot_groups(settings.n_slots, settings.micro_batch)
-    layers = plan[rank]
+
+    # Plan with every rank's memory (and speed, for --balance speed), and check that it fits.
+    mems = rank_memory(args, size) or comm.allgather(available_memory(local_ranks(comm)))
+    speeds = comm.allgather(layer_speed(cfg, dtype)) if args.balance == "speed" and split is None else None
+    kw = dict(n_slots=settings.n_slots, max_seq_len=max_seq_len, micro_batch=settings.micro_batch,
+              prefill_chunk=args.prefill_chunk)
+    plan = make_plan(cfg, size, dtype, split=split, available=mems, balance=args.balance, speeds=speeds, **kw)
+    _agree(comm, lambda: check_fit(plan, lambda: suggestion(cfg, dtype, min(mems), **kw)))
+    layers = plan.layers[rank]
 
     t_load = time.perf_counter()
     stage = _agree(comm, lambda: load_stage(ckpt, layers, rank == 0, dtype))
@@ -250,6 +276,7 @@ def run(args: argparse.Namespace, comm) -> dict:
         "layers": [layers.start, layers.stop],
         "weight_bytes": stage.weight_bytes(),
         "kv_cache_bytes": stage.cache_bytes(),
+        "predicted_peak_bytes": plan.memory[rank]["peak_bytes"],
         "buffer_bytes": ring.buffer_bytes(),
         "peak_rss_bytes": _peak_rss(),
         "load_s": round(load_s, 3),
@@ -357,6 +384,21 @@ def _print_summary(s: dict) -> None:
             f"busy {100 * busy / wall:.0f}%, waiting {100 * r['recv_wait_s'] / wall:.0f}%",
             file=err,
         )
+
+
+def _check_launcher(size: int) -> None:
+    """Refuse to run as one of several independent one-rank jobs: that is what a plain ``srun``
+    does when Slurm has no MPI plugin (``MpiDefault=none``), or an ``mpirun`` of another MPI."""
+    if size > 1:
+        return
+    for var in ("SLURM_NTASKS", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE"):
+        n = os.environ.get(var, "1")
+        if n.isdigit() and int(n) > 1:
+            raise UserError(
+                f"this process is a 1-rank MPI job, but {var}={n}: the launcher started {n} separate jobs. "
+                "Under Slurm use 'srun --mpi=pmi2' (or pmix, per 'srun --mpi=list'), or mpiexec from the "
+                "same MPI that mpi4py was built with"
+            )
 
 
 def _injected_failure(rank: int) -> int | None:

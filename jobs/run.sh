@@ -1,0 +1,37 @@
+#!/bin/bash
+# The body of the Slurm jobs (pi-cluster.sbatch, hpc.sbatch): starts one mdi-mpi rank per task.
+# Variables come from the environment (sbatch --export=ALL,NAME=value) or the defaults here.
+# ---- what to run (override any of these with sbatch --export=ALL,NAME=value) -------------------
+MODEL=${MODEL:-}                         # checkpoint dir, or shards from mdi_mpi.split; empty: demo model
+PROMPTS=${PROMPTS:-}                     # prompts file (text lines or JSONL); empty: PROMPT below
+PROMPT=${PROMPT:-Once upon a time}
+OUTPUT=${OUTPUT:-mdi-mpi-${SLURM_JOB_ID:-local}.jsonl}   # JSONL records, appended as requests finish
+TRACE=${TRACE:-}                         # e.g. run.h5 for an event timeline (python -m mdi_mpi.trace)
+STATS=${STATS:-}                         # e.g. stats.json for the run summary as JSON
+DTYPE=${DTYPE:-bfloat16}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}
+EXTRA_ARGS=${EXTRA_ARGS:-}               # any other generate flags, e.g. "--slots 6 --temperature 0.8"
+VENV=${VENV:-}                           # a virtualenv to activate (scripts/setup.sh makes .venv)
+LAUNCHER=${LAUNCHER:-srun}               # srun (Slurm's PMI) or mpiexec (MPICH's hydra inside the allocation)
+SRUN_MPI=${SRUN_MPI:-pmi2}               # Slurm MPI plugin for srun: pmi2 for MPICH, pmix for some builds
+# ----------------------------------------------------------------------------------------------
+
+set -euo pipefail
+if [ -n "$VENV" ]; then source "$VENV/bin/activate"; fi
+THREADS=${SLURM_CPUS_PER_TASK:-1}
+export OMP_NUM_THREADS=$THREADS
+
+args=(--dtype "$DTYPE" --threads "$THREADS" --max-new-tokens "$MAX_NEW_TOKENS" --output "$OUTPUT" --quiet)
+[ -n "$MODEL" ] && args+=(--model "$MODEL")
+if [ -n "$PROMPTS" ]; then args+=(--prompts-file "$PROMPTS"); else args+=(--prompt "$PROMPT"); fi
+[ -n "$TRACE" ] && args+=(--trace "$TRACE")
+[ -n "$STATS" ] && args+=(--stats-json "$STATS")
+# shellcheck disable=SC2206
+extra=($EXTRA_ARGS)
+
+echo "mdi-mpi: ${SLURM_NTASKS:-?} ranks on ${SLURM_JOB_NODELIST:-?}, $THREADS threads per rank, launcher $LAUNCHER"
+case "$LAUNCHER" in
+  srun)    srun --mpi="$SRUN_MPI" python -m mdi_mpi.generate "${args[@]}" "${extra[@]}" ;;
+  mpiexec) mpiexec -n "${SLURM_NTASKS:-1}" -ppn 1 python -m mdi_mpi.generate "${args[@]}" "${extra[@]}" ;;
+  *)       echo "LAUNCHER must be srun or mpiexec, got $LAUNCHER" >&2; exit 2 ;;
+esac

@@ -1,0 +1,116 @@
+"""Per-rank shards: ``python -m mdi_mpi.split --model DIR --ranks N --out SHARDS``.
+
+Writes ``SHARDS/rank-R/`` for every rank: the rank's own tensors in one ``model.safetensors`` (rank 0
+also gets the embedding, final norm and LM head), ``config.json``, and on rank 0 the tokenizer, plus
+``SHARDS/mdi_split.json`` with the plan. Copy ``rank-R`` to node R, and each node stores and reads
+only its part. ``generate --model SHARDS`` recognises the split and checks that the job matches it.
+
+Shards are safetensors, the format of the source checkpoints: tensors are read lazily (memory-mapped,
+one at a time), bf16 is stored natively, and the shard is an ordinary checkpoint directory for the
+same loader, so there is one loading path. (HDF5 has no bf16 type and would need a second loader.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from mdi_mpi.checkpoint import Checkpoint, hf_name, load_stage
+from mdi_mpi.config import parse_dtype
+from mdi_mpi.errors import UserError
+from mdi_mpi.partition import parse_split
+from mdi_mpi.plan import add_plan_arguments, check_fit, make_plan, print_plan, rank_memory
+from mdi_mpi.requests import TOKENIZER_FILES
+
+SPLIT_FILE = "mdi_split.json"
+EXTRA_FILES = ("generation_config.json", "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+
+
+def read_split(path: str | Path) -> dict | None:
+    """The split description of a shards directory, or None for an ordinary checkpoint."""
+    file = Path(path) / SPLIT_FILE
+    if not file.is_file():
+        return None
+    try:
+        split = json.loads(file.read_text())
+        split["layers"] = [range(a, b) for a, b in split["layers"]]
+        return split
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{file} is broken: {e}") from None
+
+
+def shard_dir(path: str | Path, rank: int) -> Path:
+    return Path(path) / f"rank-{rank}"
+
+
+def write_shards(model: str, out: str, layers: list[range], dtype_name: str) -> None:
+    """Write one shard per rank into ``out`` (which must not exist yet)."""
+    dtype = parse_dtype(dtype_name)
+    dest = Path(out)
+    if dest.exists():
+        raise UserError(f"{out} already exists; choose a new --out directory")
+    ckpt = Checkpoint(model)
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rank, r in enumerate(layers):
+        stage = load_stage(ckpt, r, rank == 0, dtype)
+        shard = shard_dir(tmp, rank)
+        shard.mkdir(parents=True)
+        tensors = {hf_name(n): p.contiguous() for n, p in stage.named_parameters()}
+        save_file(tensors, shard / "model.safetensors", metadata={"format": "pt"})
+        shutil.copy(Path(model) / "config.json", shard / "config.json")
+        if rank == 0:
+            for name in TOKENIZER_FILES + EXTRA_FILES:
+                if (Path(model) / name).is_file():
+                    shutil.copy(Path(model) / name, shard / name)
+        del stage, tensors
+    (tmp / SPLIT_FILE).write_text(json.dumps({
+        "format": 1,
+        "ranks": len(layers),
+        "layers": [[r.start, r.stop] for r in layers],
+        "dtype": str(dtype).removeprefix("torch."),
+        "source": str(Path(model).resolve()),
+    }, indent=1))
+    tmp.rename(dest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mdi_mpi.split", description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", metavar="DIR", required=True, help="the full checkpoint")
+    p.add_argument("--ranks", type=int, required=True, metavar="N")
+    p.add_argument("--out", metavar="DIR", required=True, help="new directory for the shards")
+    p.add_argument("--dtype", default="bfloat16", help="dtype the shards store (default: bfloat16)")
+    p.add_argument("--layers", metavar="A,B,...", help="explicit split (wins over --balance)")
+    p.add_argument("--slots", type=int, default=None, metavar="K", help="slots the plan's memory check assumes (default: N)")
+    p.add_argument("--max-seq-len", type=int, default=2048, metavar="L")
+    add_plan_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        if args.balance == "speed":
+            raise UserError("--balance speed measures the ranks themselves: split with --layers from a generate run")
+        ckpt = Checkpoint(args.model)
+        dtype = parse_dtype(args.dtype)
+        slots = args.slots or args.ranks
+        plan = make_plan(ckpt.config, args.ranks, dtype, slots, args.max_seq_len, -(-slots // args.ranks), 128,
+                         split=parse_split(args.layers) if args.layers else None,
+                         available=rank_memory(args, args.ranks), balance=args.balance)
+        print_plan(plan, dtype)
+        check_fit(plan)
+        write_shards(args.model, args.out, plan.layers, args.dtype)
+        print(f"wrote {args.ranks} shards to {args.out}: copy {args.out}/rank-R to node R, "
+              f"or share the directory; run generate with --model {args.out}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""A real Slurm on localhost: munge, slurmctld and three slurmd emulating three nodes.
+
+Submits the real ``jobs/pi-cluster.sbatch`` on 3 nodes and checks the tokens against a
+single-process run; then the ``srun --mpi=none`` case (what ``MpiDefault=none`` gives), which must
+stop with a clear error. Every daemon started here is stopped by PID. Skipped, with the reason,
+where Slurm is not installed or we are not root (``scripts/setup-slurm.sh`` installs it in CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_cli
+
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
+missing = [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
+pytestmark = [
+    pytest.mark.skipif(bool(missing), reason=f"Slurm is not installed ({', '.join(missing)} missing); "
+                       "scripts/setup-slurm.sh installs it as root"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the Slurm test starts daemons as root"),
+]
+
+SLURM_CONF = """\
+ClusterName=mditest
+SlurmctldHost=localhost
+SlurmctldPort={ctld_port}
+AuthType=auth/munge
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={tmp}/state
+SlurmdSpoolDir={tmp}/spool/%n
+SlurmctldPidFile={tmp}/slurmctld.pid
+SlurmdPidFile={tmp}/slurmd-%n.pid
+SlurmctldLogFile={tmp}/slurmctld.log
+SlurmdLogFile={tmp}/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=pmi2
+SlurmdParameters=config_overrides
+ReturnToService=2
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+InactiveLimit=0
+KillWait=5
+MinJobAge=5
+NodeName=node[1-3] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17001-17003] CPUs=2 State=UNKNOWN
+PartitionName=debug Nodes=node[1-3] Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _exe(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+class Cluster:
+    """Slurm daemons started by this test, stopped by PID."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen] = []
+        (tmp / "state").mkdir()
+        for i in (1, 2, 3):
+            (tmp / "spool" / f"node{i}").mkdir(parents=True)
+        self.conf = tmp / "slurm.conf"
+        self.conf.write_text(SLURM_CONF.format(tmp=tmp, ctld_port=16817))
+        (tmp / "cgroup.conf").write_text("CgroupPlugin=disabled\n")
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def start(self) -> None:
+        self._munge()
+        log = open(self.tmp / "daemons.out", "w")
+        self.procs.append(subprocess.Popen([_exe("slurmctld"), "-D", "-i", "-f", str(self.conf)],
+                                           env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        time.sleep(1)
+        for i in (1, 2, 3):
+            self.procs.append(subprocess.Popen([_exe("slurmd"), "-D", "-N", f"node{i}", "-f", str(self.conf)],
+                                               env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            out = subprocess.run([_exe("sinfo"), "-h", "-o", "%T %D"], env=self.env, capture_output=True, text=True)
+            if out.stdout.split() == ["idle", "3"]:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"the Slurm nodes did not come up: {out.stdout} {out.stderr}\n{self.logs()}")
+
+    def _munge(self) -> None:
+        """Start munged as the munge user unless one already answers."""
+        if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
+            return
+        key = Path("/etc/munge/munge.key")
+        if not key.exists():
+            subprocess.run(["mungekey", "--create"], check=True, capture_output=True)
+            shutil.chown(key, "munge", "munge")
+            key.chmod(0o400)
+        Path("/run/munge").mkdir(exist_ok=True)
+        shutil.chown("/run/munge", "munge", "munge")
+        self.procs.append(subprocess.Popen(["runuser", "-u", "munge", "--", _exe("munged"), "-F"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for _ in range(50):
+            if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
+                return
+            time.sleep(0.2)
+        raise RuntimeError("munged did not start")
+
+    def sbatch(self, script: Path, nodes: int, export: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+        exports = ",".join(["ALL"] + [f"{k}={v}" for k, v in export.items()])
+        cmd = [_exe("sbatch"), "--wait", f"--nodes={nodes}", "--cpus-per-task=1", "--time=5",
+               f"--output={self.tmp}/job-%j.out", f"--export={exports}", str(script)]
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.tmp)
+
+    def job_output(self, submitted: subprocess.CompletedProcess) -> str:
+        job = submitted.stdout.split()[-1]
+        return (self.tmp / f"job-{job}.out").read_text()
+
+    def logs(self) -> str:
+        return "\n".join(f.read_text()[-3000:] for f in self.tmp.glob("*.log")) + (self.tmp / "daemons.out").read_text()[-3000:]
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def _tokens(path: Path) -> dict[str, list[int]]:
+    return {r["id"]: r["tokens"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.mark.timeout(600)
+def test_pi_cluster_job_on_three_nodes_matches_single_process(cluster, demo_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\nThe cluster of Raspberry Pis\nHello, world!\n")
+    single = tmp_path / "single.jsonl"
+    res = run_cli(["--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single), "--quiet"])
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "slurm.jsonl"
+    job = cluster.sbatch(REPO / "jobs" / "pi-cluster.sbatch", 3, {
+        "MDI_MPI_HOME": str(REPO), "VENV": str(Path(sys.executable).parent.parent), "PROMPTS": str(prompts),
+        "OUTPUT": str(out), "MAX_NEW_TOKENS": "12", "MDI_MPI_CACHE": os.environ["MDI_MPI_CACHE"],
+    })
+    log = cluster.job_output(job) if job.stdout.strip() else ""
+    assert job.returncode == 0, f"{job.stdout}{job.stderr}\n{log}\n{cluster.logs()}"
+    assert "3 ranks" in log and "rank 2: layers" in log, log
+    assert _tokens(out) == _tokens(single)
+
+
+@pytest.mark.timeout(300)
+def test_srun_without_mpi_plugin_gives_a_clear_error(cluster, demo_dir, tmp_path):
+    job = cluster.sbatch(REPO / "jobs" / "pi-cluster.sbatch", 3, {
+        "MDI_MPI_HOME": str(REPO), "VENV": str(Path(sys.executable).parent.parent), "SRUN_MPI": "none",
+        "OUTPUT": str(tmp_path / "x.jsonl"), "MDI_MPI_CACHE": os.environ["MDI_MPI_CACHE"],
+    })
+    log = cluster.job_output(job)
+    assert job.returncode != 0
+    assert "the launcher started 3 separate jobs" in log and "srun --mpi=pmi2" in log, log
+    assert not (tmp_path / "x.jsonl").exists()
