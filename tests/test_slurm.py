@@ -74,7 +74,6 @@ class Cluster:
             (tmp / "spool" / f"node{i}").mkdir(parents=True)
         self.conf = tmp / "slurm.conf"
         self.conf.write_text(SLURM_CONF.format(tmp=tmp, ctld_port=16817))
-        (tmp / "cgroup.conf").write_text("CgroupPlugin=disabled\n")
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def start(self) -> None:
