@@ -122,5 +122,5 @@ def stage_memory(
     groups = -(-n_slots // micro_batch)
     buffers = 0 if n_ranks == 1 else 2 * groups * (rows * config.hidden_size * element_size + 8 * (4 + 4 * micro_batch))
     activations = rows * (4 * config.hidden_size + 3 * config.intermediate_size) * 4
-    peak = RUNTIME_BYTES + weights + kv + buffers + 2 * largest + activations
+    peak = RUNTIME_BYTES + weights + kv + buffers + largest + activations  # largest: a cast while loading
     return {"weight_bytes": weights, "kv_cache_bytes": kv, "buffer_bytes": buffers, "peak_bytes": peak}

@@ -1,0 +1,119 @@
+"""Memory-aware plans, per-rank shards, and the start-up checks that use them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import run_cli
+from mdi_mpi.config import ModelConfig
+from mdi_mpi.demo import TINYLLAMA_CONFIG
+from mdi_mpi.errors import UserError
+from mdi_mpi.partition import parse_bytes
+from mdi_mpi.plan import check_fit, make_plan, suggestion
+
+TINYLLAMA = ModelConfig.from_dict({**TINYLLAMA_CONFIG, "model_type": "llama"})
+KW = dict(n_slots=3, max_seq_len=2048, micro_batch=1, prefill_chunk=128)
+GIB = 2**30
+
+
+def counts(plan):
+    return [len(r) for r in plan.layers]
+
+
+def test_predicted_memory_adds_up():
+    plan = make_plan(TINYLLAMA, 3, torch.bfloat16, **KW)
+    assert counts(plan) == [6, 8, 8]
+    m0, m1 = plan.memory[0], plan.memory[1]
+    layer = TINYLLAMA.layer_param_count() * 2
+    assert m1["weight_bytes"] == 8 * layer
+    assert m0["weight_bytes"] == 6 * layer + TINYLLAMA.edge_param_count() * 2
+    assert m1["kv_cache_bytes"] == 3 * 2048 * 8 * 2 * 4 * 64 * 2
+    assert all(m["peak_bytes"] > m["weight_bytes"] + m["kv_cache_bytes"] for m in plan.memory)
+
+
+def test_memory_balance_follows_rank_memory():
+    plan = make_plan(TINYLLAMA, 3, torch.bfloat16, available=[4 * GIB, 1 * GIB, 1 * GIB], balance="memory", **KW)
+    assert counts(plan)[0] > counts(plan)[1] and sum(counts(plan)) == 22
+    check_fit(plan)  # a split in proportion to memory fits where the even one does not
+    even = make_plan(TINYLLAMA, 3, torch.bfloat16, available=[4 * GIB, 1 * GIB, 1 * GIB], **KW)
+    with pytest.raises(UserError, match="rank 1 .* needs about"):
+        check_fit(even)
+
+
+def test_speed_balance_and_explicit_split_wins():
+    fast_first = make_plan(TINYLLAMA, 2, torch.bfloat16, balance="speed", speeds=[3.0, 1.0], **KW)
+    assert counts(fast_first)[0] > counts(fast_first)[1]
+    explicit = make_plan(TINYLLAMA, 2, torch.bfloat16, split=[2, 20], balance="speed", speeds=[3.0, 1.0], **KW)
+    assert counts(explicit) == [2, 20]
+
+
+def test_suggestions():
+    assert suggestion(TINYLLAMA, torch.bfloat16, int(1.2 * GIB), **KW) == "4 ranks of this size would fit"
+    assert "with --dtype bfloat16" in suggestion(TINYLLAMA, torch.float32, int(1.2 * GIB), **KW)
+    assert parse_bytes("1.5GiB") == int(1.5 * GIB) and parse_bytes("512M") == 512 * 2**20
+
+
+def _plan_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mdi_mpi.plan", *args], capture_output=True, text=True)
+
+
+def test_plan_cli_refuses_and_accepts(demo_dir):
+    bad = _plan_cli("--ranks", "2", "--mem-per-rank", "200MiB")
+    assert bad.returncode == 2 and "needs about" in bad.stderr and "DOES NOT FIT" in bad.stdout
+    good = _plan_cli("--ranks", "3", "--mem-per-rank", "1GiB", "--slots", "6")
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.count(" ok") == 3 and "0-2" in good.stdout
+    mixed = _plan_cli("--ranks", "3", "--mem", "2GiB,1GiB", "--balance", "memory")
+    assert mixed.returncode == 2 and "2 sizes for 3 ranks" in mixed.stderr
+
+
+def test_generate_refuses_a_plan_that_does_not_fit(demo_dir):
+    res = run_cli(["--prompt", "x", "--mem-per-rank", "300MiB"], ranks=2)
+    assert res.returncode == 2 and res.stderr.count("needs about") == 1, res.stderr
+
+
+@pytest.mark.timeout(300)
+def test_split_checkpoint_gives_the_same_tokens(models, tmp_path):
+    model = models["llama-gqa-llama3"]
+    shards = tmp_path / "shards"
+    res = subprocess.run([sys.executable, "-m", "mdi_mpi.split", "--model", str(model), "--ranks", "3",
+                          "--out", str(shards), "--dtype", "float32"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    split = json.loads((shards / "mdi_split.json").read_text())
+    assert split["ranks"] == 3 and [b - a for a, b in split["layers"]] == [1, 1, 2]
+    # Each shard holds only its rank's tensors.
+    from mdi_mpi.checkpoint import Checkpoint
+
+    names = set(Checkpoint(shards / "rank-1").files)
+    assert names and all(n.startswith("model.layers.1.") for n in names)
+    assert "lm_head.weight" in Checkpoint(shards / "rank-0").files
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": str(i), "input_ids": list(range(3, 3 + 4 * i + 1))}) + "\n" for i in range(4)))
+    out = {}
+    for name, path, ranks in (("full", model, 1), ("split", shards, 3)):
+        o = tmp_path / f"{name}.jsonl"
+        r = run_cli(["--model", str(path), "--dtype", "float32", "--prompts-file", str(prompts),
+                     "--max-new-tokens", "10", "--output", str(o), "--quiet"], ranks=ranks)
+        assert r.returncode == 0, r.stderr
+        out[name] = {rec["id"]: rec["tokens"] for rec in map(json.loads, o.read_text().splitlines())}
+    assert out["split"] == out["full"]
+    wrong = run_cli(["--model", str(shards), "--prompts-file", str(prompts)], ranks=2)
+    assert wrong.returncode == 2 and "split for 3 ranks, but the job has 2" in wrong.stderr
+    again = subprocess.run([sys.executable, "-m", "mdi_mpi.split", "--model", str(model), "--ranks", "3",
+                            "--out", str(shards)], capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+@pytest.mark.timeout(120)
+def test_balance_speed_runs(models, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"input_ids": [5, 6, 7]}) + "\n")
+    res = run_cli(["--model", str(models["qwen2"]), "--prompts-file", str(prompts), "--balance", "speed",
+                   "--max-new-tokens", "4"], ranks=2)
+    assert res.returncode == 0, res.stderr
+    assert "rank 1: layers" in res.stderr
