@@ -99,6 +99,47 @@ def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro:
     }
 
 
+def hot_path(model: str, dtype: str, tokens: int = 64) -> dict:
+    """Profile single-process decode: what torch allocates per token and whether RSS grows."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mdi_mpi.checkpoint import Checkpoint, load_stage
+    from mdi_mpi.config import parse_dtype
+    from mdi_mpi.kv_cache import Batch
+
+    torch.set_num_threads(1)
+    ckpt = Checkpoint(model)
+    stage = load_stage(ckpt, range(ckpt.config.n_layers), True, parse_dtype(dtype))
+    stage.setup_cache(1, 2 * tokens + 32)  # KV cache allocated (and zeroed) up front
+    token = torch.tensor([5])
+
+    def rss() -> int:  # resident bytes now
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def decode(first: int, n: int) -> None:
+        for pos in range(first, first + n):
+            stage(token, Batch.make([0], [pos], [1]))
+
+    with torch.inference_mode():
+        stage(torch.arange(3, 19), Batch.make([0], [0], [16]))
+        decode(16, 8)  # warm-up: the allocator reaches its steady state
+        before = rss()
+        decode(24, tokens)
+        after = rss()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            decode(24 + tokens, tokens)
+    events = [e for e in prof.key_averages() if e.self_cpu_memory_usage > 0]
+    allocated = sum(e.self_cpu_memory_usage for e in events)
+    return {
+        "tokens": tokens,
+        "torch_bytes_allocated_per_token": allocated // tokens,
+        "rss_growth_over_the_tokens_bytes": after - before,
+        "top_allocating_ops": sorted(((e.key, e.self_cpu_memory_usage // tokens) for e in events), key=lambda x: -x[1])[:6],
+    }
+
+
 def configurations(ranks: list[int], slots: list[str], hf: bool, hf_threads: list[int]) -> list[dict]:
     """The configurations of one table: transformers baselines, then mdi-mpi per N, K, micro-batching."""
     out = []
@@ -152,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--json", metavar="FILE", help="write the table as JSON")
+    p.add_argument("--hot-path", action="store_true", help="instead of the table: profile what one decode step allocates")
     args = p.parse_args(argv)
     try:
         from mdi_mpi import demo
@@ -164,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             model = str(demo.tinyllama_model())
         if args.tiny:
             args.new_tokens = min(args.new_tokens, 8)
+        if args.hot_path:
+            print(json.dumps(hot_path(model, args.dtypes.split(",")[0]), indent=1))
+            return 0
         ranks = [int(x) for x in args.ranks.split(",")]
         slots = args.slots.split(",")
         configs = configurations(ranks, slots, not args.no_hf, [int(x) for x in args.hf_threads.split(",")])

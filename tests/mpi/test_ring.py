@@ -133,3 +133,32 @@ def test_stop_with_fewer_requests_than_groups(comm):
     got = run_ring(comm, reqs, 4, 1)
     if comm.Get_rank() == 0:
         assert got == reference(reqs)
+
+
+def test_per_token_path_pickles_nothing(comm):
+    import pickle
+
+    from mpi4py import MPI
+
+    calls = []
+
+    def dumps(obj, *args):
+        calls.append("dumps")
+        return pickle.dumps(obj, *args)
+
+    def loads(data, *args):
+        calls.append("loads")
+        return pickle.loads(data, *args)
+
+    comm.Barrier()
+    MPI.pickle.__init__(dumps, loads)
+    try:
+        comm.bcast("the counter works", root=0)
+        assert calls, "the counting pickler is not in use"
+        calls.clear()
+        got = run_ring(comm, requests(5), 3, 1)
+        assert calls == [], f"the pipeline pickled: {calls}"
+    finally:
+        MPI.pickle.__init__(pickle.dumps, pickle.loads)
+    if comm.Get_rank() == 0:
+        assert len(got) == 5
