@@ -179,3 +179,19 @@ def test_srun_without_mpi_plugin_gives_a_clear_error(cluster, demo_dir, tmp_path
     assert job.returncode != 0
     assert "the launcher started 3 separate jobs" in log and "srun --mpi=pmi2" in log, log
     assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.timeout(400)
+def test_scaling_sweep_collects_one_summary_per_node_count(cluster, demo_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\nb\nc\n")
+    results = tmp_path / "sweep.jsonl"
+    env = {**cluster.env, "MAX_NODES": "3", "RESULTS": str(results), "PROMPTS": str(prompts),
+           "MAX_NEW_TOKENS": "4", "VENV": str(Path(sys.executable).parent.parent), "MDI_MPI_CACHE": os.environ["MDI_MPI_CACHE"],
+           "SBATCH_ARGS": "--cpus-per-task=1 --time=5"}
+    res = subprocess.run(["bash", str(REPO / "jobs" / "scaling-sweep.sh")], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=380)
+    assert res.returncode == 0, res.stdout + res.stderr
+    runs = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["ranks"] for r in runs] == [1, 2, 3]
+    assert all(r["generated_tokens"] == 12 for r in runs)

@@ -124,12 +124,12 @@ def run(args: argparse.Namespace, comm) -> dict:
     from mdi_mpi.checkpoint import Checkpoint, load_stage
     from mdi_mpi.config import parse_dtype
     from mdi_mpi.partition import parse_split, split_layers
-    from mdi_mpi.plan import available_memory, check_fit, layer_speed, make_plan, rank_memory, suggestion
-    from mdi_mpi.split import read_split, shard_dir
     from mdi_mpi.pipeline import Recorder, run_first, run_worker, slot_groups
-    from mdi_mpi.requests import Prompt, build_requests, load_tokenizer, parse_prompt_lines, read_prompts_file
+    from mdi_mpi.plan import Plan, available_memory, check_fit, layer_speed, make_plan, rank_memory, suggestion
+    from mdi_mpi.requests import Prompt, build_requests, load_tokenizer, read_prompts_file
     from mdi_mpi.sampling import SamplingParams
     from mdi_mpi.scheduler import Scheduler
+    from mdi_mpi.split import read_split, shard_dir
     from mdi_mpi.trace import write_trace
     from mdi_mpi.transport import LocalRing, Ring, local_ranks
 
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace, comm) -> dict:
     else:
         model_dir = os.path.expanduser(args.model)
 
-    def open_checkpoint() -> tuple[Checkpoint, list[int] | None, str]:
+    def open_checkpoint() -> tuple[Checkpoint, list[int] | None, str, int]:
         # Every rank opens its checkpoint itself (each node may have its own copy or its own shard).
         split = parse_split(args.layers) if args.layers else None
         shards = read_split(model_dir)
@@ -175,19 +175,18 @@ def run(args: argparse.Namespace, comm) -> dict:
             counts = [len(r) for r in shards["layers"]]
             if split is not None and split != counts:
                 raise UserError(f"--layers {args.layers} does not match the split's layers {','.join(map(str, counts))}")
-            split, own_dir = counts, str(shard_dir(model_dir, rank))
+            ckpt, tokenizer_dir = Checkpoint(shard_dir(model_dir, rank)), shard_dir(model_dir, 0)
+            split = counts
         else:
-            own_dir = model_dir
-        ckpt = Checkpoint(own_dir)
-        ckpt.config.check_context(args.max_seq_len or 2)
+            ckpt, tokenizer_dir = Checkpoint(model_dir), model_dir
+        max_seq_len = args.max_seq_len or min(ckpt.config.max_position_embeddings, 2048)
+        ckpt.config.check_context(max_seq_len)
         split_layers(ckpt.config.n_layers, size, split=split)  # fail early on too many ranks or a bad split
         rank_memory(args, size)
-        return ckpt, split, own_dir
+        return ckpt, split, tokenizer_dir, max_seq_len
 
-    ckpt, split, own_dir = _agree(comm, open_checkpoint)
+    ckpt, split, tokenizer_dir, max_seq_len = _agree(comm, open_checkpoint)
     cfg = ckpt.config
-    max_seq_len = args.max_seq_len or min(cfg.max_position_embeddings, 2048)
-    tokenizer_dir = shard_dir(model_dir, 0) if split is not None and own_dir != model_dir else model_dir
 
     tokenizer = None
 
@@ -228,8 +227,13 @@ def run(args: argparse.Namespace, comm) -> dict:
     speeds = comm.allgather(layer_speed(cfg, dtype)) if args.balance == "speed" and split is None else None
     kw = dict(n_slots=settings.n_slots, max_seq_len=max_seq_len, micro_batch=settings.micro_batch,
               prefill_chunk=args.prefill_chunk)
-    plan = make_plan(cfg, size, dtype, split=split, available=mems, balance=args.balance, speeds=speeds, **kw)
-    _agree(comm, lambda: check_fit(plan, lambda: suggestion(cfg, dtype, min(mems), **kw)))
+
+    def plan_and_check() -> Plan:
+        plan = make_plan(cfg, size, dtype, split=split, available=mems, balance=args.balance, speeds=speeds, **kw)
+        check_fit(plan, lambda: suggestion(cfg, dtype, min(mems), **kw))
+        return plan
+
+    plan = _agree(comm, plan_and_check)
     layers = plan.layers[rank]
 
     t_load = time.perf_counter()
@@ -240,7 +244,7 @@ def run(args: argparse.Namespace, comm) -> dict:
     ring = (
         LocalRing()
         if size == 1
-        else Ring(comm, len(groups), settings.micro_batch, settings.max_rows, cfg.hidden_size, dtype)
+        else Ring(comm, max(2, len(groups)), settings.micro_batch, settings.max_rows, cfg.hidden_size, dtype)
     )
     comm.Barrier()
     rec = Recorder(trace=bool(args.trace))  # origin: just after the barrier, shared by all ranks

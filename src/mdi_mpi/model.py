@@ -6,10 +6,11 @@ Nothing here knows about MPI.
 
 Batch invariance: a matmul library picks its kernel (and so its summation order) by the number of
 rows, so a token's result would depend on which other tokens share its forward call, and output
-would change with the number of slots or the micro-batch size. Every linear layer therefore runs
-its rows in tiles of a fixed shape: decode rows in tiles of ``DECODE_TILE``, prompt rows in tiles
-of ``PREFILL_TILE``. A lone decode row uses ``mv`` instead when that kernel gives bit-identical
-results (checked per stage at set-up), which is also the fastest way to stream weights for one row.
+would change with the number of slots or the micro-batch size. Every linear layer therefore gives
+each row a computation of a fixed shape: a decode row goes through ``mv`` (the fastest way to stream
+weights for one row), and several decode rows through tiles of ``DECODE_TILE`` rows where that
+kernel agrees with ``mv`` bit for bit (checked per stage at set-up; true for bf16 here), else
+through ``mv`` one by one; prompt rows go through tiles of ``PREFILL_TILE`` rows.
 """
 
 from __future__ import annotations
@@ -26,12 +27,9 @@ DECODE_TILE = 8  # rows per matmul for decode rows
 PREFILL_TILE = 64  # rows per matmul for prompt rows
 
 
-def _tiles(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int, mv: bool) -> torch.Tensor:
+def _tiles(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
     """``x`` [m, in] @ weight.T in row tiles of exactly ``tile`` rows (zero-padded) -> [m, out]."""
     m = x.shape[0]
-    if m == 1 and mv:
-        y = torch.mv(weight, x[0]) if bias is None else torch.addmv(bias, weight, x[0])
-        return y.unsqueeze(0)
     pad = -m % tile
     if pad:
         x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
@@ -40,34 +38,43 @@ def _tiles(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, til
     return torch.cat([F.linear(t, weight, bias) for t in x.split(tile)])[:m]
 
 
+def _rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` [m, in] @ weight.T one row at a time with ``mv`` -> [m, out]."""
+    out = [torch.mv(weight, r) if bias is None else torch.addmv(bias, weight, r) for r in x]
+    return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
+
+
 def tiled_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_single: int, mv: bool
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_single: int, mv_tiles: bool
 ) -> torch.Tensor:
-    """Batch-invariant linear: ``x`` [T, in] -> [T, out], rows [:n_single] decode rows, the rest prompt rows."""
+    """Batch-invariant linear: ``x`` [T, in] -> [T, out]; rows [:n_single] are decode rows, the rest
+    prompt rows. A lone decode row always uses ``mv``; several use decode tiles if ``mv_tiles`` (mv
+    and the tile agree bit for bit), else ``mv`` row by row."""
+
+    def decode(d: torch.Tensor) -> torch.Tensor:
+        return _tiles(d, weight, bias, DECODE_TILE) if mv_tiles and d.shape[0] > 1 else _rows(d, weight, bias)
+
     if n_single == x.shape[0]:
-        return _tiles(x, weight, bias, DECODE_TILE, mv)
+        return decode(x)
     if n_single == 0:
-        return _tiles(x, weight, bias, PREFILL_TILE, False)
-    return torch.cat(
-        [_tiles(x[:n_single], weight, bias, DECODE_TILE, mv), _tiles(x[n_single:], weight, bias, PREFILL_TILE, False)]
-    )
+        return _tiles(x, weight, bias, PREFILL_TILE)
+    return torch.cat([decode(x[:n_single]), _tiles(x[n_single:], weight, bias, PREFILL_TILE)])
 
 
 def mv_matches_tiles(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether ``mv`` gives, bit for bit, what a decode tile gives for each row (true for bf16 and
     fp16 on x86 with oneDNN, false for fp32 there)."""
     x = torch.randn(DECODE_TILE, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-    rows = torch.stack([_tiles(r[None], weight, bias, DECODE_TILE, True)[0] for r in x])
-    return torch.equal(rows, _tiles(x, weight, bias, DECODE_TILE, False))
+    return torch.equal(_rows(x, weight, bias), _tiles(x, weight, bias, DECODE_TILE))
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` whose rows are computed in fixed tiles (see the module docstring)."""
 
-    mv = False  # a lone decode row may use mv; set by Stage.setup_cache
+    mv_tiles = False  # decode tiles agree with mv (set by Stage.setup_cache)
 
     def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:  # type: ignore[override]
-        return tiled_linear(x, self.weight, self.bias, n_single, self.mv)
+        return tiled_linear(x, self.weight, self.bias, n_single, self.mv_tiles)
 
 
 class RMSNorm(nn.Module):

@@ -5,7 +5,7 @@ also gets the embedding, final norm and LM head), ``config.json``, and on rank 0
 ``SHARDS/mdi_split.json`` with the plan. Copy ``rank-R`` to node R, and each node stores and reads
 only its part. ``generate --model SHARDS`` recognises the split and checks that the job matches it.
 
-Shards are safetensors, the format of the source checkpoints: tensors are read lazily (memory-mapped,
+Shards are safetensors, the format of the source checkpoints: tensors are read lazily (by byte range,
 one at a time), bf16 is stored natively, and the shard is an ordinary checkpoint directory for the
 same loader, so there is one loading path. (HDF5 has no bf16 type and would need a second loader.)
 """

@@ -29,7 +29,7 @@ class Stage(nn.Module):
         self.lm_head = Linear(d, vocab, bias=False) if edges and not config.tie_word_embeddings else None
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
-        self.head_mv = False
+        self.head_mv_tiles = False
 
     @property
     def has_edges(self) -> bool:
@@ -50,10 +50,10 @@ class Stage(nn.Module):
         checks = [(m.weight, m.bias) for m in linears] + ([(self.head_weight, None)] if self.has_edges else [])
         distinct = {(tuple(w.shape), b is not None): (w, b) for w, b in checks}  # kernels depend on shape only
         with torch.inference_mode():
-            mv = all(mv_matches_tiles(w, b) for w, b in distinct.values())
+            mv_tiles = all(mv_matches_tiles(w, b) for w, b in distinct.values())
         for m in linears:
-            m.mv = mv
-        self.head_mv = mv
+            m.mv_tiles = mv_tiles
+        self.head_mv_tiles = mv_tiles
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -88,7 +88,7 @@ class Stage(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, D] of sampled tokens -> float32 logits [B, V] (final norm, then LM head)."""
-        return tiled_linear(self.norm(h), self.head_weight, None, h.shape[0], self.head_mv).float()
+        return tiled_linear(self.norm(h), self.head_weight, None, h.shape[0], self.head_mv_tiles).float()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, batch: Batch, all_logits: bool = False) -> torch.Tensor:
