@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import run_cli
+from transformers import AutoModelForCausalLM
 
 FIELDS = {"id", "prompt", "input_ids", "tokens", "text", "finish_reason", "ttft_s", "duration_s"}
 

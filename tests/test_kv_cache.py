@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import full_stage, generate
+
 from mdi_mpi.kv_cache import Batch, KVCache
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import VARIANTS
+from helpers import full_stage, generate
 from transformers import AutoModelForCausalLM
 
-from helpers import full_stage, generate
 from mdi_mpi.kv_cache import Batch
-
-from conftest import VARIANTS
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.demo import TINYLLAMA_CONFIG
 from mdi_mpi.errors import UserError

@@ -35,7 +35,11 @@ def test_top_p_keeps_smallest_set_reaching_p(p):
 def test_seeded_sampling_is_deterministic_and_seed_dependent():
     params = SamplingParams(temperature=1.0)
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
-    draw = lambda seed, index: [sample(logits, params, g) for g in [request_generator(seed, index)] for _ in range(40)]
+
+    def draw(seed: int, index: int) -> list[int]:
+        g = request_generator(seed, index)
+        return [sample(logits, params, g) for _ in range(40)]
+
     assert draw(3, 7) == draw(3, 7)
     assert draw(3, 7) != draw(3, 8)
     assert draw(3, 7) != draw(4, 7)

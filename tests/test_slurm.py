@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")

@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
 from mdi_mpi.trace import read_trace, utilization
 
 

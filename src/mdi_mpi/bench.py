@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mdi_mpi.errors import UserError
+from mdi_mpi.errors import UserError, cli_main
 
 HF_SCRIPT = r"""
 import json, resource, sys, time, torch
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write the table as JSON")
     p.add_argument("--hot-path", action="store_true", help="instead of the table: profile what one decode step allocates")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         from mdi_mpi import demo
 
         if args.model:
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             args.new_tokens = min(args.new_tokens, 8)
         if args.hot_path:
             print(json.dumps(hot_path(model, args.dtypes.split(",")[0]), indent=1))
-            return 0
+            return
         ranks = [int(x) for x in args.ranks.split(",")]
         slots = args.slots.split(",")
         configs = configurations(ranks, slots, not args.no_hf, [int(x) for x in args.hf_threads.split(",")])
@@ -233,10 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({"model": model, "prompt_len": args.prompt_len,
                                                    "new_tokens": args.new_tokens, "rows": rows}, indent=1))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli_main(body)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from torch import nn
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.kv_cache import Batch, KVCache
 
-
 DECODE_TILE = 8  # rows per matmul for decode rows
 PREFILL_TILE = 64  # rows per matmul for prompt rows
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from mdi_mpi.config import ModelConfig, parse_dtype
-from mdi_mpi.errors import UserError
+from mdi_mpi.errors import UserError, cli_main
 from mdi_mpi.partition import edge_cost, parse_bytes, parse_split, split_layers, stage_memory
 
 BALANCES = ("cost", "memory", "speed")
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", metavar="A,B,...", help="explicit split")
     add_plan_arguments(p)
     args = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         from mdi_mpi import demo
 
         model = args.model or str(demo.demo_model())
@@ -222,10 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         print_plan(plan, dtype)
         smallest = min(mems) if mems else 0
         check_fit(plan, lambda: suggestion(config, dtype, smallest, **kw))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli_main(body)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from mdi_mpi.checkpoint import Checkpoint, hf_name, load_stage
 from mdi_mpi.config import parse_dtype
-from mdi_mpi.errors import UserError
+from mdi_mpi.errors import UserError, cli_main
 from mdi_mpi.partition import parse_split
 from mdi_mpi.plan import add_plan_arguments, check_fit, make_plan, print_plan, rank_memory
 from mdi_mpi.requests import TOKENIZER_FILES
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seq-len", type=int, default=2048, metavar="L")
     add_plan_arguments(p)
     args = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         if args.balance == "speed":
             raise UserError("--balance speed measures the ranks themselves: split with --layers from a generate run")
         ckpt = Checkpoint(args.model)
@@ -106,10 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         write_shards(args.model, args.out, plan.layers, args.dtype)
         print(f"wrote {args.ranks} shards to {args.out}: copy {args.out}/rank-R to node R, "
               f"or share the directory; run generate with --model {args.out}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli_main(body)
 
 
 if __name__ == "__main__":

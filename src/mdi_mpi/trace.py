@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mdi_mpi.errors import UserError
+from mdi_mpi.errors import UserError, cli_main
 from mdi_mpi.pipeline import EVENT_KINDS
 
 BUSY_KINDS = ("compute", "prefill", "sample")
@@ -143,17 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("-o", "--output", default="pipeline.png")
     g.add_argument("--window", type=float, metavar="S", help="draw only the first S seconds")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         trace = read_trace(args.trace)
         if args.cmd == "summary":
             print_summary(trace)
         else:
             plot(trace, args.output, args.window)
             print(f"wrote {args.output}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli_main(body)
 
 
 if __name__ == "__main__":
