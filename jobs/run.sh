@@ -31,7 +31,7 @@ extra=($EXTRA_ARGS)
 
 echo "mdi-mpi: ${SLURM_NTASKS:-?} ranks on ${SLURM_JOB_NODELIST:-?}, $THREADS threads per rank, launcher $LAUNCHER"
 case "$LAUNCHER" in
-  srun)    srun --mpi="$SRUN_MPI" python -m mdi_mpi.generate "${args[@]}" "${extra[@]}" ;;
+  srun)    srun --kill-on-bad-exit=1 --mpi="$SRUN_MPI" python -m mdi_mpi.generate "${args[@]}" "${extra[@]}" ;;
   mpiexec) mpiexec -n "${SLURM_NTASKS:-1}" -ppn 1 python -m mdi_mpi.generate "${args[@]}" "${extra[@]}" ;;
   *)       echo "LAUNCHER must be srun or mpiexec, got $LAUNCHER" >&2; exit 2 ;;
 esac

@@ -8,11 +8,16 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
-if ! python -c "import torch" 2>/dev/null; then
+if ! python -c "from importlib.metadata import version; version(\"torch\")" 2>/dev/null; then
   pip install -q --disable-pip-version-check "$TORCH_SPEC"
 fi
 constraints=$(mktemp)
-trap 'rm -f "$constraints"' EXIT
-python -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
-pip install -q --disable-pip-version-check -c "$constraints" -e ".[test]" mpich 2>&1 | grep -v "^WARNING: Location" || true
+log=$(mktemp)
+trap 'rm -f "$constraints" "$log"' EXIT
+python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > "$constraints"
+if ! pip install -q --disable-pip-version-check -c "$constraints" -e ".[test]" mpich > "$log" 2>&1; then
+  grep -v "^WARNING: Location" "$log" >&2
+  echo "setup failed: pip could not install mdi-mpi's dependencies (see above)" >&2
+  exit 1
+fi
 python -c "import mdi_mpi, mpi4py, torch, transformers; print('mdi-mpi ready: torch', torch.__version__, '| transformers', transformers.__version__)"
