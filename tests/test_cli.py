@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import REPO, run_cli
 from transformers import AutoModelForCausalLM
 
 FIELDS = {"id", "prompt", "input_ids", "tokens", "text", "finish_reason", "ttft_s", "duration_s"}
@@ -157,3 +161,14 @@ def test_a_failing_rank_ends_the_job_and_keeps_results(models, tmp_path):
     assert "rank 1: RuntimeError: injected failure at step 7" in res.stderr
     done = records(out)  # every line written is a whole record
     assert 2 <= len(done) < len(PROMPTS) * 3
+
+
+@pytest.mark.timeout(120)
+def test_hostfile_launcher_runs_one_rank_per_line(demo_dir, tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("# this machine, twice\nlocalhost\nlocalhost\n")
+    env = {**os.environ, "HOSTS": str(hosts), "THREADS": "1", "VENV": str(Path(sys.executable).parent.parent)}
+    res = subprocess.run(["bash", str(REPO / "jobs" / "hostfile-run.sh"), "--prompt", "hi", "--max-new-tokens", "3",
+                          "--quiet"], env=env, capture_output=True, text=True, timeout=100)
+    assert res.returncode == 0, res.stderr
+    assert "(2 ranks," in res.stderr and "rank 1: layers 5-9" in res.stderr
