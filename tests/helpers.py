@@ -7,10 +7,12 @@ from pathlib import Path
 import torch
 
 from mdi_mpi.checkpoint import Checkpoint, load_stage
+from mdi_mpi.pipeline import Recorder, run_first, slot_groups
 from mdi_mpi.requests import Request
 from mdi_mpi.sampling import SamplingParams
-from mdi_mpi.scheduler import Scheduler, run_local
+from mdi_mpi.scheduler import Scheduler
 from mdi_mpi.stage import Stage
+from mdi_mpi.transport import LocalRing
 
 
 def full_stage(path: Path, dtype: torch.dtype = torch.float32, n_slots: int = 4, max_seq_len: int = 128) -> Stage:
@@ -28,4 +30,11 @@ def make_requests(prompts: list[list[int]], **params) -> list[Request]:
 def generate(stage: Stage, prompts: list[list[int]], n_slots: int, prefill_chunk: int = 64, **params) -> dict[str, list[int]]:
     """Tokens generated for each prompt, keyed by request id."""
     sched = Scheduler(make_requests(prompts, **params), n_slots, stage.max_seq_len, prefill_chunk, stage.config.eos_token_ids)
-    return {r.id: r.tokens for r in run_local(stage, sched)}
+    return {r.id: r.tokens for r in run_one_process(stage, sched)}
+
+
+def run_one_process(stage: Stage, sched: Scheduler) -> list:
+    """The pipeline of one rank (what ``generate`` runs with -np 1), all slots in one group."""
+    n_slots = len(sched.active)
+    run_first(stage, sched, LocalRing(), slot_groups(n_slots, n_slots), Recorder())
+    return sched.results

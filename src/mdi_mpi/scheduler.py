@@ -152,15 +152,3 @@ class Scheduler:
         self.results.append(result)
         if self.on_finish is not None:
             self.on_finish(result)
-
-
-@torch.inference_mode()
-def run_local(stage, scheduler: Scheduler) -> list[Result]:
-    """Generate every request in one process through a stage that holds the whole model,
-    all slots in one batch."""
-    slots = range(len(scheduler.active))
-    while (work := scheduler.plan(slots)) is not None:
-        h = stage.forward_layers(stage.embed(work.ids), work.batch)  # [T, D]
-        logits = stage.head(h[work.batch.last[work.sampled]])  # [len(sampled), V]
-        scheduler.complete(work, logits)
-    return scheduler.results

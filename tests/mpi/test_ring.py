@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import run_one_process
 
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.pipeline import Recorder, run_first, run_worker, slot_groups
 from mdi_mpi.requests import Request
 from mdi_mpi.sampling import SamplingParams
-from mdi_mpi.scheduler import Scheduler, run_local
+from mdi_mpi.scheduler import Scheduler
 from mdi_mpi.stage import Stage
 from mdi_mpi.transport import STOP, Ring
 
@@ -50,7 +51,7 @@ def reference(reqs: list[Request]) -> dict[str, list[int]]:
     full = full_model()
     full.setup_cache(1, MAX_SEQ)
     sched = Scheduler(reqs, 1, MAX_SEQ, 1000, CONFIG.eos_token_ids)
-    return {r.id: r.tokens for r in run_local(full, sched)}
+    return {r.id: r.tokens for r in run_one_process(full, sched)}
 
 
 def run_ring(comm, reqs, n_slots: int, micro_batch: int, prefill_chunk: int = 8) -> dict[str, list[int]] | None:
