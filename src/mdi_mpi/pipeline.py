@@ -69,7 +69,7 @@ def _recv(ring, rec: Recorder):
 
 def _send(ring, rec: Recorder, group: int, batch: Batch, sampled: list[int], h: torch.Tensor) -> None:
     t0 = time.perf_counter()
-    ring.send(group, group, batch.slots, batch.starts, batch.lengths, sampled, h)
+    ring.send(group, batch.slots, batch.starts, batch.lengths, sampled, h)
     rec.add(SEND, group, t0, time.perf_counter())
 
 
@@ -110,7 +110,7 @@ def run_first(
         ring.release(msg)
         in_flight -= 1
         in_flight += launch(msg.group)
-    ring.send(0, 0, (), (), (), [], None, kind=STOP)
+    ring.send(0, (), (), (), [], None, kind=STOP)
     msg = ring.recv()
     if msg.kind != STOP:
         raise RuntimeError("the ring returned work after the stop message")
@@ -125,7 +125,7 @@ def run_worker(stage: Stage, ring, rec: Recorder, fail_at: int | None = None) ->
     while True:
         msg = _recv(ring, rec)
         if msg.kind == STOP:
-            ring.send(0, 0, (), (), (), [], None, kind=STOP)
+            ring.send(0, (), (), (), [], None, kind=STOP)
             break
         _maybe_fail(rec.steps, fail_at)
         t0 = time.perf_counter()

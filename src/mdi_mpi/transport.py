@@ -67,7 +67,6 @@ class Ring:
 
     def send(
         self,
-        buf: int,
         group: int,
         slots: tuple[int, ...],
         starts: tuple[int, ...],
@@ -76,22 +75,21 @@ class Ring:
         rows: torch.Tensor | None,
         kind: int = WORK,
     ) -> None:
-        """Send a message to the next rank from send buffer ``buf`` (waiting for that buffer's
-        previous send first). ``rows`` [n_rows, D] is copied into the buffer."""
+        """Send a message to the next rank from group ``group``'s send buffer (waiting for that
+        buffer's previous send first). ``rows`` [n_rows, D] is copied into the buffer."""
+        buf = group
         self.send_reqs[buf].Wait()
         view = self.send_views[buf]
         header = view[: 8 * self.header_len].view(np.int64)
         n_rows = 0 if rows is None else rows.shape[0]
         if n_rows > self.max_rows:
             raise RuntimeError(f"message of {n_rows} rows exceeds the buffer ({self.max_rows} rows)")
-        header[:_FIXED] = (kind, group, len(slots), n_rows)
-        flags = [0] * len(slots)
-        for i in sampled:
-            flags[i] = 1
         n = len(slots)
-        seg = header[_FIXED : _FIXED + _PER_SEG * n].reshape(n, _PER_SEG) if n else None
-        if n:
-            seg[:, 0], seg[:, 1], seg[:, 2], seg[:, 3] = slots, starts, lengths, flags
+        header[:_FIXED] = (kind, group, n, n_rows)
+        seg = header[_FIXED : _FIXED + _PER_SEG * n].reshape(n, _PER_SEG)
+        seg[:, 0], seg[:, 1], seg[:, 2] = slots, starts, lengths
+        seg[:, 3] = 0
+        seg[sampled, 3] = 1
         end = 8 * self.header_len
         if n_rows:
             payload = self.send_bufs[buf][end : end + n_rows * self.row_bytes].view(self.dtype).view(n_rows, self.dim)
@@ -152,7 +150,7 @@ class LocalRing:
         self.queue: deque[LocalMessage] = deque()
         self.bytes_sent = 0
 
-    def send(self, buf, group, slots, starts, lengths, sampled, rows, kind=WORK) -> None:
+    def send(self, group, slots, starts, lengths, sampled, rows, kind=WORK) -> None:
         self.queue.append(LocalMessage(kind, group, rows))
 
     def recv(self) -> LocalMessage:

@@ -74,20 +74,20 @@ def test_transport_round_trip(comm):
     ring = Ring(comm, 2, 3, 10, 16, torch.bfloat16)
     rows = torch.arange(5 * 16, dtype=torch.float32).view(5, 16).to(torch.bfloat16)
     if rank == 0:
-        ring.send(1, 4, (2, 0), (7, 0), (1, 4), [1], rows)
+        ring.send(1, (2, 0), (7, 0), (1, 4), [1], rows)
         back = ring.recv()
-        assert (back.kind, back.group, back.slots, back.starts, back.lengths, back.sampled) == (1, 4, [2, 0], [7, 0], [1, 4], [1])
+        assert (back.kind, back.group, back.slots, back.starts, back.lengths, back.sampled) == (1, 1, [2, 0], [7, 0], [1, 4], [1])
         assert torch.equal(back.rows, rows * 2)
         ring.release(back)
-        ring.send(0, 0, (), (), (), [], None, kind=STOP)
+        ring.send(0, (), (), (), [], None, kind=STOP)
         assert ring.recv().kind == STOP
     else:
         msg = ring.recv()
         assert msg.rows.dtype == torch.bfloat16 and msg.rows.shape == (5, 16)
-        ring.send(0, msg.group, tuple(msg.slots), tuple(msg.starts), tuple(msg.lengths), msg.sampled, msg.rows * 2)
+        ring.send(msg.group, tuple(msg.slots), tuple(msg.starts), tuple(msg.lengths), msg.sampled, msg.rows * 2)
         ring.release(msg)
         assert ring.recv().kind == STOP
-        ring.send(0, 0, (), (), (), [], None, kind=STOP)
+        ring.send(0, (), (), (), [], None, kind=STOP)
     ring.close()
     # 8 header int64s (4 fixed + 4 per segment, 1 segment max... here 3) plus 2 bytes per value
     assert ring.bytes_sent == 2 * 8 * (4 + 4 * 3) + 5 * 16 * 2
@@ -97,7 +97,7 @@ def test_transport_refuses_oversized_message(comm):
     ring = Ring(comm, 1, 1, 2, 8, torch.float32)
     if comm.Get_rank() == 0:
         with pytest.raises(RuntimeError, match="exceeds the buffer"):
-            ring.send(0, 0, (0,), (0,), (3,), [0], torch.zeros(3, 8))
+            ring.send(0, (0,), (0,), (3,), [0], torch.zeros(3, 8))
     ring.close()
 
 
