@@ -10,6 +10,8 @@ Header: ``[kind, group, n_segments, n_rows, then (slot, start, length, sampled) 
 
 from __future__ import annotations
 
+import sys
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ WORK, STOP = 1, 2
 _FIXED = 4  # kind, group, n_segments, n_rows
 _PER_SEG = 4  # slot, start, length, sampled
 TAG = 7
+ABORT_GRACE_S = 1.0  # time for the launcher to forward a failing rank's last words before the abort
 
 
 @dataclass
@@ -172,7 +175,13 @@ def world() -> MPI.Comm:
 
 
 def abort(comm: MPI.Comm, code: int) -> None:
-    """End every rank of the job now."""
+    """End every rank of the job now.
+
+    The launcher kills every process as soon as it hears of the abort, and may do so before it has
+    forwarded what this rank just wrote to stderr; a short pause lets the error message get out.
+    """
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_S)
     comm.Abort(code)
 
 
