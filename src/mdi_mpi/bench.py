@@ -22,8 +22,9 @@ from pathlib import Path
 from mdi_mpi.errors import UserError, cli_main
 
 HF_SCRIPT = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from transformers import AutoModelForCausalLM
+from mdi_mpi.plan import peak_rss
 model_dir, dtype, threads, batch, prompt_len, new_tokens = sys.argv[1:7]
 torch.set_num_threads(int(threads))
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
@@ -38,7 +39,7 @@ with torch.inference_mode():
     wall = time.perf_counter() - t
 n = (out.shape[1] - int(prompt_len)) * int(batch)
 print(json.dumps({"tokens_per_s": n / wall, "tokens_per_s_per_sequence": n / wall / int(batch), "ttft_s": ttft,
-                  "generated_tokens": n, "peak_rss_bytes": [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]}))
+                  "generated_tokens": n, "peak_rss_bytes": [peak_rss()]}))
 """
 
 

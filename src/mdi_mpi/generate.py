@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import sys
 import time
@@ -108,10 +107,6 @@ def _agree(comm, fn: Callable[[], Any]) -> Any:
     return value
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -125,7 +120,16 @@ def run(args: argparse.Namespace, comm) -> dict:
     from mdi_mpi.config import parse_dtype
     from mdi_mpi.partition import parse_split, split_layers
     from mdi_mpi.pipeline import Recorder, run_first, run_worker, slot_groups
-    from mdi_mpi.plan import Plan, available_memory, check_fit, layer_speed, make_plan, rank_memory, suggestion
+    from mdi_mpi.plan import (
+        Plan,
+        available_memory,
+        check_fit,
+        layer_speed,
+        make_plan,
+        peak_rss,
+        rank_memory,
+        suggestion,
+    )
     from mdi_mpi.requests import Prompt, build_requests, load_tokenizer, read_prompts_file
     from mdi_mpi.sampling import SamplingParams
     from mdi_mpi.scheduler import Scheduler
@@ -282,7 +286,7 @@ def run(args: argparse.Namespace, comm) -> dict:
         "kv_cache_bytes": stage.cache_bytes(),
         "predicted_peak_bytes": plan.memory[rank]["peak_bytes"],
         "buffer_bytes": ring.buffer_bytes(),
-        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_bytes": peak_rss(),
         "load_s": round(load_s, 3),
         "threads": threads,
         "bytes_sent": ring.bytes_sent,

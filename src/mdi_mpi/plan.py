@@ -139,6 +139,22 @@ def layer_speed(config: ModelConfig, dtype: torch.dtype, steps: int = 8) -> floa
     return steps / (time.perf_counter() - t0)
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes since it started (exec), from the kernel's
+    high-water mark; ``ru_maxrss`` is the fallback off Linux (it also counts a forking parent's RSS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def available_memory(local_ranks: int) -> int:
     """This rank's share of the node's available memory (MemAvailable / ranks on the node)."""
     try:
