@@ -24,6 +24,18 @@ _FIXED = 4  # kind, group, n_segments, n_rows
 _PER_SEG = 4  # slot, start, length, sampled
 TAG = 7
 ABORT_GRACE_S = 1.0  # time for the launcher to forward a failing rank's last words before the abort
+MAX_NAP_S = 5e-4  # longest sleep between two checks of a pending request
+
+
+def wait(req: MPI.Request) -> None:
+    """Complete ``req`` without holding a core: check it, then sleep in naps that grow from 10 us
+    to ``MAX_NAP_S``. ``MPI_Wait`` would spin, taking a core from the ranks that compute whenever a
+    node runs more ranks than it has cores, and heating a Pi that needs its thermal headroom; a
+    message that arrives mid-nap waits at most 0.5 ms, well under a stage's time per token."""
+    nap = 1e-5
+    while not req.Test():
+        time.sleep(nap)
+        nap = min(2 * nap, MAX_NAP_S)
 
 
 @dataclass
@@ -81,7 +93,7 @@ class Ring:
         """Send a message to the next rank from group ``group``'s send buffer (waiting for that
         buffer's previous send first). ``rows`` [n_rows, D] is copied into the buffer."""
         buf = group
-        self.send_reqs[buf].Wait()
+        wait(self.send_reqs[buf])
         view = self.send_views[buf]
         header = view[: 8 * self.header_len].view(np.int64)
         n_rows = 0 if rows is None else rows.shape[0]
@@ -104,7 +116,7 @@ class Ring:
     def recv(self) -> Message:
         """Wait for the next message from the previous rank."""
         i, req = self.pending.popleft()
-        req.Wait()
+        wait(req)
         header = self.recv_views[i][: 8 * self.header_len].view(np.int64)
         kind, group, n, n_rows = (int(x) for x in header[:_FIXED])
         seg = header[_FIXED : _FIXED + _PER_SEG * n].reshape(n, _PER_SEG).tolist()
@@ -129,7 +141,8 @@ class Ring:
 
     def close(self) -> None:
         """Finish outstanding sends and cancel the receives still posted."""
-        MPI.Request.Waitall(self.send_reqs)
+        for req in self.send_reqs:
+            wait(req)
         for _, req in self.pending:
             req.Cancel()
             req.Wait()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from helpers import run_one_process
@@ -98,6 +100,21 @@ def test_transport_refuses_oversized_message(comm):
     if comm.Get_rank() == 0:
         with pytest.raises(RuntimeError, match="exceeds the buffer"):
             ring.send(0, (0,), (0,), (3,), [0], torch.zeros(3, 8))
+    ring.close()
+
+
+def test_waiting_for_a_message_does_not_hold_a_core(comm):
+    # Rank 1 sends after 0.5 s; rank 0 waits for it. A spinning wait would burn ~0.5 s of CPU.
+    ring = Ring(comm, 1, 1, 1, 8, torch.float32)
+    comm.Barrier()
+    if comm.Get_rank() == 1:
+        time.sleep(0.5)
+        ring.send(0, (), (), (), [], None, kind=STOP)
+    else:
+        cpu, wall = time.process_time(), time.perf_counter()
+        assert ring.recv().kind == STOP
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        assert wall > 0.4 and cpu < 0.25 * wall, (cpu, wall)
     ring.close()
 
 
