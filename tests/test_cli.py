@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +164,46 @@ def test_a_failing_rank_ends_the_job_and_keeps_results(models, tmp_path):
     assert "rank 1: RuntimeError: injected failure at step 7" in res.stderr
     done = records(out)  # every line written is a whole record
     assert 2 <= len(done) < len(PROMPTS) * 3
+
+
+def _ranks_of(tag: str) -> dict[int, int]:
+    """PID of each rank whose environment holds ``MDI_TEST_TAG=tag`` (Hydra sets ``PMI_RANK``)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(v.split("=", 1) for v in (proc / "environ").read_text().split("\0") if "=" in v)
+        except (OSError, ValueError):
+            continue
+        if env.get("MDI_TEST_TAG") == tag and "PMI_RANK" in env:
+            found[int(env["PMI_RANK"])] = int(proc.name)
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_killed_by_a_signal_ends_the_job(models, tmp_path):
+    # What the OOM killer does: SIGKILL, no chance to call MPI_Abort. The launcher must end the rest.
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 20, max_new_tokens=30)
+    out = tmp_path / "out.jsonl"
+    tag = tmp_path.name
+    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+    cmd = [mpiexec, "-n", "3", sys.executable, "-m", "mdi_mpi.generate", "--model", str(models["llama-tied"]),
+           "--prompts-file", prompts, "--slots", "1", "--output", str(out), "--quiet"]
+    job = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "MDI_TEST_TAG": tag},
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (out.is_file() and out.read_text().count("\n") >= 2) and time.time() < deadline:
+            time.sleep(0.1)
+        pids = _ranks_of(tag)
+        assert set(pids) == {0, 1, 2} and job.poll() is None, (pids, job.poll())
+        os.kill(pids[1], signal.SIGKILL)
+        _, stderr = job.communicate(timeout=30)  # no hang: ranks 0 and 2 are ended too
+    finally:
+        job.kill()
+    assert job.returncode != 0
+    assert not any(_ranks_of(tag).values())
+    done = records(out)  # every line written is a whole record
+    assert 2 <= len(done) < len(PROMPTS) * 20, stderr
 
 
 @pytest.mark.timeout(120)
