@@ -179,31 +179,54 @@ def _ranks_of(tag: str) -> dict[int, int]:
     return found
 
 
-@pytest.mark.timeout(120)
-def test_a_rank_killed_by_a_signal_ends_the_job(models, tmp_path):
-    # What the OOM killer does: SIGKILL, no chance to call MPI_Abort. The launcher must end the rest.
+def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str]) -> tuple[subprocess.Popen, str, Path]:
+    """Start a 3-rank job, wait for two finished records, send ``sig`` to rank 1, and return the
+    finished job, its stderr and its output file."""
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 20, max_new_tokens=30)
     out = tmp_path / "out.jsonl"
     tag = tmp_path.name
     mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
     cmd = [mpiexec, "-n", "3", sys.executable, "-m", "mdi_mpi.generate", "--model", str(models["llama-tied"]),
-           "--prompts-file", prompts, "--slots", "1", "--output", str(out), "--quiet"]
+           "--prompts-file", prompts, "--slots", "1", "--output", str(out), "--quiet", *extra]
     job = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "MDI_TEST_TAG": tag},
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids: dict[int, int] = {}
     try:
         deadline = time.time() + 60
         while not (out.is_file() and out.read_text().count("\n") >= 2) and time.time() < deadline:
             time.sleep(0.1)
         pids = _ranks_of(tag)
         assert set(pids) == {0, 1, 2} and job.poll() is None, (pids, job.poll())
-        os.kill(pids[1], signal.SIGKILL)
-        _, stderr = job.communicate(timeout=30)  # no hang: ranks 0 and 2 are ended too
+        os.kill(pids[1], sig)
+        _, stderr = job.communicate(timeout=30)  # no hang: the other ranks end too
+        deadline = time.time() + 10  # the launcher has sent its kills; give them a moment to land
+        while _ranks_of(tag) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _ranks_of(tag), "ranks outlived the launcher"
     finally:
         job.kill()
+        for pid in _ranks_of(tag).values():
+            os.kill(pid, signal.SIGKILL)
     assert job.returncode != 0
-    assert not any(_ranks_of(tag).values())
     done = records(out)  # every line written is a whole record
     assert 2 <= len(done) < len(PROMPTS) * 20, stderr
+    return job, stderr, out
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_killed_by_a_signal_ends_the_job(models, tmp_path):
+    # What the OOM killer does: SIGKILL, no chance to call MPI_Abort. The launcher must end the rest.
+    _start_and_hit_rank_1(models, tmp_path, signal.SIGKILL, [])
+
+
+@pytest.mark.timeout(120)
+def test_a_frozen_rank_ends_the_job_after_the_timeout(models, tmp_path):
+    # A node that hangs without dying (SIGSTOP here): its neighbours give up after --timeout.
+    t0 = time.time()
+    _, stderr, _ = _start_and_hit_rank_1(models, tmp_path, signal.SIGSTOP, ["--timeout", "3"])
+    assert "no message from rank 1 for 3 s" in stderr or "rank 1 has not taken a message for 3 s" in stderr, stderr
+    assert "Traceback" not in stderr
+    assert time.time() - t0 < 45
 
 
 @pytest.mark.timeout(120)

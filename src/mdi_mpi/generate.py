@@ -59,6 +59,8 @@ def build_parser() -> Parser:
     s.add_argument("--slots", type=int, metavar="K", help="sequences in flight at once; default: max(N, min(requests, 4N))")
     s.add_argument("--micro-batch", type=int, metavar="M", help="slots that travel together as one message; default: ceil(K / N), so that N groups keep N ranks busy")
     s.add_argument("--prefill-chunk", type=int, default=128, metavar="C", help="prompt tokens per slot per step (default: 128)")
+    s.add_argument("--timeout", type=float, default=600.0, metavar="S", help="end the job when a rank waits more than S "
+                   "seconds for a message, as when a node hangs or drops off the network (default: 600; 0: never)")
     r = p.add_argument_group("requests")
     r.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     r.add_argument("--prompts-file", metavar="FILE", help="prompts, one per line (text or JSONL); - reads standard input")
@@ -145,6 +147,8 @@ def run(args: argparse.Namespace, comm) -> dict:
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if not args.timeout >= 0:
+            raise UserError(f"--timeout must be 0 (never) or a number of seconds, got {args.timeout}")
         parse_dtype(args.dtype)
         try:
             SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop))
@@ -248,7 +252,8 @@ def run(args: argparse.Namespace, comm) -> dict:
     ring = (
         LocalRing()
         if size == 1
-        else Ring(comm, max(2, len(groups)), settings.micro_batch, settings.max_rows, cfg.hidden_size, dtype)
+        else Ring(comm, max(2, len(groups)), settings.micro_batch, settings.max_rows, cfg.hidden_size, dtype,
+                  timeout_s=args.timeout or None)
     )
     comm.Barrier()
     rec = Recorder(trace=bool(args.trace))  # origin: just after the barrier, shared by all ranks

@@ -27,15 +27,22 @@ ABORT_GRACE_S = 1.0  # time for the launcher to forward a failing rank's last wo
 MAX_NAP_S = 5e-4  # longest sleep between two checks of a pending request
 
 
-def wait(req: MPI.Request) -> None:
+def wait(req: MPI.Request, timeout_s: float | None = None) -> bool:
     """Complete ``req`` without holding a core: check it, then sleep in naps that grow from 10 us
     to ``MAX_NAP_S``. ``MPI_Wait`` would spin, taking a core from the ranks that compute whenever a
     node runs more ranks than it has cores, and heating a Pi that needs its thermal headroom; a
-    message that arrives mid-nap waits at most 0.5 ms, well under a stage's time per token."""
+    message that arrives mid-nap waits at most 0.5 ms, well under a stage's time per token.
+
+    Gives up after ``timeout_s`` seconds (None: never) and returns False: a frozen or unreachable
+    node must end the job, not hang it until the scheduler's time limit."""
     nap = 1e-5
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not req.Test():
+        if deadline is not None and time.monotonic() > deadline:
+            return False
         time.sleep(nap)
         nap = min(2 * nap, MAX_NAP_S)
+    return True
 
 
 @dataclass
@@ -55,8 +62,18 @@ class Message:
 class Ring:
     """Neighbour links of one rank in the ring 0 -> 1 -> ... -> N-1 -> 0."""
 
-    def __init__(self, comm: MPI.Comm, n_buffers: int, max_segments: int, max_rows: int, dim: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        n_buffers: int,
+        max_segments: int,
+        max_rows: int,
+        dim: int,
+        dtype: torch.dtype,
+        timeout_s: float | None = None,
+    ):
         self.comm = comm
+        self.timeout_s = timeout_s  # longest wait for a message or a send (None: no limit)
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.dest, self.src = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         self.header_len = _FIXED + _PER_SEG * max_segments
@@ -93,7 +110,7 @@ class Ring:
         """Send a message to the next rank from group ``group``'s send buffer (waiting for that
         buffer's previous send first). ``rows`` [n_rows, D] is copied into the buffer."""
         buf = group
-        wait(self.send_reqs[buf])
+        self._wait_send(buf)
         view = self.send_views[buf]
         header = view[: 8 * self.header_len].view(np.int64)
         n_rows = 0 if rows is None else rows.shape[0]
@@ -113,10 +130,17 @@ class Ring:
         self.send_reqs[buf] = self.comm.Isend([view[:end], MPI.BYTE], dest=self.dest, tag=TAG)
         self.bytes_sent += end
 
+    def _wait_send(self, buf: int) -> None:
+        if not wait(self.send_reqs[buf], self.timeout_s):
+            raise TimeoutError(f"rank {self.dest} has not taken a message for {self.timeout_s:g} s: "
+                               "it has hung or lost its connection")
+
     def recv(self) -> Message:
         """Wait for the next message from the previous rank."""
         i, req = self.pending.popleft()
-        wait(req)
+        if not wait(req, self.timeout_s):
+            raise TimeoutError(f"no message from rank {self.src} for {self.timeout_s:g} s: it has hung or lost its "
+                               "connection, or one trip round the ring takes longer than --timeout")
         header = self.recv_views[i][: 8 * self.header_len].view(np.int64)
         kind, group, n, n_rows = (int(x) for x in header[:_FIXED])
         seg = header[_FIXED : _FIXED + _PER_SEG * n].reshape(n, _PER_SEG).tolist()
@@ -141,8 +165,8 @@ class Ring:
 
     def close(self) -> None:
         """Finish outstanding sends and cancel the receives still posted."""
-        for req in self.send_reqs:
-            wait(req)
+        for buf in range(len(self.send_reqs)):
+            self._wait_send(buf)
         for _, req in self.pending:
             req.Cancel()
             req.Wait()

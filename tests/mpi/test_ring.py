@@ -118,6 +118,15 @@ def test_waiting_for_a_message_does_not_hold_a_core(comm):
     ring.close()
 
 
+def test_a_receive_that_never_comes_times_out(comm):
+    ring = Ring(comm, 1, 1, 1, 8, torch.float32, timeout_s=0.3)
+    if comm.Get_rank() == 0:
+        with pytest.raises(TimeoutError, match="no message from rank 1 for 0.3 s"):
+            ring.recv()
+    comm.Barrier()
+    ring.close()
+
+
 @pytest.mark.parametrize("n_slots, micro_batch", [(1, 1), (2, 1), (2, 2), (5, 1), (5, 2), (5, 3)])
 def test_ring_greedy_equals_single_process(comm, n_slots, micro_batch):
     reqs = requests(9)
