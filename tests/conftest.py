@@ -82,12 +82,16 @@ def demo_dir(tmp_path_factory) -> Path:
     return demo_model()
 
 
+def mpiexec() -> str:
+    """The launcher of the MPI that mpi4py uses (the venv's MPICH first)."""
+    return shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+
+
 def run_cli(args: list[str], ranks: int = 1, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m mdi_mpi.generate`` (under mpiexec when ``ranks`` > 1) and capture its output."""
     cmd = [sys.executable, "-m", "mdi_mpi.generate", *args]
     if ranks > 1:
-        mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-        cmd = [mpiexec, "-n", str(ranks), *cmd]
+        cmd = [mpiexec(), "-n", str(ranks), *cmd]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, mpiexec, run_cli
 from transformers import AutoModelForCausalLM
 
 FIELDS = {"id", "prompt", "input_ids", "tokens", "text", "finish_reason", "ttft_s", "duration_s"}
@@ -179,18 +178,16 @@ def _ranks_of(tag: str) -> dict[int, int]:
     return found
 
 
-def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str]) -> tuple[subprocess.Popen, str, Path]:
-    """Start a 3-rank job, wait for two finished records, send ``sig`` to rank 1, and return the
-    finished job, its stderr and its output file."""
+def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str]) -> str:
+    """Start a 3-rank job, wait for two finished records, send ``sig`` to rank 1, check that the
+    whole job ends with its records intact, and return its stderr."""
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 20, max_new_tokens=30)
     out = tmp_path / "out.jsonl"
     tag = tmp_path.name
-    mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
-    cmd = [mpiexec, "-n", "3", sys.executable, "-m", "mdi_mpi.generate", "--model", str(models["llama-tied"]),
+    cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "mdi_mpi.generate", "--model", str(models["llama-tied"]),
            "--prompts-file", prompts, "--slots", "1", "--output", str(out), "--quiet", *extra]
     job = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "MDI_TEST_TAG": tag},
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pids: dict[int, int] = {}
     try:
         deadline = time.time() + 60
         while not (out.is_file() and out.read_text().count("\n") >= 2) and time.time() < deadline:
@@ -210,7 +207,7 @@ def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str]) -> tuple
     assert job.returncode != 0
     done = records(out)  # every line written is a whole record
     assert 2 <= len(done) < len(PROMPTS) * 20, stderr
-    return job, stderr, out
+    return stderr
 
 
 @pytest.mark.timeout(120)
@@ -223,7 +220,7 @@ def test_a_rank_killed_by_a_signal_ends_the_job(models, tmp_path):
 def test_a_frozen_rank_ends_the_job_after_the_timeout(models, tmp_path):
     # A node that hangs without dying (SIGSTOP here): its neighbours give up after --timeout.
     t0 = time.time()
-    _, stderr, _ = _start_and_hit_rank_1(models, tmp_path, signal.SIGSTOP, ["--timeout", "3"])
+    stderr = _start_and_hit_rank_1(models, tmp_path, signal.SIGSTOP, ["--timeout", "3"])
     assert "no message from rank 1 for 3 s" in stderr or "rank 1 has not taken a message for 3 s" in stderr, stderr
     assert "Traceback" not in stderr
     assert time.time() - t0 < 45
