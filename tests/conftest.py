@@ -6,12 +6,16 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# One cache (demo model, kernel choices) for the whole session and every rank of tests/mpi, never the
+# user's: kernel choices must not change mid-session, or bf16 runs compared with each other would differ.
+os.environ.setdefault("MDI_MPI_CACHE", str(Path(tempfile.gettempdir()) / f"mdi-mpi-tests-{os.getuid()}"))
 TINY = dict(
     vocab_size=384,
     hidden_size=64,
@@ -74,9 +78,7 @@ def twelve_layers(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
-    """The demo model, built in a private cache so the tests never touch the user's."""
-    cache = tmp_path_factory.mktemp("cache")
-    os.environ["MDI_MPI_CACHE"] = str(cache)
+    """The demo model, built in the tests' own cache (see MDI_MPI_CACHE above)."""
     from mdi_mpi.demo import demo_model
 
     return demo_model()

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from mdi_mpi.checkpoint import Checkpoint, load_stage
+from mdi_mpi.kernels import default_cache
 from mdi_mpi.pipeline import Recorder, run_first, slot_groups
 from mdi_mpi.requests import Request
 from mdi_mpi.sampling import SamplingParams
@@ -19,6 +20,7 @@ def full_stage(path: Path, dtype: torch.dtype = torch.float32, n_slots: int = 4,
     ckpt = Checkpoint(path)
     stage = load_stage(ckpt, range(ckpt.config.n_layers), True, dtype)
     stage.setup_cache(n_slots, max_seq_len)
+    stage.choose_kernels(cache=default_cache())
     return stage
 
 

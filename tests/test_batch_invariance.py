@@ -1,4 +1,5 @@
-"""A token's result must not depend on the other tokens in its forward call."""
+"""A token's result must not depend on the other tokens in its forward call, whichever kernels the
+machine picks (or the user forces), and the choice itself follows the measurements."""
 
 from __future__ import annotations
 
@@ -6,24 +7,128 @@ import pytest
 import torch
 from helpers import full_stage
 
+from mdi_mpi.kernels import ROWS, Choice, ShapeKernels, choose_kernels, cover, families_of, probe, select
 from mdi_mpi.kv_cache import Batch
-from mdi_mpi.model import mv_matches_tiles, tiled_linear
+from mdi_mpi.model import linear
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tiled_linear_rows_do_not_depend_on_the_batch(dtype):
+def _weights(dtype):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(1536, 1024, generator=g).to(dtype)
     b = torch.randn(1536, generator=g).to(dtype)
     x = torch.randn(40, 1024, generator=g).to(dtype)
-    mv = mv_matches_tiles(w, b)
-    alone = torch.cat([tiled_linear(x[i : i + 1], w, b, 1, mv) for i in range(40)])
+    return w, b, x
+
+
+def _check_rows_independent(k: ShapeKernels, w, b, x) -> None:
+    alone = torch.cat([linear(x[i : i + 1], w, b, 1, k) for i in range(40)])
     for m in (2, 3, 8, 9, 17, 40):
-        assert torch.equal(tiled_linear(x[:m], w, b, m, mv), alone[:m]), m
-    # Prompt rows use their own tile shape, wherever they stand in the call.
-    prompt = tiled_linear(x[5:30], w, b, 0, mv)
-    assert torch.equal(tiled_linear(x[:30], w, b, 5, mv), torch.cat([alone[:5], prompt]))
-    assert torch.equal(tiled_linear(x[3:30], w, b, 2, mv)[2:], prompt)
+        assert torch.equal(linear(x[:m], w, b, m, k), alone[:m]), m
+    # Prompt rows use their own kernels, wherever they stand in the call.
+    prompt = linear(x[5:30], w, b, 0, k)
+    assert torch.equal(linear(x[:30], w, b, 5, k), torch.cat([alone[:5], prompt]))
+    assert torch.equal(linear(x[3:30], w, b, 2, k)[2:], prompt)
+    assert torch.equal(torch.cat([linear(x[5:21], w, b, 0, k), linear(x[21:30], w, b, 0, k)]), prompt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chosen_kernels_keep_rows_independent(dtype, tmp_path):
+    w, b, x = _weights(dtype)
+    sel, (k,) = choose_kernels([(w, b, False)], None, tmp_path / "kernels.json")
+    assert sel.measured == 1 and sel.cached == 0
+    _check_rows_independent(k, w, b, x)
+    # A second start-up reads the cache and makes the same choice.
+    sel2, (k2,) = choose_kernels([(w, b, False)], None, tmp_path / "kernels.json")
+    assert (sel2.measured, sel2.cached) == (0, 1) and k2.describe() == k.describe()
+
+
+@pytest.mark.parametrize("forced", sorted(ROWS))
+def test_each_forced_kernel_keeps_rows_independent(forced, tmp_path):
+    w, b, x = _weights(torch.bfloat16)
+    outs = probe(w, b, [forced])
+    if outs[forced] is None:
+        pytest.skip(f"{forced}: rows depend on their place in the tile on this CPU (refused when forced)")
+    _, (k,) = choose_kernels([(w, b, False)], forced, tmp_path / "kernels.json")
+    assert k.decode.family == k.prefill.family == (forced,)
+    _check_rows_independent(k, w, b, x)
+
+
+def test_families_group_kernels_by_their_bits():
+    w, b, _ = _weights(torch.float32)
+    outs = probe(w, b, ROWS)
+    fams = families_of(outs)
+    for fam in fams:  # members agree with each other, and with no member of another family
+        assert all(torch.equal(outs[fam[0]], outs[k]) for k in fam)
+    for f1 in fams:
+        for f2 in fams:
+            if f1 != f2:
+                assert not torch.equal(outs[f1[0]], outs[f2[0]])
+    assert sorted(k for f in fams for k in f) == sorted(k for k, y in outs.items() if y is not None)
+
+
+@pytest.mark.parametrize(
+    "times, m, plan",
+    [
+        ({"row": 1.0, "tile8": 2.0}, 1, ("row",)),
+        ({"row": 1.0, "tile8": 2.0}, 3, ("tile8",)),  # 3 rows: one padded tile beats three calls
+        ({"row": 1.0, "tile8": 2.0}, 9, ("tile8", "row")),
+        ({"row": 1.0, "tile2": 0.9, "tile8": 2.0}, 1, ("tile2",)),  # a lone row rides in a tile of 2
+        ({"tile16": 1.5, "tile64": 3.8}, 16, ("tile16",)),  # 16 prompt rows do not pay for 64
+        ({"tile16": 1.5, "tile64": 3.8}, 80, ("tile64", "tile16")),
+        ({"mv": 5.0}, 4, ("mv",) * 4),
+    ],
+)
+def test_cover_is_the_cheapest(times, m, plan):
+    assert cover(times, m) == plan
+
+
+@pytest.mark.parametrize(
+    "times, pick",
+    [
+        # Native bf16 (AVX512-BF16): mv agrees with the tiles, and a tile of 2 beats any one-row kernel.
+        ({"mv": 1.6, "tile2": 1.0, "tile8": 1.2, "row": 1.05}, ("mv", "tile2", "tile8")),
+        # Capped at AVX512_CORE: one-row kernels are fast, tiles slow and in another family.
+        ({"mv": 0.6, "tile2": 2.4, "tile8": 4.0, "row": 0.5}, ("row",)),
+    ],
+)
+def test_selection_follows_the_timings(times, pick):
+    families = [("mv", "tile2", "tile8"), ("row",)]
+    assert select(families, times, (1, 2, 4, 8)) == pick
+
+
+def test_the_choice_changes_when_the_faster_kernel_changes(tmp_path, monkeypatch):
+    """Faked timings: whichever family is faster is chosen, and the rows stay independent."""
+    import mdi_mpi.kernels as kernels
+
+    w, b, x = _weights(torch.float32)  # on x86, one-row kernels and tiles differ in float32
+    fams = families_of(probe(w, b, ROWS))
+    if len(fams) < 2:
+        pytest.skip("every kernel gives the same bits on this CPU: nothing to choose between")
+    picks = []
+    for fast in (fams[0], fams[1]):
+        monkeypatch.setattr(kernels, "measure", lambda w, b, names, fast=fast: {n: 0.1 if n in fast else 9.0 for n in names})
+        _, (k,) = choose_kernels([(w, b, False)], None, None)
+        assert set(k.decode.family) <= set(fast) and set(k.prefill.family) <= set(fast)
+        _check_rows_independent(k, w, b, x)
+        picks.append(k.decode.family)
+    assert picks[0] != picks[1]
+
+
+def test_a_position_dependent_forced_kernel_is_refused(tmp_path, monkeypatch):
+    import mdi_mpi.kernels as kernels
+    from mdi_mpi.errors import UserError
+
+    w, b, _ = _weights(torch.bfloat16)
+    real = kernels.probe
+    monkeypatch.setattr(kernels, "probe", lambda w, b, names, rows=17: {**real(w, b, names, rows), "tile8": None})
+    with pytest.raises(UserError, match="tile8"):
+        choose_kernels([(w, b, False)], "tile8", tmp_path / "kernels.json")
+
+
+def test_choice_apply_matches_its_plan():
+    w, b, x = _weights(torch.bfloat16)
+    c = Choice({"row": 1.0, "tile8": 2.0})
+    assert torch.equal(c.apply(x[:9], w, b), torch.cat([c.apply(x[:8], w, b), c.apply(x[8:9], w, b)]))
 
 
 def test_stage_logits_are_bitwise_independent_of_batch_companions(models):

@@ -235,3 +235,50 @@ def test_hostfile_launcher_runs_one_rank_per_line(demo_dir, tmp_path):
                           "--quiet"], env=env, capture_output=True, text=True, timeout=100)
     assert res.returncode == 0, res.stderr
     assert "(2 ranks," in res.stderr and "rank 1: layers 5-9" in res.stderr
+
+
+CAPS = {"none": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+        "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ATEN_CPU_CAPABILITY": "avx512"}}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kernel, cap", [("auto", "none"), ("auto", "avx2"), ("row", "none"), ("tile8", "none"), ("mv", "avx512")])
+def test_invariance_holds_for_each_kernel_and_under_isa_caps(models, tmp_path, kernel, cap):
+    """Sampled bf16 tokens equal across rank, slot and micro-batch counts, whichever kernel is used
+    (forced or chosen) and with the CPU capped to an older instruction set."""
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:3])
+    runs = {}
+    for ranks, slots, micro in [(1, 1, 1), (2, 4, 2), (3, 6, 2)]:
+        out = tmp_path / f"out-{ranks}-{slots}-{micro}.jsonl"
+        res = run_cli(["--model", str(models["qwen2"]), "--dtype", "bfloat16", "--kernel", kernel, "--prompts-file", prompts,
+                       "--n-samples", "2", "--temperature", "0.9", "--seed", "3", "--max-new-tokens", "10",
+                       "--slots", str(slots), "--micro-batch", str(micro), "--prefill-chunk", "5",
+                       "--output", str(out), "--quiet", "--stats-json", str(tmp_path / "stats.json")],
+                      ranks=ranks, env=CAPS[cap])
+        assert res.returncode == 0, res.stderr
+        runs[(ranks, slots, micro)] = {k: r["tokens"] for k, r in records(out).items()}
+        kernels = json.loads((tmp_path / "stats.json").read_text())["per_rank"][0]["kernels"]
+        used = {k for shape in kernels["shapes"].values() for plan in (*shape["decode"].values(), *shape["prefill"].values())
+                for k in plan.replace("x", " ").split("+")}
+        if kernel != "auto":
+            assert {u.split()[-1] for u in used} == {kernel}
+    first = runs[(1, 1, 1)]
+    assert len(first) == 6
+    for key, tokens in runs.items():
+        assert tokens == first, key
+
+
+@pytest.mark.timeout(120)
+def test_dtype_auto_says_what_it_picked(models, tmp_path):
+    stats = tmp_path / "stats.json"
+    res = run_cli(["--model", str(models["qwen2"]), "--prompt", "x", "--max-new-tokens", "2", "--quiet",
+                   "--stats-json", str(stats)], ranks=2)
+    assert res.returncode == 0, res.stderr
+    s = json.loads(stats.read_text())
+    assert s["dtype"] in ("bfloat16", "float32")
+    assert s["dtype_reason"].startswith(s["dtype"]) and "bfloat16" in s["dtype_reason"] and "float32" in s["dtype_reason"]
+    assert f"dtype: {s['dtype_reason']}" in res.stderr
+    res = run_cli(["--model", str(models["qwen2"]), "--prompt", "x", "--max-new-tokens", "2", "--quiet", "--dtype", "fp16",
+                   "--stats-json", str(stats)])
+    assert res.returncode == 0, res.stderr
+    assert json.loads(stats.read_text())["dtype"] == "float16"

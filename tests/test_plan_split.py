@@ -14,7 +14,7 @@ from mdi_mpi.config import ModelConfig
 from mdi_mpi.demo import TINYLLAMA_CONFIG
 from mdi_mpi.errors import UserError
 from mdi_mpi.partition import parse_bytes
-from mdi_mpi.plan import check_fit, make_plan, suggestion
+from mdi_mpi.plan import check_fit, make_plan, pick_dtype, suggestion
 
 TINYLLAMA = ModelConfig.from_dict({**TINYLLAMA_CONFIG, "model_type": "llama"})
 KW = dict(n_slots=3, max_seq_len=2048, micro_batch=1, prefill_chunk=128)
@@ -117,3 +117,19 @@ def test_balance_speed_runs(models, tmp_path):
                    "--max-new-tokens", "4"], ranks=2)
     assert res.returncode == 0, res.stderr
     assert "rank 1: layers" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "bf16_ms, fp32_ms, fp32_fits, picked",
+    [
+        (1.0, 1.9, True, torch.bfloat16),  # native bf16: half the bytes, faster
+        (2.6, 1.9, True, torch.float32),  # bf16 converts in software: float32 is 1.37x faster and fits
+        (2.6, 1.9, False, torch.bfloat16),  # ... but not when float32 does not fit
+        (2.2, 1.9, True, torch.bfloat16),  # 1.16x faster is not worth twice the memory
+    ],
+)
+def test_pick_dtype(bf16_ms, fp32_ms, fp32_fits, picked):
+    dtype, why = pick_dtype({"bfloat16": bf16_ms, "float32": fp32_ms}, fp32_fits)
+    assert dtype == picked
+    assert why.startswith(str(picked).removeprefix("torch.")) and f"{bf16_ms:.2f} ms" in why
+    assert ("does not fit" in why) == (not fp32_fits and bf16_ms >= 1.25 * fp32_ms)

@@ -50,17 +50,30 @@ def _mpiexec() -> str:
     return found
 
 
-def run_hf(model: str, dtype: str, threads: int, batch: int, prompt_len: int, new_tokens: int) -> dict:
+# --cap NAME: environment that makes oneDNN and ATen use only an older instruction set, to emulate
+# another CPU (both engines run under it).
+CAPS = {
+    "none": {},
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},  # a laptop or an older server
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ATEN_CPU_CAPABILITY": "avx512"},  # AVX-512 without bf16 or AMX
+}
+
+
+def _env(threads: int, cap: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), **CAPS[cap]}
+
+
+def run_hf(model: str, dtype: str, threads: int, batch: int, prompt_len: int, new_tokens: int, cap: str = "none") -> dict:
     """transformers ``generate`` in a fresh process."""
     cmd = [sys.executable, "-c", HF_SCRIPT, model, dtype, str(threads), str(batch), str(prompt_len), str(new_tokens)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(threads, cap))
     if out.returncode:
         raise RuntimeError(f"transformers run failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro: int, prompt_len: int,
-            new_tokens: int, work: Path, trace: str | None = None) -> dict:
+            new_tokens: int, work: Path, trace: str | None = None, cap: str = "none") -> dict:
     """``mpiexec -n ranks python -m mdi_mpi.generate`` on the workload; returns its summary."""
     import torch
 
@@ -77,7 +90,7 @@ def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro:
            "--max-seq-len", str(prompt_len + new_tokens + 1)]
     if trace:
         cmd += ["--trace", trace]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(threads, cap))
     if out.returncode:
         raise RuntimeError(f"mdi-mpi run failed ({' '.join(cmd)}): {out.stderr[-2000:]}")
     s = json.loads(stats.read_text())
@@ -97,6 +110,8 @@ def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro:
             for r in per_rank
         ],
         "bytes_sent_per_token": s["bytes_sent_per_token"],
+        "kernel_s": [r["kernels"]["seconds"] for r in per_rank],
+        "kernels": per_rank[0]["kernels"]["shapes"],
     }
 
 
@@ -107,12 +122,14 @@ def hot_path(model: str, dtype: str, tokens: int = 64) -> dict:
 
     from mdi_mpi.checkpoint import Checkpoint, load_stage
     from mdi_mpi.config import parse_dtype
+    from mdi_mpi.kernels import default_cache
     from mdi_mpi.kv_cache import Batch
 
     torch.set_num_threads(1)
     ckpt = Checkpoint(model)
     stage = load_stage(ckpt, range(ckpt.config.n_layers), True, parse_dtype(dtype))
     stage.setup_cache(1, 2 * tokens + 32)  # KV cache allocated (and zeroed) up front
+    stage.choose_kernels(cache=default_cache())
     token = torch.tensor([5])
 
     def rss() -> int:  # resident bytes now
@@ -141,17 +158,39 @@ def hot_path(model: str, dtype: str, tokens: int = 64) -> dict:
     }
 
 
-def configurations(ranks: list[int], slots: list[str], hf: bool, hf_threads: list[int]) -> list[dict]:
-    """The configurations of one table: transformers baselines, then mdi-mpi per N, K, micro-batching."""
+def cpu_flags() -> str:
+    """The CPU's name and the flags that decide matmul kernels (what BENCHMARKS.md records)."""
+    import platform
+
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model") and not name.strip():
+                    name = value.strip()
+                if key.strip() in ("flags", "Features"):
+                    flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "asimd", "asimddp", "bf16", "i8mm", "sve")
+    return f"{name or platform.machine()}: {' '.join(f for f in wanted if f in flags) or 'no vector flags found'}"
+
+
+def configurations(ranks: list[int], slots: list[str], hf: bool, hf_threads: list[int],
+                   hf_batches: list[int] | None = None, mb1: bool = True) -> list[dict]:
+    """The configurations of one table: transformers baselines (batch sizes ``hf_batches``, default:
+    the slot counts at N = 1), then mdi-mpi per N, K, and micro-batching (with ``mb1``, also one slot
+    per message)."""
     out = []
     for n in ranks:
         ks = sorted({_slot_count(k, n) for k in slots})
         for k in ks:
             out.append({"engine": "mdi-mpi", "ranks": n, "slots": k, "micro_batch": -(-k // n)})
-            if k > n:  # without micro-batching: one slot per message, K groups
+            if mb1 and k > n:  # without micro-batching: one slot per message, K groups
                 out.append({"engine": "mdi-mpi", "ranks": n, "slots": k, "micro_batch": 1})
     if hf:
-        batches = sorted({_slot_count(k, 1) for k in slots} | {1})
+        batches = sorted(set(hf_batches) if hf_batches else {_slot_count(k, 1) for k in slots} | {1})
         out = [{"engine": "transformers", "batch": b, "threads": t} for t in hf_threads for b in batches] + out
     return out
 
@@ -190,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", default="1,N,2N,8", help="slot counts K; N means the rank count (default: 1,N,2N,8)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default: 1)")
     p.add_argument("--hf-threads", default="1,2", help="thread counts for the transformers baseline (default: 1,2)")
+    p.add_argument("--hf-batches", metavar="B,...", help="batch sizes for the transformers baseline (default: the slot counts at N = 1, and 1)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--no-mb1", action="store_true", help="skip the one-slot-per-message runs of K > N")
+    p.add_argument("--cap", choices=tuple(CAPS), default="none", help="emulate an older CPU: oneDNN and ATen limited to "
+                   "AVX2 (avx2) or AVX-512 without bf16 (avx512), for both engines (default: none)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--json", metavar="FILE", help="write the table as JSON")
@@ -213,9 +256,12 @@ def main(argv: list[str] | None = None) -> int:
             return
         ranks = [int(x) for x in args.ranks.split(",")]
         slots = args.slots.split(",")
-        configs = configurations(ranks, slots, not args.no_hf, [int(x) for x in args.hf_threads.split(",")])
+        hf_batches = [int(x) for x in args.hf_batches.split(",")] if args.hf_batches else None
+        configs = configurations(ranks, slots, not args.no_hf, [int(x) for x in args.hf_threads.split(",")],
+                                 hf_batches, mb1=not args.no_mb1)
         print(f"model {model}; prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens greedy; "
-              f"{os.cpu_count()} cores, {args.threads} thread(s) per rank", flush=True)
+              f"{os.cpu_count()} cores, {args.threads} thread(s) per rank; CPU cap: {args.cap} {CAPS[args.cap]}; "
+              f"{cpu_flags()}", flush=True)
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
             for dtype in args.dtypes.split(","):
@@ -223,17 +269,17 @@ def main(argv: list[str] | None = None) -> int:
                 table = []
                 for c in configs:
                     if c["engine"] == "transformers":
-                        r = run_hf(model, dtype, c["threads"], c["batch"], args.prompt_len, args.new_tokens)
+                        r = run_hf(model, dtype, c["threads"], c["batch"], args.prompt_len, args.new_tokens, args.cap)
                     else:
                         r = run_mdi(model, dtype, args.threads, c["ranks"], c["slots"], c["micro_batch"],
-                                    args.prompt_len, args.new_tokens, Path(tmp))
+                                    args.prompt_len, args.new_tokens, Path(tmp), cap=args.cap)
                         r["threads"] = args.threads
                     row = {**c, "dtype": dtype, **r}
                     table.append(row)
                     print(format_row(row), flush=True)
                 rows += table
         if args.json:
-            Path(args.json).write_text(json.dumps({"model": model, "prompt_len": args.prompt_len,
+            Path(args.json).write_text(json.dumps({"model": model, "cpu": cpu_flags(), "cap": args.cap, "prompt_len": args.prompt_len,
                                                    "new_tokens": args.new_tokens, "rows": rows}, indent=1))
 
     return cli_main(body)

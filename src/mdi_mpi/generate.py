@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mdi_mpi.errors import UserError
+from mdi_mpi.kernels import ROWS
 from mdi_mpi.plan import add_plan_arguments
 
 EXIT_USAGE = 2
@@ -50,11 +51,14 @@ def build_parser() -> Parser:
     )
     m = p.add_argument_group("model and ranks")
     m.add_argument("--model", metavar="DIR", help="Hugging Face checkpoint directory (safetensors); default: the built-in demo model (random weights)")
-    m.add_argument("--dtype", default="bfloat16", help="weights and activations dtype: bfloat16 (default), float32, float16")
+    m.add_argument("--dtype", default="auto", help="weights and activations dtype: auto (default: bfloat16, or float32 "
+                   "where this CPU decodes float32 at least 1.25x faster and it fits in memory), bfloat16, float32, float16")
     m.add_argument("--max-seq-len", type=int, metavar="L", help="positions per sequence in the KV cache (prompt + generated); default: min(model's max, 2048)")
     m.add_argument("--threads", type=int, metavar="T", help="torch threads per rank; default: the node's cores divided by its ranks")
     m.add_argument("--layers", metavar="A,B,...", help="explicit layer counts per rank, e.g. 6,8,8; default: balanced, rank 0 fewer (it also runs the LM head)")
     add_plan_arguments(m)
+    m.add_argument("--kernel", default="auto", choices=("auto", *ROWS), help="matmul kernel for every linear layer: "
+                   "auto (default: measured per weight shape on each rank's CPU, cached), or one of mv, row, tile2..tile64")
     s = p.add_argument_group("scheduling")
     s.add_argument("--slots", type=int, metavar="K", help="sequences in flight at once; default: max(N, min(requests, 4N))")
     s.add_argument("--micro-batch", type=int, metavar="M", help="slots that travel together as one message; default: ceil(K / N), so that N groups keep N ranks busy")
@@ -120,15 +124,18 @@ def run(args: argparse.Namespace, comm) -> dict:
     from mdi_mpi import demo
     from mdi_mpi.checkpoint import Checkpoint, load_stage
     from mdi_mpi.config import parse_dtype
+    from mdi_mpi.kernels import decode_row_ms, default_cache
     from mdi_mpi.partition import parse_split, split_layers
     from mdi_mpi.pipeline import Recorder, run_first, run_worker, slot_groups
     from mdi_mpi.plan import (
         Plan,
         available_memory,
         check_fit,
+        fits,
         layer_speed,
         make_plan,
         peak_rss,
+        pick_dtype,
         rank_memory,
         suggestion,
     )
@@ -149,7 +156,8 @@ def run(args: argparse.Namespace, comm) -> dict:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if not args.timeout >= 0:
             raise UserError(f"--timeout must be 0 (never) or a number of seconds, got {args.timeout}")
-        parse_dtype(args.dtype)
+        if args.dtype != "auto":
+            parse_dtype(args.dtype)
         try:
             SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop))
         except ValueError as e:
@@ -159,7 +167,6 @@ def run(args: argparse.Namespace, comm) -> dict:
             raise UserError("no prompts: give --prompt TEXT, --prompts-file FILE, or --prompts-file - for standard input")
 
     _agree(comm, check_flags)
-    dtype = parse_dtype(args.dtype)
     threads = args.threads or max(1, (len(os.sched_getaffinity(0)) // local_ranks(comm)))
     torch.set_num_threads(threads)
 
@@ -232,9 +239,17 @@ def run(args: argparse.Namespace, comm) -> dict:
 
     # Plan with every rank's memory (and speed, for --balance speed), and check that it fits.
     mems = rank_memory(args, size) or comm.allgather(available_memory(local_ranks(comm)))
-    speeds = comm.allgather(layer_speed(cfg, dtype)) if args.balance == "speed" and split is None else None
     kw = dict(n_slots=settings.n_slots, max_seq_len=max_seq_len, micro_batch=settings.micro_batch,
               prefill_chunk=args.prefill_chunk)
+    kernel_cache = default_cache()
+    if args.dtype == "auto":
+        shape = (cfg.intermediate_size, cfg.hidden_size)
+        ms = comm.allgather({d: decode_row_ms(shape, parse_dtype(d), kernel_cache) for d in ("bfloat16", "float32")})
+        fits = fits(make_plan(cfg, size, torch.float32, split=split, available=mems, **kw).memory, mems)
+        dtype, dtype_reason = pick_dtype({d: sum(m[d] for m in ms) for d in ms[0]}, fits)
+    else:
+        dtype, dtype_reason = parse_dtype(args.dtype), "given by --dtype"
+    speeds = comm.allgather(layer_speed(cfg, dtype)) if args.balance == "speed" and split is None else None
 
     def plan_and_check() -> Plan:
         plan = make_plan(cfg, size, dtype, split=split, available=mems, balance=args.balance, speeds=speeds, **kw)
@@ -248,6 +263,7 @@ def run(args: argparse.Namespace, comm) -> dict:
     stage = _agree(comm, lambda: load_stage(ckpt, layers, rank == 0, dtype))
     stage.setup_cache(settings.n_slots, max_seq_len)
     load_s = time.perf_counter() - t_load
+    kernels = _agree(comm, lambda: stage.choose_kernels(None if args.kernel == "auto" else args.kernel, kernel_cache))
 
     ring = (
         LocalRing()
@@ -293,6 +309,7 @@ def run(args: argparse.Namespace, comm) -> dict:
         "buffer_bytes": ring.buffer_bytes(),
         "peak_rss_bytes": peak_rss(),
         "load_s": round(load_s, 3),
+        "kernels": kernels.describe(),
         "threads": threads,
         "bytes_sent": ring.bytes_sent,
         **rec.summary(),
@@ -307,6 +324,7 @@ def run(args: argparse.Namespace, comm) -> dict:
         "model": model_dir,
         "demo": is_demo,
         "dtype": str(dtype).removeprefix("torch."),
+        "dtype_reason": dtype_reason,
         "ranks": size,
         "slots": settings.n_slots,
         "micro_batch": settings.micro_batch,
@@ -397,6 +415,16 @@ def _print_summary(s: dict) -> None:
             f"busy {100 * busy / wall:.0f}%, waiting {100 * r['recv_wait_s'] / wall:.0f}%",
             file=err,
         )
+    print(f"  dtype: {s['dtype_reason']}", file=err)
+    for r in s["per_rank"]:
+        k = r["kernels"]
+        shapes = "; ".join(
+            f"{key.split('|')[0]} {v['decode']['1']}, {v['decode']['8']}"
+            + ("" if key.endswith("|head") else f" / {v['prefill']['16']}, {v['prefill']['64']}")
+            for key, v in k["shapes"].items()
+        )
+        print(f"  rank {r['rank']} kernels ({k['measured']} shapes measured, {k['cached']} cached, {k['seconds']:.2f} s) "
+              f"for 1, 8 decode rows / 16, 64 prompt rows: {shapes}", file=err)
 
 
 def _check_launcher(size: int) -> None:

@@ -4,76 +4,54 @@ Module and parameter names follow Hugging Face's so checkpoint tensors map one t
 packed: a forward call sees ``T`` tokens from one or more sequences, described by a ``Batch``.
 Nothing here knows about MPI.
 
-Batch invariance: a matmul library picks its kernel (and so its summation order) by the number of
-rows, so a token's result would depend on which other tokens share its forward call, and output
-would change with the number of slots or the micro-batch size. Every linear layer therefore gives
-each row a computation of a fixed shape: a decode row goes through ``mv`` (the fastest way to stream
-weights for one row), and several decode rows through tiles of ``DECODE_TILE`` rows where that
-kernel agrees with ``mv`` bit for bit (checked per stage at set-up; true for bf16 here), else
-through ``mv`` one by one; prompt rows go through tiles of ``PREFILL_TILE`` rows.
+Batch invariance: every linear layer computes each row with a kernel of a fixed shape chosen per
+machine (``kernels.py``), so a token's result does not depend on which other tokens share its forward
+call, and output does not change with the number of ranks, slots or micro-batches.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mdi_mpi.config import ModelConfig
+from mdi_mpi.kernels import Selection, ShapeKernels, choose_kernels
 from mdi_mpi.kv_cache import Batch, KVCache
 
-DECODE_TILE = 8  # rows per matmul for decode rows
-PREFILL_TILE = 64  # rows per matmul for prompt rows
 
-
-def _tiles(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
-    """``x`` [m, in] @ weight.T in row tiles of exactly ``tile`` rows (zero-padded) -> [m, out]."""
-    m = x.shape[0]
-    pad = -m % tile
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-    if x.shape[0] == tile:
-        return F.linear(x, weight, bias)[:m]
-    return torch.cat([F.linear(t, weight, bias) for t in x.split(tile)])[:m]
-
-
-def _rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x`` [m, in] @ weight.T one row at a time with ``mv`` -> [m, out]."""
-    out = [torch.mv(weight, r) if bias is None else torch.addmv(bias, weight, r) for r in x]
-    return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
-
-
-def tiled_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_single: int, mv_tiles: bool
-) -> torch.Tensor:
-    """Batch-invariant linear: ``x`` [T, in] -> [T, out]; rows [:n_single] are decode rows, the rest
-    prompt rows. A lone decode row always uses ``mv``; several use decode tiles if ``mv_tiles`` (mv
-    and the tile agree bit for bit), else ``mv`` row by row."""
-
-    def decode(d: torch.Tensor) -> torch.Tensor:
-        return _tiles(d, weight, bias, DECODE_TILE) if mv_tiles and d.shape[0] > 1 else _rows(d, weight, bias)
-
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_single: int, kernels: ShapeKernels) -> torch.Tensor:
+    """Batch-invariant linear: ``x`` [T, in] -> [T, out]; rows [:n_single] are decode rows (one
+    token of a sequence), the rest prompt rows, each computed with the kernels chosen for them."""
     if n_single == x.shape[0]:
-        return decode(x)
+        return kernels.decode.apply(x, weight, bias)
     if n_single == 0:
-        return _tiles(x, weight, bias, PREFILL_TILE)
-    return torch.cat([decode(x[:n_single]), _tiles(x[n_single:], weight, bias, PREFILL_TILE)])
-
-
-def mv_matches_tiles(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether ``mv`` gives, bit for bit, what a decode tile gives for each row (true for bf16 and
-    fp16 on x86 with oneDNN, false for fp32 there)."""
-    x = torch.randn(DECODE_TILE, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-    return torch.equal(_rows(x, weight, bias), _tiles(x, weight, bias, DECODE_TILE))
+        return kernels.prefill.apply(x, weight, bias)
+    return torch.cat([kernels.decode.apply(x[:n_single], weight, bias), kernels.prefill.apply(x[n_single:], weight, bias)])
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose rows are computed in fixed tiles (see the module docstring)."""
+    """``nn.Linear`` whose rows are computed by batch-invariant kernels (see ``kernels.py``)."""
 
-    mv_tiles = False  # decode tiles agree with mv (set by Stage.setup_cache)
+    kernels: ShapeKernels  # set by Stage.choose_kernels
 
     def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:  # type: ignore[override]
-        return tiled_linear(x, self.weight, self.bias, n_single, self.mv_tiles)
+        return linear(x, self.weight, self.bias, n_single, self.kernels)
+
+
+def pick_kernels(
+    root: nn.Module, forced: str | None, cache: Path | None, head: torch.Tensor | None = None
+) -> tuple[Selection, ShapeKernels | None]:
+    """Choose the kernels of every ``Linear`` under ``root`` (and of an LM ``head`` weight, whose
+    rows are all decode rows; its kernels are returned) with ``kernels.choose_kernels``."""
+    linears = [m for m in root.modules() if isinstance(m, Linear)]
+    weights = [(m.weight, m.bias, False) for m in linears] + ([(head, None, True)] if head is not None else [])
+    selection, chosen = choose_kernels(weights, forced, cache)
+    for m, k in zip(linears, chosen):
+        m.kernels = k
+    return selection, chosen[-1] if head is not None else None
 
 
 class RMSNorm(nn.Module):

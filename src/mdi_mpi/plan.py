@@ -74,14 +74,14 @@ def make_plan(
         ranges = by_memory
     elif balance == "speed" and speeds is not None:
         ranges = split_layers(config.n_layers, n_ranks, edge_cost(config), speeds)
-        if available is not None and not _fits(memory(ranges), available) and by_memory is not None:
+        if available is not None and not fits(memory(ranges), available) and by_memory is not None:
             ranges = by_memory  # the fastest split does not fit: fall back to memory proportions
     else:
         ranges = split_layers(config.n_layers, n_ranks, edge_cost(config))
     return Plan(ranges, memory(ranges), available)
 
 
-def _fits(memory: list[dict[str, int]], available: list[int]) -> bool:
+def fits(memory: list[dict[str, int]], available: list[int]) -> bool:
     return all(m["peak_bytes"] <= a for m, a in zip(memory, available))
 
 
@@ -101,13 +101,29 @@ def check_fit(plan: Plan, suggest: callable | None = None) -> None:
 def suggestion(config: ModelConfig, dtype: torch.dtype, per_rank: int, **kw) -> str:
     """The smallest rank count, or else a smaller dtype, with which every rank fits ``per_rank``."""
     for n in range(1, config.n_layers + 1):
-        if _fits(make_plan(config, n, dtype, **kw).memory, [per_rank] * n):
+        if fits(make_plan(config, n, dtype, **kw).memory, [per_rank] * n):
             return f"{n} ranks of this size would fit"
     if dtype == torch.float32:
         for n in range(1, config.n_layers + 1):
-            if _fits(make_plan(config, n, torch.bfloat16, **kw).memory, [per_rank] * n):
+            if fits(make_plan(config, n, torch.bfloat16, **kw).memory, [per_rank] * n):
                 return f"with --dtype bfloat16, {n} ranks of this size would fit"
     return "no rank count fits this memory: use a smaller --max-seq-len or --slots, or bigger nodes"
+
+
+AUTO_FLOAT32_GAIN = 1.25  # float32 must decode this much faster to be worth twice the memory
+
+
+def pick_dtype(row_ms: dict[str, float], float32_fits: bool) -> tuple[torch.dtype, str]:
+    """``--dtype auto``: bfloat16, unless float32 decodes a row at least ``AUTO_FLOAT32_GAIN`` times
+    faster on these CPUs (no native bf16 arithmetic) and its plan fits; ``row_ms`` are the
+    milliseconds per decoded row through the model's largest weight, summed over the ranks."""
+    bf16, fp32 = row_ms["bfloat16"], row_ms["float32"]
+    timing = f"a row through the largest weight: bfloat16 {bf16:.2f} ms, float32 {fp32:.2f} ms"
+    if bf16 >= AUTO_FLOAT32_GAIN * fp32:
+        if float32_fits:
+            return torch.float32, f"float32 ({timing}; float32 fits in memory)"
+        return torch.bfloat16, f"bfloat16 ({timing}; float32 would be faster but does not fit in memory)"
+    return torch.bfloat16, f"bfloat16 ({timing})"
 
 
 def _gib(n: int) -> str:
@@ -119,8 +135,9 @@ def layer_speed(config: ModelConfig, dtype: torch.dtype, steps: int = 8) -> floa
     relative speed for ``--balance speed``."""
     import time
 
+    from mdi_mpi.kernels import default_cache
     from mdi_mpi.kv_cache import Batch, KVCache
-    from mdi_mpi.model import DecoderLayer, rope_tables
+    from mdi_mpi.model import DecoderLayer, pick_kernels, rope_tables
 
     with torch.device("meta"):
         layer = DecoderLayer(config)
@@ -128,6 +145,7 @@ def layer_speed(config: ModelConfig, dtype: torch.dtype, steps: int = 8) -> floa
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(0))
     length = steps + 2
+    pick_kernels(layer, None, default_cache())
     layer.self_attn.kv_cache = KVCache(1, config.n_kv_heads, length, config.head_dim, dtype)
     cos, sin = rope_tables(config, length, dtype)
     x = torch.randn(1, config.hidden_size).to(dtype)

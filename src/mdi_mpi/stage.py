@@ -7,12 +7,15 @@ embedding, the final norm and the LM head exist only on the stage that owns the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from mdi_mpi.config import ModelConfig
+from mdi_mpi.kernels import Selection, ShapeKernels
 from mdi_mpi.kv_cache import Batch, KVCache
-from mdi_mpi.model import DecoderLayer, Linear, RMSNorm, mv_matches_tiles, rope_tables, tiled_linear
+from mdi_mpi.model import DecoderLayer, Linear, RMSNorm, linear, pick_kernels, rope_tables
 
 
 class Stage(nn.Module):
@@ -29,7 +32,7 @@ class Stage(nn.Module):
         self.lm_head = Linear(d, vocab, bias=False) if edges and not config.tie_word_embeddings else None
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
-        self.head_mv_tiles = False
+        self.head_kernels: ShapeKernels | None = None
 
     @property
     def has_edges(self) -> bool:
@@ -40,20 +43,17 @@ class Stage(nn.Module):
         return next(self.parameters()).dtype
 
     def setup_cache(self, n_slots: int, max_seq_len: int) -> None:
-        """Allocate the KV caches and RoPE tables once, after the weights are loaded, and pick
-        the single-row matmul kernel."""
+        """Allocate the KV caches and RoPE tables once, after the weights are loaded."""
         c = self.config
         for layer in self.layers.values():
             layer.self_attn.kv_cache = KVCache(n_slots, c.n_kv_heads, max_seq_len, c.head_dim, self.dtype)
         self.cos, self.sin = rope_tables(c, max_seq_len, self.dtype)
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        checks = [(m.weight, m.bias) for m in linears] + ([(self.head_weight, None)] if self.has_edges else [])
-        distinct = {(tuple(w.shape), b is not None): (w, b) for w, b in checks}  # kernels depend on shape only
-        with torch.inference_mode():
-            mv_tiles = all(mv_matches_tiles(w, b) for w, b in distinct.values())
-        for m in linears:
-            m.mv_tiles = mv_tiles
-        self.head_mv_tiles = mv_tiles
+
+    def choose_kernels(self, forced: str | None = None, cache: Path | None = None) -> Selection:
+        """Pick each linear layer's matmul kernels on this machine (see ``kernels.py``): measured
+        on the loaded weights, or read from ``cache``; ``forced`` names one kernel for all."""
+        selection, self.head_kernels = pick_kernels(self.layers, forced, cache, self.head_weight if self.has_edges else None)
+        return selection
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -88,7 +88,7 @@ class Stage(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, D] of sampled tokens -> float32 logits [B, V] (final norm, then LM head)."""
-        return tiled_linear(self.norm(h), self.head_weight, None, h.shape[0], self.head_mv_tiles).float()
+        return linear(self.norm(h), self.head_weight, None, h.shape[0], self.head_kernels).float()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, batch: Batch, all_logits: bool = False) -> torch.Tensor:

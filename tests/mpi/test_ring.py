@@ -9,6 +9,7 @@ import torch
 from helpers import run_one_process
 
 from mdi_mpi.config import ModelConfig
+from mdi_mpi.kernels import default_cache
 from mdi_mpi.pipeline import Recorder, run_first, run_worker, slot_groups
 from mdi_mpi.requests import Request
 from mdi_mpi.sampling import SamplingParams
@@ -52,6 +53,7 @@ def requests(n: int, temperature: float = 0.0) -> list[Request]:
 def reference(reqs: list[Request]) -> dict[str, list[int]]:
     full = full_model()
     full.setup_cache(1, MAX_SEQ)
+    full.choose_kernels(cache=default_cache())
     sched = Scheduler(reqs, 1, MAX_SEQ, 1000, CONFIG.eos_token_ids)
     return {r.id: r.tokens for r in run_one_process(full, sched)}
 
@@ -60,6 +62,7 @@ def run_ring(comm, reqs, n_slots: int, micro_batch: int, prefill_chunk: int = 8)
     rank, size = comm.Get_rank(), comm.Get_size()
     stage = my_stage(full_model(), rank, size)
     stage.setup_cache(n_slots, MAX_SEQ)
+    stage.choose_kernels(cache=default_cache())
     groups = slot_groups(n_slots, micro_batch)
     ring = Ring(comm, len(groups), micro_batch, micro_batch * prefill_chunk, CONFIG.hidden_size, torch.float32)
     if rank == 0:
