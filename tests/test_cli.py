@@ -271,14 +271,15 @@ def test_invariance_holds_for_each_kernel_and_under_isa_caps(models, tmp_path, k
 @pytest.mark.timeout(120)
 def test_dtype_auto_says_what_it_picked(models, tmp_path):
     stats = tmp_path / "stats.json"
-    res = run_cli(["--model", str(models["qwen2"]), "--prompt", "x", "--max-new-tokens", "2", "--quiet",
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:1])
+    res = run_cli(["--model", str(models["qwen2"]), "--prompts-file", prompts, "--max-new-tokens", "2", "--quiet",
                    "--stats-json", str(stats)], ranks=2)
     assert res.returncode == 0, res.stderr
     s = json.loads(stats.read_text())
     assert s["dtype"] in ("bfloat16", "float32")
     assert s["dtype_reason"].startswith(s["dtype"]) and "bfloat16" in s["dtype_reason"] and "float32" in s["dtype_reason"]
     assert f"dtype: {s['dtype_reason']}" in res.stderr
-    res = run_cli(["--model", str(models["qwen2"]), "--prompt", "x", "--max-new-tokens", "2", "--quiet", "--dtype", "fp16",
+    res = run_cli(["--model", str(models["qwen2"]), "--prompts-file", prompts, "--max-new-tokens", "2", "--quiet", "--dtype", "fp16",
                    "--stats-json", str(stats)])
     assert res.returncode == 0, res.stderr
     assert json.loads(stats.read_text())["dtype"] == "float16"
