@@ -18,9 +18,11 @@ import struct
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.errors import UserError
+from mdi_mpi.quant import Quant, QuantWeight
 from mdi_mpi.stage import Stage
 
 INDEX = "model.safetensors.index.json"
@@ -145,13 +147,24 @@ class Checkpoint:
         self.names_read.append(name)
 
 
-def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype) -> Stage:
+def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype, quant: Quant | None = None) -> Stage:
     """Build the stage for ``layers`` (plus the edges if ``edges``) and fill it from ``ckpt``,
-    reading only its own tensors and casting them to ``dtype``."""
+    reading only its own tensors, one at a time, casting them to ``dtype`` and, with ``quant``,
+    quantizing each linear weight (and the embedding and LM head, int8) as soon as it is read, so
+    that at most one full-precision tensor exists at a time."""
     with torch.device("meta"):
         stage = Stage(ckpt.config, layers, edges).to(dtype)
-    stage = stage.to_empty(device="cpu").requires_grad_(False)
+    quantized = stage.quantizable() if quant is not None else set()
+    params = list(stage.named_parameters())
+    # One reused buffer for the full-precision tensors that are quantized as soon as they are read.
+    scratch = torch.empty(max((p.numel() for n, p in params if n in quantized), default=0), dtype=dtype)
     with torch.no_grad():
-        for name, param in stage.named_parameters():
-            ckpt.read_into(hf_name(name), param)
+        for name, param in params:
+            tensor = scratch[: param.numel()].view(param.shape) if name in quantized else torch.empty(param.shape, dtype=dtype)
+            ckpt.read_into(hf_name(name), tensor)
+            owner, _, attr = name.rpartition(".")
+            if name in quantized:
+                stage.set_quantized(owner, QuantWeight(tensor, quant if owner.startswith("layers.") else Quant("int8"), dtype))
+            else:
+                stage.get_submodule(owner)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
     return stage

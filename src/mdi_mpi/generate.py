@@ -20,6 +20,7 @@ from typing import Any
 from mdi_mpi.errors import UserError
 from mdi_mpi.kernels import ROWS
 from mdi_mpi.plan import add_plan_arguments
+from mdi_mpi.quant import QUANTS
 
 EXIT_USAGE = 2
 EXAMPLES = """\
@@ -59,6 +60,9 @@ def build_parser() -> Parser:
     add_plan_arguments(m)
     m.add_argument("--kernel", default="auto", choices=("auto", *ROWS), help="matmul kernel for every linear layer: "
                    "auto (default: measured per weight shape on each rank's CPU, cached), or one of mv, row, tile2..tile64")
+    m.add_argument("--quant", choices=QUANTS, help="store weights quantized: int8 (per output channel) or int4 (per "
+                   "group of --quant-group input columns); the embedding and LM head are int8 with either; default: none")
+    m.add_argument("--quant-group", type=int, default=128, metavar="G", help="int4 group size: 32, 64, 128 (default) or 256")
     s = p.add_argument_group("scheduling")
     s.add_argument("--slots", type=int, metavar="K", help="sequences in flight at once; default: max(N, min(requests, 4N))")
     s.add_argument("--micro-batch", type=int, metavar="M", help="slots that travel together as one message; default: ceil(K / N), so that N groups keep N ranks busy")
@@ -139,6 +143,7 @@ def run(args: argparse.Namespace, comm) -> dict:
         rank_memory,
         suggestion,
     )
+    from mdi_mpi.quant import GROUPS, Quant
     from mdi_mpi.requests import Prompt, build_requests, load_tokenizer, read_prompts_file
     from mdi_mpi.sampling import SamplingParams
     from mdi_mpi.scheduler import Scheduler
@@ -158,6 +163,8 @@ def run(args: argparse.Namespace, comm) -> dict:
             raise UserError(f"--timeout must be 0 (never) or a number of seconds, got {args.timeout}")
         if args.dtype != "auto":
             parse_dtype(args.dtype)
+        if args.quant_group not in GROUPS:
+            raise UserError(f"--quant-group must be one of {', '.join(map(str, GROUPS))}, got {args.quant_group}")
         try:
             SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop))
         except ValueError as e:
@@ -239,14 +246,17 @@ def run(args: argparse.Namespace, comm) -> dict:
 
     # Plan with every rank's memory (and speed, for --balance speed), and check that it fits.
     mems = rank_memory(args, size) or comm.allgather(available_memory(local_ranks(comm)))
+    quant = Quant(args.quant, args.quant_group) if args.quant else None
     kw = dict(n_slots=settings.n_slots, max_seq_len=max_seq_len, micro_batch=settings.micro_batch,
-              prefill_chunk=args.prefill_chunk)
+              prefill_chunk=args.prefill_chunk, quant=quant)
     kernel_cache = default_cache()
-    if args.dtype == "auto":
+    if args.dtype == "auto" and quant is not None:
+        dtype, dtype_reason = torch.bfloat16, "bfloat16 (the int8 and int4 kernels are vectorized for bfloat16 activations)"
+    elif args.dtype == "auto":
         shape = (cfg.intermediate_size, cfg.hidden_size)
         ms = comm.allgather({d: decode_row_ms(shape, parse_dtype(d), kernel_cache) for d in ("bfloat16", "float32")})
-        fits = fits(make_plan(cfg, size, torch.float32, split=split, available=mems, **kw).memory, mems)
-        dtype, dtype_reason = pick_dtype({d: sum(m[d] for m in ms) for d in ms[0]}, fits)
+        float32_fits = fits(make_plan(cfg, size, torch.float32, split=split, available=mems, **kw).memory, mems)
+        dtype, dtype_reason = pick_dtype({d: sum(m[d] for m in ms) for d in ms[0]}, float32_fits)
     else:
         dtype, dtype_reason = parse_dtype(args.dtype), "given by --dtype"
     speeds = comm.allgather(layer_speed(cfg, dtype)) if args.balance == "speed" and split is None else None
@@ -260,7 +270,7 @@ def run(args: argparse.Namespace, comm) -> dict:
     layers = plan.layers[rank]
 
     t_load = time.perf_counter()
-    stage = _agree(comm, lambda: load_stage(ckpt, layers, rank == 0, dtype))
+    stage = _agree(comm, lambda: load_stage(ckpt, layers, rank == 0, dtype, quant))
     stage.setup_cache(settings.n_slots, max_seq_len)
     load_s = time.perf_counter() - t_load
     kernels = _agree(comm, lambda: stage.choose_kernels(None if args.kernel == "auto" else args.kernel, kernel_cache))
@@ -310,6 +320,7 @@ def run(args: argparse.Namespace, comm) -> dict:
         "peak_rss_bytes": peak_rss(),
         "load_s": round(load_s, 3),
         "kernels": kernels.describe(),
+        "quantized_linears": stage.quant_summary(),
         "threads": threads,
         "bytes_sent": ring.bytes_sent,
         **rec.summary(),
@@ -325,6 +336,8 @@ def run(args: argparse.Namespace, comm) -> dict:
         "demo": is_demo,
         "dtype": str(dtype).removeprefix("torch."),
         "dtype_reason": dtype_reason,
+        "quant": args.quant,
+        "quant_group": args.quant_group if args.quant == "int4" else None,
         "ranks": size,
         "slots": settings.n_slots,
         "micro_batch": settings.micro_batch,
@@ -416,6 +429,12 @@ def _print_summary(s: dict) -> None:
             file=err,
         )
     print(f"  dtype: {s['dtype_reason']}", file=err)
+    if s["quant"]:
+        q = s["per_rank"]
+        counts = {k: sum(r["quantized_linears"][k] for r in q) for k in ("int4", "int8", "none")}
+        print(f"  quantized: {s['quant']}" + (f" (group {s['quant_group']})" if s["quant_group"] else "")
+              + f"; decoder linears: {counts['int4']} int4, {counts['int8']} int8, {counts['none']} unquantized;"
+              " embedding and LM head int8", file=err)
     for r in s["per_rank"]:
         k = r["kernels"]
         shapes = "; ".join(
@@ -423,8 +442,9 @@ def _print_summary(s: dict) -> None:
             + ("" if key.endswith("|head") else f" / {v['prefill']['16']}, {v['prefill']['64']}")
             for key, v in k["shapes"].items()
         )
-        print(f"  rank {r['rank']} kernels ({k['measured']} shapes measured, {k['cached']} cached, {k['seconds']:.2f} s) "
-              f"for 1, 8 decode rows / 16, 64 prompt rows: {shapes}", file=err)
+        if shapes:
+            print(f"  rank {r['rank']} kernels ({k['measured']} shapes measured, {k['cached']} cached, {k['seconds']:.2f} s) "
+                  f"for 1, 8 decode rows / 16, 64 prompt rows: {shapes}", file=err)
 
 
 def _check_launcher(size: int) -> None:

@@ -253,9 +253,11 @@ class Selection:
     seconds: float
     cached: int  # shapes whose measurements came from the cache
     measured: int  # shapes measured now
+    quant_row_by_row: int = 0  # quantized shapes whose kernel had to run row by row (see quant.py)
 
     def describe(self) -> dict:
         return {"seconds": round(self.seconds, 3), "cached": self.cached, "measured": self.measured,
+                "quant_row_by_row": self.quant_row_by_row,
                 "shapes": {key: k.describe() for key, k in self.kernels.items()}}
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.kernels import Selection, ShapeKernels, choose_kernels
 from mdi_mpi.kv_cache import Batch, KVCache
+from mdi_mpi.quant import QuantWeight
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_single: int, kernels: ShapeKernels) -> torch.Tensor:
@@ -33,11 +34,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_s
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose rows are computed by batch-invariant kernels (see ``kernels.py``)."""
+    """``nn.Linear`` whose rows are computed by batch-invariant kernels (see ``kernels.py``), or
+    by a quantized weight's kernel (``qweight``, which replaces ``weight``)."""
 
     kernels: ShapeKernels  # set by Stage.choose_kernels
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.qweight: QuantWeight | None = None  # set by Stage.set_quantized
+
     def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:  # type: ignore[override]
+        if self.qweight is not None:
+            y = self.qweight(x)
+            return y if self.bias is None else y + self.bias
         return linear(x, self.weight, self.bias, n_single, self.kernels)
 
 
@@ -46,7 +55,7 @@ def pick_kernels(
 ) -> tuple[Selection, ShapeKernels | None]:
     """Choose the kernels of every ``Linear`` under ``root`` (and of an LM ``head`` weight, whose
     rows are all decode rows; its kernels are returned) with ``kernels.choose_kernels``."""
-    linears = [m for m in root.modules() if isinstance(m, Linear)]
+    linears = [m for m in root.modules() if isinstance(m, Linear) and m.qweight is None]
     weights = [(m.weight, m.bias, False) for m in linears] + ([(head, None, True)] if head is not None else [])
     selection, chosen = choose_kernels(weights, forced, cache)
     for m, k in zip(linears, chosen):

@@ -8,6 +8,11 @@ an error.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mdi_mpi.quant import Quant
+
 import math
 import re
 
@@ -109,13 +114,16 @@ def stage_memory(
     micro_batch: int,
     prefill_chunk: int,
     n_ranks: int,
+    quant: Quant | None = None,
 ) -> dict[str, int]:
-    """Predicted bytes of one rank: weights, KV cache, message buffers, and the predicted peak
-    (those plus the runtime, the transient of loading the largest tensor, and activations)."""
-    weights = len(layers) * config.layer_param_count() * element_size
+    """Predicted bytes of one rank: weights (quantized with ``quant``), KV cache, message buffers,
+    and the predicted peak (those plus the runtime, the transient of loading the largest tensor in
+    full precision, and activations)."""
+    per_weight = float(element_size) if quant is None else quant.bytes_per_weight(element_size)
+    weights = int(len(layers) * config.layer_param_count() * per_weight)
     largest = config.hidden_size * config.intermediate_size * element_size
     if edges:
-        weights += config.edge_param_count() * element_size
+        weights += int(config.edge_param_count() * (element_size if quant is None else 1))  # int8 embedding and head
         largest = config.vocab_size * config.hidden_size * element_size
     kv = n_slots * max_seq_len * len(layers) * 2 * config.n_kv_heads * config.head_dim * element_size
     rows = micro_batch * prefill_chunk

@@ -24,6 +24,7 @@ import torch
 from mdi_mpi.config import ModelConfig, parse_dtype
 from mdi_mpi.errors import UserError, cli_main
 from mdi_mpi.partition import edge_cost, parse_bytes, parse_split, split_layers, stage_memory
+from mdi_mpi.quant import QUANTS, Quant
 
 BALANCES = ("cost", "memory", "speed")
 
@@ -49,6 +50,7 @@ def make_plan(
     available: list[int] | None = None,
     balance: str = "cost",
     speeds: list[float] | None = None,
+    quant: Quant | None = None,
 ) -> Plan:
     """Split the layers (explicit ``split`` > ``balance``) and predict each rank's memory."""
     if balance not in BALANCES:
@@ -57,7 +59,7 @@ def make_plan(
 
     def memory(ranges: list[range]) -> list[dict[str, int]]:
         return [
-            stage_memory(config, r, i == 0, esize, n_slots, max_seq_len, micro_batch, prefill_chunk, n_ranks)
+            stage_memory(config, r, i == 0, esize, n_slots, max_seq_len, micro_batch, prefill_chunk, n_ranks, quant)
             for i, r in enumerate(ranges)
         ]
 
@@ -99,7 +101,8 @@ def check_fit(plan: Plan, suggest: callable | None = None) -> None:
 
 
 def suggestion(config: ModelConfig, dtype: torch.dtype, per_rank: int, **kw) -> str:
-    """The smallest rank count, or else a smaller dtype, with which every rank fits ``per_rank``."""
+    """The smallest rank count, or else a smaller dtype, or else a (smaller) ``--quant``, with which
+    every rank fits ``per_rank``."""
     for n in range(1, config.n_layers + 1):
         if fits(make_plan(config, n, dtype, **kw).memory, [per_rank] * n):
             return f"{n} ranks of this size would fit"
@@ -107,6 +110,11 @@ def suggestion(config: ModelConfig, dtype: torch.dtype, per_rank: int, **kw) -> 
         for n in range(1, config.n_layers + 1):
             if fits(make_plan(config, n, torch.bfloat16, **kw).memory, [per_rank] * n):
                 return f"with --dtype bfloat16, {n} ranks of this size would fit"
+    current = kw.pop("quant", None)
+    for q in [Quant("int8"), Quant("int4")][0 if current is None else 1 if current.kind == "int8" else 2:]:
+        for n in range(1, config.n_layers + 1):
+            if fits(make_plan(config, n, dtype, quant=q, **kw).memory, [per_rank] * n):
+                return f"with --quant {q.kind}, {n} ranks of this size would fit"
     return "no rank count fits this memory: use a smaller --max-seq-len or --slots, or bigger nodes"
 
 
@@ -211,14 +219,22 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                    "(in proportion to rank memory), speed (in proportion to measured speed, within memory)")
 
 
-def print_plan(plan: Plan, dtype: torch.dtype) -> None:
+def print_plan(plan: Plan, dtype: torch.dtype, quant: Quant | None = None) -> None:
     print(f"{'rank':>4}  {'layers':>7}  {'weights':>10}  {'KV cache':>10}  {'buffers':>10}  {'peak':>10}  {'memory':>10}")
     for r, (layers, m) in enumerate(zip(plan.layers, plan.memory)):
         mem = _gib(plan.available[r]) if plan.available else "-"
         ok = "" if not plan.available else ("  ok" if m["peak_bytes"] <= plan.available[r] else "  DOES NOT FIT")
         print(f"{r:>4}  {f'{layers.start}-{layers.stop - 1}':>7}  {_gib(m['weight_bytes']):>10}  "
               f"{_gib(m['kv_cache_bytes']):>10}  {_gib(m['buffer_bytes']):>10}  {_gib(m['peak_bytes']):>10}  {mem:>10}{ok}")
-    print(f"dtype {str(dtype).removeprefix('torch.')}; peak = weights + KV cache + buffers + runtime and loading overhead")
+    q = "" if quant is None else f", weights {quant.kind}" + (f" (group {quant.group})" if quant.kind == "int4" else "")
+    print(f"dtype {str(dtype).removeprefix('torch.')}{q}; peak = weights + KV cache + buffers + runtime and loading overhead")
+
+
+def _quant(kind: str | None, group: int) -> Quant | None:
+    try:
+        return Quant(kind, group) if kind else None
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seq-len", type=int, default=None, metavar="L", help="default: min(model's max, 2048)")
     p.add_argument("--prefill-chunk", type=int, default=128, metavar="C")
     p.add_argument("--layers", metavar="A,B,...", help="explicit split")
+    p.add_argument("--quant", choices=QUANTS, help="count weights as stored quantized (int8 or int4), as generate --quant does")
+    p.add_argument("--quant-group", type=int, default=128, metavar="G", help="int4 group size (default: 128)")
     add_plan_arguments(p)
     args = p.parse_args(argv)
 
@@ -248,13 +266,14 @@ def main(argv: list[str] | None = None) -> int:
             max_seq_len=args.max_seq_len or min(config.max_position_embeddings, 2048),
             micro_batch=args.micro_batch or -(-slots // args.ranks),
             prefill_chunk=args.prefill_chunk,
+            quant=_quant(args.quant, args.quant_group),
         )
         if args.balance == "speed":
             raise UserError("--balance speed needs the ranks themselves: use it with generate or split")
         mems = rank_memory(args, args.ranks)
         split = parse_split(args.layers) if args.layers else None
         plan = make_plan(config, args.ranks, dtype, split=split, available=mems, balance=args.balance, **kw)
-        print_plan(plan, dtype)
+        print_plan(plan, dtype, kw["quant"])
         smallest = min(mems) if mems else 0
         check_fit(plan, lambda: suggestion(config, dtype, smallest, **kw))
 

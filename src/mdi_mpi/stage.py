@@ -16,6 +16,7 @@ from mdi_mpi.config import ModelConfig
 from mdi_mpi.kernels import Selection, ShapeKernels
 from mdi_mpi.kv_cache import Batch, KVCache
 from mdi_mpi.model import DecoderLayer, Linear, RMSNorm, linear, pick_kernels, rope_tables
+from mdi_mpi.quant import QuantWeight, check_rows
 
 
 class Stage(nn.Module):
@@ -33,6 +34,8 @@ class Stage(nn.Module):
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
         self.head_kernels: ShapeKernels | None = None
+        self.embed_q: QuantWeight | None = None  # int8 embedding table (quantized stages)
+        self.head_q: QuantWeight | None = None  # int8 LM head (the embedding's when tied)
 
     @property
     def has_edges(self) -> bool:
@@ -49,10 +52,46 @@ class Stage(nn.Module):
             layer.self_attn.kv_cache = KVCache(n_slots, c.n_kv_heads, max_seq_len, c.head_dim, self.dtype)
         self.cos, self.sin = rope_tables(c, max_seq_len, self.dtype)
 
+    def quantizable(self) -> set[str]:
+        """Names of the parameters a quantized stage stores as integers: every decoder-layer linear
+        weight, the embedding table and the LM head."""
+        names = {f"layers.{i}.{m}.weight" for i in self.layers for m in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+        if self.has_edges:
+            names.add("embed_tokens.weight")
+            if self.lm_head is not None:
+                names.add("lm_head.weight")
+        return names
+
+    def set_quantized(self, owner: str, qw: QuantWeight) -> None:
+        """Store ``qw`` in place of the weight of module ``owner`` (a name from ``quantizable``)."""
+        if owner == "embed_tokens":
+            self.embed_q = qw
+            if self.lm_head is None:  # tied: the head reads the same integers
+                self.head_q = qw
+            del self.embed_tokens.weight
+        elif owner == "lm_head":
+            self.head_q = qw
+            del self.lm_head.weight
+        else:
+            m = self.get_submodule(owner)
+            m.qweight = qw
+            del m.weight
+
+    def quant_summary(self) -> dict[str, int]:
+        """How many decoder-layer linear weights are int4, int8 or not quantized (a shape the
+        int4 kernel cannot take falls back to int8)."""
+        kinds = [m.qweight.kind if m.qweight is not None else "none" for m in self.layers.modules() if isinstance(m, Linear)]
+        return {k: kinds.count(k) for k in ("int4", "int8", "none")}
+
     def choose_kernels(self, forced: str | None = None, cache: Path | None = None) -> Selection:
         """Pick each linear layer's matmul kernels on this machine (see ``kernels.py``): measured
         on the loaded weights, or read from ``cache``; ``forced`` names one kernel for all."""
-        selection, self.head_kernels = pick_kernels(self.layers, forced, cache, self.head_weight if self.has_edges else None)
+        head = self.head_weight if self.has_edges and self.head_q is None else None
+        selection, self.head_kernels = pick_kernels(self.layers, forced, cache, head)
+        with torch.inference_mode():
+            selection.quant_row_by_row = check_rows([m for m in self.modules() if isinstance(m, QuantWeight)], self.dtype)
         return selection
 
     @property
@@ -72,10 +111,14 @@ class Stage(nn.Module):
         return sum(layer.self_attn.kv_cache.nbytes() for layer in self.layers.values())
 
     def weight_bytes(self) -> int:
-        return sum(p.nbytes for p in self.parameters())
+        """Bytes of weights, quantized or not (KV caches excluded)."""
+        quant = [t for m in self.modules() if isinstance(m, QuantWeight) for t in m.buffers()]
+        return sum(p.nbytes for p in self.parameters()) + sum(t.nbytes for t in quant)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [T] -> hidden states [T, D]."""
+        if self.embed_q is not None:
+            return self.embed_q.rows(ids, self.dtype)
         return self.embed_tokens(ids)
 
     def forward_layers(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -88,7 +131,10 @@ class Stage(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states [B, D] of sampled tokens -> float32 logits [B, V] (final norm, then LM head)."""
-        return linear(self.norm(h), self.head_weight, None, h.shape[0], self.head_kernels).float()
+        x = self.norm(h)
+        if self.head_q is not None:
+            return self.head_q(x).float()
+        return linear(x, self.head_weight, None, h.shape[0], self.head_kernels).float()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, batch: Batch, all_logits: bool = False) -> torch.Tensor:

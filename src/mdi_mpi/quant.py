@@ -1,0 +1,142 @@
+"""Quantized weights: int8 per output channel, int4 per group of input columns, on torch's CPU kernels.
+
+- ``int8``: symmetric, one scale per output channel; ``torch.ops.aten._weight_int8pack_mm``.
+- ``int4``: asymmetric, one scale and one zero per group of G input columns (values 0..15, weight =
+  (q - 8) * scale + zero); packed at load for this CPU with ``_convert_weight_to_int4pack_for_cpu``
+  (the packed layout depends on the instruction set, so it is never stored) and multiplied with
+  ``_weight_int4pack_mm_for_cpu``.
+
+Weights are quantized on load, one tensor at a time, so a rank's peak memory is its quantized share
+plus one tensor in the file's dtype. These kernels reduce each output row in one in-order pass, so a
+row's result does not depend on the other rows of the call (checked at start-up, ``rows_independent``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QUANTS = ("int8", "int4")
+GROUPS = (32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Quant:
+    """A quantization scheme for a stage's weights."""
+
+    kind: str  # int8 or int4
+    group: int = 128  # int4: input columns per scale and zero
+
+    def __post_init__(self):
+        if self.kind not in QUANTS:
+            raise ValueError(f"--quant must be one of {', '.join(QUANTS)}, got {self.kind!r}")
+        if self.group not in GROUPS:
+            raise ValueError(f"--quant-group must be one of {', '.join(map(str, GROUPS))}, got {self.group}")
+
+    def bytes_per_weight(self, element_size: int) -> float:
+        """Stored bytes per decoder-layer weight: int8 (plus a scale per row, negligible), or half a
+        byte plus a scale and a zero per group for int4."""
+        return 1.0 if self.kind == "int8" else 0.5 + 2 * element_size / self.group
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (q int8 [out, in], scale float32 [out]) with w ~ q * scale[:, None]."""
+    scale = (w.abs().amax(dim=1).float() / 127).clamp(min=1e-12)
+    q = (w.float() / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (q int32 [out, in] in 0..15, scale, zero float32 [out, in/G]) with
+    w ~ (q - 8) * scale + zero per group of ``group`` input columns."""
+    out_f, in_f = w.shape
+    g = w.float().reshape(out_f, in_f // group, group)  # [out, in/G, G]
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    scale = ((hi - lo) / 15).clamp(min=1e-6)
+    zero = lo + 8 * scale
+    t = g - lo[..., None]  # the one full-size temporary, worked on in place
+    q = t.div_(scale[..., None]).round_().clamp_(0, 15).to(torch.int32)  # what the packing kernel takes
+    return q.reshape(out_f, in_f), scale, zero
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+    out_f, in_f = q.shape
+    g = q.float().reshape(out_f, in_f // group, group)
+    return ((g - 8) * scale[..., None] + zero[..., None]).reshape(out_f, in_f)
+
+
+def int4_fits(shape: tuple[int, int], group: int) -> bool:
+    """Whether the int4 kernel takes a weight of ``shape`` [out, in]."""
+    out_f, in_f = shape
+    return in_f % group == 0 and out_f % 16 == 0 and in_f % 32 == 0
+
+
+class QuantWeight(torch.nn.Module):
+    """A quantized weight [out, in], ready for this CPU's kernel: ``x @ W.T`` for x [m, in]."""
+
+    def __init__(self, w: torch.Tensor, quant: Quant, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = w.shape
+        self.kind = "int4" if quant.kind == "int4" and int4_fits(tuple(w.shape), quant.group) else "int8"
+        self.group = quant.group
+        self.per_row = False  # set where the kernel's rows turn out to depend on each other
+        if self.kind == "int8":
+            q, scale = quantize_int8(w)
+            self.register_buffer("q", q)
+            self.register_buffer("scale", scale.to(dtype))
+        else:
+            q, scale, zero = quantize_int4(w, quant.group)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            del q
+            self.register_buffer("q", packed)
+            sz = torch.stack([scale.t(), zero.t()], dim=2).contiguous()  # [in/G, out, 2]
+            self.register_buffer("scale_zero", sz.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [m, in] -> [m, out] in x's dtype."""
+        if self.per_row and x.shape[0] > 1:
+            return torch.cat([self._mm(r) for r in x.split(1)])
+        return self._mm(x)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        if self.kind == "int8":
+            return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.q, self.group, self.scale_zero)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` of the dequantized weight (an int8 embedding lookup) -> [T, in]."""
+        return self.q[ids].to(dtype) * self.scale[ids, None]
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight these integers stand for (for checks against a reference)."""
+        if self.kind == "int8":
+            return dequantize_int8(self.q, self.scale.float())
+        eye = torch.eye(self.in_features, dtype=self.scale_zero.dtype)
+        return self.forward(eye).float().t().contiguous()
+
+
+def rows_independent(qw: QuantWeight, dtype: torch.dtype, counts: tuple[int, ...] = (1, 3, 8, 64)) -> bool:
+    """Whether each row's result is the same bits at every row count in ``counts``, and whatever
+    its place among the rows."""
+    x = torch.randn(max(counts), qw.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+    full = qw._mm(x)
+    shifted = qw._mm(x.roll(1, 0)).roll(-1, 0)
+    return torch.equal(shifted, full) and all(torch.equal(qw._mm(x[:m]), full[:m]) for m in counts)
+
+
+def check_rows(weights: list[QuantWeight], dtype: torch.dtype) -> int:
+    """Make each kernel in ``weights`` row-invariant: one whose rows depend on each other (checked
+    once per shape and kind) computes row by row. Returns how many shapes needed that."""
+    verdict: dict[tuple, bool] = {}
+    for qw in weights:
+        key = (qw.kind, qw.out_features, qw.in_features)
+        if key not in verdict:
+            verdict[key] = rows_independent(qw, dtype)
+        qw.per_row = not verdict[key]
+    return sum(not v for v in verdict.values())

@@ -1,0 +1,170 @@
+"""int8 and int4 weights: the quantizers, the kernels against a dequantized reference, row
+invariance, a quantized stage against transformers on the same (dequantized) weights, memory, and
+outputs that do not change with ranks, slots or micro-batches."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import build_hf_model, run_cli
+from helpers import generate
+from test_cli import PROMPTS, records, write_prompts
+
+from mdi_mpi.checkpoint import Checkpoint, hf_name, load_stage
+from mdi_mpi.kernels import default_cache
+from mdi_mpi.kv_cache import Batch
+from mdi_mpi.quant import Quant, QuantWeight, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, rows_independent
+
+
+def test_round_trip_bounds():
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0))
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert ((dequantize_int8(q, s) - w).abs() <= s[:, None] / 2 + 1e-6).all()
+    for g in (32, 64, 128, 256):
+        q, s, z = quantize_int4(w, g)
+        assert q.max() <= 15 and s.shape == (96, 256 // g)
+        err = (dequantize_int4(q, s, z, g) - w).abs().reshape(96, 256 // g, g)
+        assert (err <= s[..., None] / 2 + 1e-5).all(), g
+
+
+@pytest.mark.parametrize("kind, group", [("int8", 128), ("int4", 32), ("int4", 128), ("int4", 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(256, 512), (96, 768)])
+def test_kernel_matches_dequantized_reference(kind, group, dtype, shape):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(*shape, generator=g) * 0.05
+    qw = QuantWeight(w.to(dtype), Quant(kind, group), dtype)
+    x = torch.randn(5, shape[1], generator=g).to(dtype)
+    ref = x.float() @ qw.dequantized().t()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(qw(x).float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_int4_falls_back_to_int8_where_the_kernel_cannot_take_the_shape():
+    assert QuantWeight(torch.randn(64, 100), Quant("int4", 32), torch.float32).kind == "int8"  # in not a multiple of 32
+    assert QuantWeight(torch.randn(40, 256), Quant("int4", 32), torch.float32).kind == "int8"  # out not a multiple of 16
+    assert QuantWeight(torch.randn(64, 256), Quant("int4", 32), torch.float32).kind == "int4"
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_rows_are_bitwise_independent_of_the_row_count(kind):
+    dtype = torch.bfloat16
+    w = torch.randn(512, 1024, generator=torch.Generator().manual_seed(2)).to(dtype)
+    qw = QuantWeight(w, Quant(kind, 128), dtype)
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(3)).to(dtype)
+    full = qw(x)
+    for m in (1, 3, 8, 64):
+        assert torch.equal(qw(x[:m]), full[:m]), m
+    assert rows_independent(qw, dtype)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_stage_matches_transformers_on_the_dequantized_weights(models, kind):
+    from transformers import AutoModelForCausalLM
+
+    path = models["llama-gqa-llama3"]
+    ckpt = Checkpoint(path)
+    stage = load_stage(ckpt, range(ckpt.config.n_layers), True, torch.float32, Quant(kind, 32))
+    stage.setup_cache(1, 128)
+    stage.choose_kernels(cache=default_cache())
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    state = hf.state_dict()
+    n_quantized = 0
+    for name, m in stage.named_modules():
+        if isinstance(m, QuantWeight):
+            owner = {"embed_q": "embed_tokens", "head_q": "lm_head"}.get(name, name.removesuffix(".qweight"))
+            state[hf_name(owner + ".weight")].copy_(m.dequantized())
+            n_quantized += 1
+    assert n_quantized == 4 * 7 + 2
+    ids = torch.arange(3, 23)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    ours = stage(ids, Batch.make([0], [0], [20]), all_logits=True)
+    assert (ours - ref).abs().max() < 1e-3
+    with torch.no_grad():
+        for p in PROMPTS[:3]:
+            want = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+            got = generate(stage, [p], n_slots=1, max_new_tokens=32)["0"]
+            assert got == want[: len(got)] and len(got) == len(want)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_outputs_are_identical_across_ranks_slots_and_micro_batches(models, tmp_path, kind):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:3])
+    runs = {}
+    for ranks, slots, micro in [(1, 1, 1), (2, 4, 2), (3, 3, 1), (3, 6, 2)]:
+        out = tmp_path / f"out-{ranks}-{slots}-{micro}.jsonl"
+        stats = tmp_path / "stats.json"
+        res = run_cli(["--model", str(models["qwen2"]), "--quant", kind, "--quant-group", "32", "--prompts-file", prompts,
+                       "--n-samples", "2", "--temperature", "0.9", "--seed", "5", "--max-new-tokens", "10",
+                       "--slots", str(slots), "--micro-batch", str(micro), "--prefill-chunk", "5",
+                       "--output", str(out), "--quiet", "--stats-json", str(stats)], ranks=ranks)
+        assert res.returncode == 0, res.stderr
+        runs[(ranks, slots, micro)] = {k: r["tokens"] for k, r in records(out).items()}
+        s = json.loads(stats.read_text())
+        assert s["quant"] == kind and s["dtype"] == "bfloat16"
+        assert sum(r["quantized_linears"][kind] for r in s["per_rank"]) == 4 * 7
+    first = runs[(1, 1, 1)]
+    assert len(first) == 6 and first["p0-0"] != first["p0-1"]
+    for key, tokens in runs.items():
+        assert tokens == first, key
+
+
+def test_quantized_weights_take_their_share_of_memory(models, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:1])
+    sizes = {}
+    for quant in (None, "int8", "int4"):
+        stats = tmp_path / "stats.json"
+        extra = ["--quant", quant, "--quant-group", "32"] if quant else []
+        res = run_cli(["--model", str(models["qwen2"]), "--dtype", "bfloat16", "--prompts-file", prompts,
+                       "--max-new-tokens", "2", "--quiet", "--stats-json", str(stats), *extra])
+        assert res.returncode == 0, res.stderr
+        sizes[quant] = json.loads(stats.read_text())["per_rank"][0]["weight_bytes"]
+    assert sizes["int8"] < 0.6 * sizes[None]
+    assert sizes["int4"] < 0.8 * sizes["int8"]
+
+
+RSS_SCRIPT = """
+import sys, torch
+from mdi_mpi.checkpoint import Checkpoint, load_stage
+from mdi_mpi.plan import peak_rss
+from mdi_mpi.quant import Quant
+load_stage(Checkpoint(sys.argv[1]), range(0, 1), False, torch.float32, Quant("int4"))  # torch's one-time set-up
+ckpt = Checkpoint(sys.argv[1])
+before = peak_rss()
+stage = load_stage(ckpt, range(5, 10), False, torch.float32, Quant("int4"))
+print(peak_rss() - before, stage.weight_bytes())
+"""
+
+
+def test_partial_quantized_load_peaks_at_its_quantized_share_plus_one_tensor(tmp_path):
+    path = build_hf_model(tmp_path / "m", "LlamaConfig", dict(num_hidden_layers=12, hidden_size=512,
+                          intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4))
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path)], capture_output=True, text=True, check=True)
+    grown, weights = map(int, out.stdout.split())
+    full_layer_bytes = 5 * (4 * 512 * 512 + 3 * 512 * 1536) * 4  # the 5 layers in float32
+    one_tensor = 512 * 1536 * 4
+    assert weights < full_layer_bytes / 6
+    assert grown < weights + one_tensor + 16 * 2**20, f"peak RSS grew {grown} for {weights} bytes of weights"
+
+
+def test_bad_quant_flags_exit_2(models):
+    m = str(models["mistral"])
+    for args, message in [(["--quant", "int3"], "invalid choice: 'int3'"), (["--quant", "int4", "--quant-group", "100"], "--quant-group must be one of")]:
+        res = run_cli(["--model", m, "--prompts-file", "-", *args], timeout=60)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_plan_counts_quantized_bytes_and_suggests_a_quant():
+    from mdi_mpi.plan import main
+
+    res = subprocess.run([sys.executable, "-m", "mdi_mpi.plan", "--ranks", "1", "--mem-per-rank", "0.42GiB"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "--quant" in res.stderr, res.stderr
+    assert main is not None
