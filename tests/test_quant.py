@@ -17,7 +17,15 @@ from test_cli import PROMPTS, records, write_prompts
 from mdi_mpi.checkpoint import Checkpoint, hf_name, load_stage
 from mdi_mpi.kernels import default_cache
 from mdi_mpi.kv_cache import Batch
-from mdi_mpi.quant import Quant, QuantWeight, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8, rows_independent
+from mdi_mpi.quant import (
+    Quant,
+    QuantWeight,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+    rows_independent,
+)
 
 
 def test_round_trip_bounds():
@@ -162,9 +170,23 @@ def test_bad_quant_flags_exit_2(models):
 
 
 def test_plan_counts_quantized_bytes_and_suggests_a_quant():
-    from mdi_mpi.plan import main
+    from mdi_mpi.config import ModelConfig
+    from mdi_mpi.demo import TINYLLAMA_CONFIG
+    from mdi_mpi.plan import make_plan, suggestion
 
-    res = subprocess.run([sys.executable, "-m", "mdi_mpi.plan", "--ranks", "1", "--mem-per-rank", "0.42GiB"],
+    cfg = ModelConfig.from_dict({**TINYLLAMA_CONFIG, "model_type": "llama"})
+    kw = dict(n_slots=1, max_seq_len=512, micro_batch=1, prefill_chunk=128)
+    dense = make_plan(cfg, 1, torch.bfloat16, **kw).memory[0]
+    int8 = make_plan(cfg, 1, torch.bfloat16, quant=Quant("int8"), **kw).memory[0]
+    int4 = make_plan(cfg, 1, torch.bfloat16, quant=Quant("int4", 128), **kw).memory[0]
+    assert abs(int8["weight_bytes"] / dense["weight_bytes"] - 0.5) < 0.01
+    assert int4["weight_bytes"] < 0.65 * int8["weight_bytes"]
+    # Just too little memory for any rank count in bf16 (rank 0 holds the embedding and head): a --quant is named.
+    def least(quant):
+        return min(max(m["peak_bytes"] for m in make_plan(cfg, n, torch.bfloat16, quant=quant, **kw).memory) for n in range(1, 23))
+
+    assert suggestion(cfg, torch.bfloat16, least(None) - 1, **kw).startswith("with --quant int8, ")
+    assert suggestion(cfg, torch.bfloat16, least(Quant("int8")) - 1, quant=Quant("int8"), **kw).startswith("with --quant int4, ")
+    res = subprocess.run([sys.executable, "-m", "mdi_mpi.plan", "--ranks", "1", "--quant", "int8", "--quant-group", "100"],
                          capture_output=True, text=True)
-    assert res.returncode == 2 and "--quant" in res.stderr, res.stderr
-    assert main is not None
+    assert res.returncode == 2 and "--quant-group must be one of" in res.stderr, res.stderr

@@ -73,7 +73,7 @@ def run_hf(model: str, dtype: str, threads: int, batch: int, prompt_len: int, ne
 
 
 def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro: int, prompt_len: int,
-            new_tokens: int, work: Path, trace: str | None = None, cap: str = "none") -> dict:
+            new_tokens: int, work: Path, trace: str | None = None, cap: str = "none", quant: str | None = None) -> dict:
     """``mpiexec -n ranks python -m mdi_mpi.generate`` on the workload; returns its summary."""
     import torch
 
@@ -90,6 +90,8 @@ def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro:
            "--max-seq-len", str(prompt_len + new_tokens + 1)]
     if trace:
         cmd += ["--trace", trace]
+    if quant:
+        cmd += ["--quant", quant]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(threads, cap))
     if out.returncode:
         raise RuntimeError(f"mdi-mpi run failed ({' '.join(cmd)}): {out.stderr[-2000:]}")
@@ -213,7 +215,7 @@ def format_row(r: dict) -> str:
         cfg = f"{'transformers':<13}{1:>3}{r['batch']:>4}{'-':>4}{r['threads']:>4}"
         extra = f"{'-':>9}  -"
     else:
-        cfg = f"{'mdi-mpi':<13}{r['ranks']:>3}{r['slots']:>4}{r['micro_batch']:>4}{r['threads']:>4}"
+        cfg = f"{r['engine']:<13}{r['ranks']:>3}{r['slots']:>4}{r['micro_batch']:>4}{r['threads']:>4}"
         wait = max(f["recv_wait"] for f in r["fractions"]) if r["ranks"] > 1 else 0.0
         extra = f"{r['bytes_sent_per_token']:>9.0f}  {100 * wait:.1f}%"
     return f"{cfg}{r['tokens_per_s']:>9.2f}{r['tokens_per_s_per_sequence']:>10.2f}{r['ttft_s']:>8.3f}  {rss:<24}{extra}"
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-threads", default="1,2", help="thread counts for the transformers baseline (default: 1,2)")
     p.add_argument("--hf-batches", metavar="B,...", help="batch sizes for the transformers baseline (default: the slot counts at N = 1, and 1)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--quants", default="none", metavar="Q,...", help="weight formats for mdi-mpi: none, int8, int4 (default: none)")
     p.add_argument("--no-mb1", action="store_true", help="skip the one-slot-per-message runs of K > N")
     p.add_argument("--cap", choices=tuple(CAPS), default="none", help="emulate an older CPU: oneDNN and ATen limited to "
                    "AVX2 (avx2) or AVX-512 without bf16 (avx512), for both engines (default: none)")
@@ -270,13 +273,17 @@ def main(argv: list[str] | None = None) -> int:
                 for c in configs:
                     if c["engine"] == "transformers":
                         r = run_hf(model, dtype, c["threads"], c["batch"], args.prompt_len, args.new_tokens, args.cap)
+                        rows_c = [{**c, "dtype": dtype, **r}]
                     else:
-                        r = run_mdi(model, dtype, args.threads, c["ranks"], c["slots"], c["micro_batch"],
-                                    args.prompt_len, args.new_tokens, Path(tmp), cap=args.cap)
-                        r["threads"] = args.threads
-                    row = {**c, "dtype": dtype, **r}
-                    table.append(row)
-                    print(format_row(row), flush=True)
+                        rows_c = []
+                        for q in args.quants.split(","):
+                            r = run_mdi(model, dtype, args.threads, c["ranks"], c["slots"], c["micro_batch"], args.prompt_len,
+                                        args.new_tokens, Path(tmp), cap=args.cap, quant=None if q == "none" else q)
+                            rows_c.append({**c, "engine": "mdi-mpi" if q == "none" else f"mdi-{q}", "dtype": dtype,
+                                           "threads": args.threads, **r})
+                    for row in rows_c:
+                        table.append(row)
+                        print(format_row(row), flush=True)
                 rows += table
         if args.json:
             Path(args.json).write_text(json.dumps({"model": model, "cpu": cpu_flags(), "cap": args.cap, "prompt_len": args.prompt_len,
