@@ -120,7 +120,7 @@ def test_a_position_dependent_forced_kernel_is_refused(tmp_path, monkeypatch):
 
     w, b, _ = _weights(torch.bfloat16)
     real = kernels.probe
-    monkeypatch.setattr(kernels, "probe", lambda w, b, names, rows=17: {**real(w, b, names, rows), "tile8": None})
+    monkeypatch.setattr(kernels, "probe", lambda w, b, names, **kw: {**real(w, b, names, **kw), "tile8": None})
     with pytest.raises(UserError, match="tile8"):
         choose_kernels([(w, b, False)], "tile8", tmp_path / "kernels.json")
 

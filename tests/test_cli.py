@@ -153,14 +153,23 @@ def test_bad_input_every_rank_exits_2_with_one_message(models, tmp_path):
     assert res.returncode == 2 and res.stderr.count("5 ranks but the model has only 4 layers") == 1, res.stderr
 
 
+INJECT = str(REPO / "tests" / "inject")  # sitecustomize.py: makes a rank fail from outside the product
+
+
 @pytest.mark.timeout(120)
-def test_a_failing_rank_ends_the_job_and_keeps_results(models, tmp_path):
+@pytest.mark.parametrize("kind, line", [("error", "rank 1: RuntimeError: injected failure at call 7"),
+                                        ("interrupt", "rank 1: KeyboardInterrupt")])
+def test_a_failing_rank_ends_the_job_and_keeps_results(models, tmp_path, kind, line):
+    """Any exception on one rank, KeyboardInterrupt included, ends every rank at once."""
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 3, max_new_tokens=2)
     out = tmp_path / "out.jsonl"
+    t0 = time.time()
     res = run_cli(["--model", str(models["llama-tied"]), "--prompts-file", prompts, "--slots", "1",
-                   "--output", str(out), "--quiet"], ranks=3, timeout=60, env={"MDI_MPI_FAIL": "1:7"})
+                   "--output", str(out), "--quiet"], ranks=3, timeout=60,
+                  env={"MDI_TEST_FAIL": f"1:7:{kind}", "PYTHONPATH": INJECT})
     assert res.returncode != 0
-    assert "rank 1: RuntimeError: injected failure at step 7" in res.stderr
+    assert line in res.stderr, res.stderr
+    assert time.time() - t0 < 30
     done = records(out)  # every line written is a whole record
     assert 2 <= len(done) < len(PROMPTS) * 3
 
@@ -214,6 +223,15 @@ def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str]) -> str:
 def test_a_rank_killed_by_a_signal_ends_the_job(models, tmp_path):
     # What the OOM killer does: SIGKILL, no chance to call MPI_Abort. The launcher must end the rest.
     _start_and_hit_rank_1(models, tmp_path, signal.SIGKILL, [])
+
+
+@pytest.mark.timeout(120)
+def test_sigint_to_one_rank_ends_the_job(models, tmp_path):
+    # Ctrl-C on one node: KeyboardInterrupt in that rank must abort the job, not hang in MPI finalization.
+    t0 = time.time()
+    stderr = _start_and_hit_rank_1(models, tmp_path, signal.SIGINT, [])
+    assert "rank 1: KeyboardInterrupt" in stderr, stderr
+    assert time.time() - t0 < 60
 
 
 @pytest.mark.timeout(120)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ def test_round_trip_bounds():
 def test_kernel_matches_dequantized_reference(kind, group, dtype, shape):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(*shape, generator=g) * 0.05
-    qw = QuantWeight(w.to(dtype), Quant(kind, group), dtype)
+    qw = QuantWeight.of(w.to(dtype), Quant(kind, group), dtype)
     x = torch.randn(5, shape[1], generator=g).to(dtype)
     ref = x.float() @ qw.dequantized().t()
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
@@ -54,16 +55,16 @@ def test_kernel_matches_dequantized_reference(kind, group, dtype, shape):
 
 
 def test_int4_falls_back_to_int8_where_the_kernel_cannot_take_the_shape():
-    assert QuantWeight(torch.randn(64, 100), Quant("int4", 32), torch.float32).kind == "int8"  # in not a multiple of 32
-    assert QuantWeight(torch.randn(40, 256), Quant("int4", 32), torch.float32).kind == "int8"  # out not a multiple of 16
-    assert QuantWeight(torch.randn(64, 256), Quant("int4", 32), torch.float32).kind == "int4"
+    assert QuantWeight.of(torch.randn(64, 100), Quant("int4", 32), torch.float32).kind == "int8"  # in not a multiple of 32
+    assert QuantWeight.of(torch.randn(40, 256), Quant("int4", 32), torch.float32).kind == "int8"  # out not a multiple of 16
+    assert QuantWeight.of(torch.randn(64, 256), Quant("int4", 32), torch.float32).kind == "int4"
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_rows_are_bitwise_independent_of_the_row_count(kind):
     dtype = torch.bfloat16
     w = torch.randn(512, 1024, generator=torch.Generator().manual_seed(2)).to(dtype)
-    qw = QuantWeight(w, Quant(kind, 128), dtype)
+    qw = QuantWeight.of(w, Quant(kind, 128), dtype)
     x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(3)).to(dtype)
     full = qw(x)
     for m in (1, 3, 8, 64):
@@ -190,3 +191,48 @@ def test_plan_counts_quantized_bytes_and_suggests_a_quant():
     res = subprocess.run([sys.executable, "-m", "mdi_mpi.plan", "--ranks", "1", "--quant", "int8", "--quant-group", "100"],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "--quant-group must be one of" in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(240)
+def test_split_quant_shards_give_the_tokens_of_on_the_fly_quantization(models, tmp_path):
+    model = str(models["llama-gqa-llama3"])
+    shards = tmp_path / "shards"
+    res = subprocess.run([sys.executable, "-m", "mdi_mpi.split", "--model", model, "--ranks", "2", "--out", str(shards),
+                          "--quant", "int4", "--quant-group", "32", "--dtype", "bfloat16"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    split = json.loads((shards / "mdi_split.json").read_text())
+    assert split["quant"] == {"kind": "int4", "group": 32}
+    from safetensors import safe_open
+
+    with safe_open(shards / "rank-1" / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+        assert f.get_tensor("model.layers.3.mlp.up_proj.weight.q").dtype == torch.uint8  # int4, unpacked
+        assert "model.layers.3.mlp.up_proj.weight" not in names
+    stored = sum((shards / f"rank-{r}" / "model.safetensors").stat().st_size for r in range(2))
+    assert stored < 0.4 * (Path(model) / "model.safetensors").stat().st_size  # fp32 source
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:3])
+    outs = {}
+    for name, args in [("fly", ["--model", model, "--quant", "int4", "--quant-group", "32"]), ("shards", ["--model", str(shards)])]:
+        out = tmp_path / f"{name}.jsonl"
+        res = run_cli([*args, "--dtype", "bfloat16", "--prompts-file", prompts, "--max-new-tokens", "12", "--slots", "2",
+                       "--output", str(out), "--quiet"], ranks=2)
+        assert res.returncode == 0, res.stderr
+        outs[name] = {k: r["tokens"] for k, r in records(out).items()}
+    assert outs["fly"] == outs["shards"]
+    # A conflicting --quant is a clear error on every rank.
+    res = run_cli(["--model", str(shards), "--quant", "int8", "--prompts-file", prompts], ranks=2)
+    assert res.returncode == 2 and "holds int4 weights (group 32), which --quant int8 contradicts" in res.stderr, res.stderr
+    res = run_cli(["--model", str(shards), "--quant", "int4", "--quant-group", "64", "--prompts-file", prompts], ranks=2)
+    assert res.returncode == 2 and "contradicts" in res.stderr
+
+
+def test_an_already_quantized_checkpoint_is_refused(models, tmp_path):
+    import shutil
+
+    path = tmp_path / "gptq"
+    shutil.copytree(models["qwen2"], path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (path / "config.json").write_text(json.dumps(cfg))
+    res = run_cli(["--model", str(path), "--prompts-file", "-"], timeout=60)
+    assert res.returncode == 2 and "already quantized (gptq)" in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -12,6 +12,7 @@ file's dtype when casting): no memory map of the whole file, no second copy.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -22,7 +23,7 @@ from torch import nn
 
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.errors import UserError
-from mdi_mpi.quant import Quant, QuantWeight
+from mdi_mpi.quant import Quant, QuantWeight, quantize_int8
 from mdi_mpi.stage import Stage
 
 INDEX = "model.safetensors.index.json"
@@ -32,7 +33,8 @@ CONVERT_HINT = (
     "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
 )
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I8": torch.int8, "U8": torch.uint8}  # integers: split --quant shards
 _MAX_HEADER = 100 * 2**20
 
 
@@ -63,19 +65,24 @@ class SafetensorsFile:
             if not 0 <= begin <= end <= size - self.data_start:
                 raise UserError(f"{path} is truncated or corrupt: tensor {name} lies outside the file")
 
-    def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Read tensor ``name`` into ``out`` (same shape), casting if the file's dtype differs."""
+    def read_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Read tensor ``name`` into ``out`` (same shape), casting if the file's dtype differs; with
+        ``rows=(a, b)``, only its rows a..b-1 (``out`` is then [b - a, ...])."""
         info = self.tensors[name]
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:
             raise UserError(f"tensor {name} has dtype {info['dtype']}; supported: {', '.join(_DTYPES)}")
         shape = tuple(info["shape"])
-        if shape != tuple(out.shape):
-            raise UserError(f"tensor {name} has shape {list(shape)}, the config implies {list(out.shape)}")
+        want = tuple(out.shape) if rows is None else (shape[0], *out.shape[1:])
+        if shape != want:
+            raise UserError(f"tensor {name} has shape {list(shape)}, the config implies {list(want)}")
         begin, end = info["data_offsets"]
-        buf = out if out.dtype == dtype else torch.empty(shape, dtype=dtype)
-        if end - begin != buf.nbytes:
+        buf = out if out.dtype == dtype else torch.empty(out.shape, dtype=dtype)
+        if rows is None and end - begin != buf.nbytes:
             raise UserError(f"tensor {name} in {self.path.name} has {end - begin} bytes, its shape needs {buf.nbytes}")
+        if rows is not None:  # rows are contiguous in the file
+            row_bytes = buf[0].nbytes if buf.shape[0] else 0
+            begin += rows[0] * row_bytes
         view = memoryview(buf.view(-1).view(torch.uint8).numpy())
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.data_start + begin)
@@ -138,33 +145,71 @@ class Checkpoint:
                 f"but the checkpoint has tensors for layer {extra[0]}"
             )
 
-    def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Read one tensor by checkpoint name into ``out``, checking that it exists and fits."""
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor by checkpoint name, in the file's own dtype and shape."""
         file = self.files.get(name)
         if file is None:
             raise UserError(f"tensor {name} is missing from the checkpoint {self.path}")
-        file.read_into(name, out)
+        info = file.tensors[name]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise UserError(f"tensor {name} has dtype {info['dtype']}; supported: {', '.join(_DTYPES)}")
+        out = torch.empty(tuple(info["shape"]), dtype=dtype)
+        self.read_into(name, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Read one tensor by checkpoint name into ``out`` (or only its ``rows``), checking that it
+        exists and fits."""
+        file = self.files.get(name)
+        if file is None:
+            raise UserError(f"tensor {name} is missing from the checkpoint {self.path}")
+        file.read_into(name, out, rows)
         self.names_read.append(name)
 
 
 def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype, quant: Quant | None = None) -> Stage:
     """Build the stage for ``layers`` (plus the edges if ``edges``) and fill it from ``ckpt``,
-    reading only its own tensors, one at a time, casting them to ``dtype`` and, with ``quant``,
-    quantizing each linear weight (and the embedding and LM head, int8) as soon as it is read, so
-    that at most one full-precision tensor exists at a time."""
+    reading only its own tensors, one at a time, casting them to ``dtype``. With ``quant``, each
+    linear weight (and the embedding and LM head, as int8) is quantized as soon as it is read, so that
+    at most one full-precision tensor exists at a time; weights that ``ckpt`` stores quantized
+    (``split --quant`` shards: ``NAME.q``, ``NAME.scale``, ``NAME.zero``) are read as they are."""
     with torch.device("meta"):
         stage = Stage(ckpt.config, layers, edges).to(dtype)
     quantized = stage.quantizable() if quant is not None else set()
-    params = list(stage.named_parameters())
-    # One reused buffer for the full-precision tensors that are quantized as soon as they are read.
-    scratch = torch.empty(max((p.numel() for n, p in params if n in quantized), default=0), dtype=dtype)
     with torch.no_grad():
-        for name, param in params:
-            tensor = scratch[: param.numel()].view(param.shape) if name in quantized else torch.empty(param.shape, dtype=dtype)
-            ckpt.read_into(hf_name(name), tensor)
+        for name, param in list(stage.named_parameters()):
             owner, _, attr = name.rpartition(".")
+            key = hf_name(name)
+            if name in quantized and ckpt.has(f"{key}.q"):
+                zero = ckpt.read(f"{key}.zero") if ckpt.has(f"{key}.zero") else None
+                stage.set_quantized(owner, QuantWeight(ckpt.read(f"{key}.q"), ckpt.read(f"{key}.scale"), zero, dtype))
+                continue
+            if name in quantized and layer_quant(name, quant).kind == "int8":  # read and quantized in row blocks
+                rows = functools.partial(_read_rows, ckpt, key, shape=param.shape, dtype=dtype)
+                q, scale = quantize_int8(param.shape, rows)
+                stage.set_quantized(owner, QuantWeight(q, scale, None, dtype))
+                continue
+            tensor = torch.empty(param.shape, dtype=dtype)
+            ckpt.read_into(key, tensor)
             if name in quantized:
-                stage.set_quantized(owner, QuantWeight(tensor, quant if owner.startswith("layers.") else Quant("int8"), dtype))
+                stage.set_quantized(owner, QuantWeight.of(tensor, layer_quant(name, quant), dtype))
             else:
                 stage.get_submodule(owner)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
     return stage
+
+
+def _read_rows(ckpt: Checkpoint, name: str, a: int, b: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Rows a..b-1 of tensor ``name``, cast to ``dtype``."""
+    out = torch.empty((b - a, *shape[1:]), dtype=dtype)
+    ckpt.read_into(name, out, (a, b))
+    return out
+
+
+def layer_quant(name: str, quant: Quant) -> Quant:
+    """The scheme for parameter ``name``: ``quant`` in the decoder layers, int8 for the embedding and
+    LM head (their error lands straight in the logits)."""
+    return quant if name.startswith("layers.") else Quant("int8")

@@ -67,6 +67,13 @@ class ModelConfig:
             raise UserError(
                 f"unsupported model_type {model_type!r}; mdi-mpi supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        qc = raw.get("quantization_config")
+        if qc:
+            method = qc.get("quant_method", "an unknown method") if isinstance(qc, dict) else "an unknown method"
+            raise UserError(
+                f"this checkpoint is already quantized ({method}), a format mdi-mpi does not read; use the "
+                "original bf16/fp16/fp32 checkpoint with --quant int8|int4, or shards from 'python -m mdi_mpi.split --quant'"
+            )
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise UserError(f"unsupported hidden_act {act!r}; only 'silu' (SwiGLU) is supported")

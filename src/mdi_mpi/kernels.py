@@ -7,7 +7,7 @@ computation of a fixed shape, one of these *kernels*:
 
 - ``mv``: ``torch.mv`` on one row;
 - ``row``: ``F.linear`` on one row;
-- ``tileT``: ``F.linear`` on a tile of exactly T rows (zero-padded), T in 2, 4, ... 64.
+- ``tileT``: ``F.linear`` on a tile of exactly T rows (zero-padded), T in 2, 4, ... 256.
 
 Which is fastest differs between CPUs several times over (AMX, AVX-512 BF16, AVX2, NEON), so each
 rank measures them at start-up for each distinct weight shape and dtype. Kernels whose rows agree bit
@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROWS: dict[str, int] = {"mv": 1, "row": 1, **{f"tile{t}": t for t in (2, 4, 8, 16, 32, 64)}}
+ROWS: dict[str, int] = {"mv": 1, "row": 1, **{f"tile{t}": t for t in (2, 4, 8, 16, 32, 64, 128, 256)}}
 DECODE_KERNELS = ("mv", "row", "tile2", "tile4", "tile8", "tile16")  # a head or decode rows never need more
 DECODE_COUNTS = (1, 2, 4, 8)  # decode rows per call that rank the families
 PREFILL_COUNTS = (16, 64, 128)  # prompt rows per call that rank the families
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _PROBE_ROWS = 17  # rows of the bit-for-bit probe: one more than the largest decode tile
 
 
@@ -96,22 +96,24 @@ def select(families: list[tuple[str, ...]], times: dict[str, float], counts: tup
     return min(families, key=lambda f: (sum(ms(f, m) / best[m] for m in counts), families.index(f)))
 
 
-def probe(weight: torch.Tensor, bias: torch.Tensor | None, names: Iterable[str], rows: int = _PROBE_ROWS) -> dict[str, torch.Tensor | None]:
-    """Each kernel's output for the same random rows, or None for a tile whose rows change with
-    their place in the tile (rows shifted by one place give other bits)."""
+def probe(weight: torch.Tensor, bias: torch.Tensor | None, names: Iterable[str], rows: int = _PROBE_ROWS,
+          compare: int = 5) -> dict[str, torch.Tensor | None]:
+    """Each kernel's output for the same first ``compare`` random rows, or None for a tile whose
+    rows change with their place in the tile (all ``rows`` shifted by one place give other bits)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, weight.shape[1], generator=g).to(weight.dtype)  # [P, in]
 
     def run(name: str, xs: torch.Tensor) -> torch.Tensor:
         step = ROWS[name]
-        return torch.cat([call(name, xs[i : i + step], weight, bias) for i in range(0, rows, step)])
+        return torch.cat([call(name, xs[i : i + step], weight, bias) for i in range(0, xs.shape[0], step)])
 
     out: dict[str, torch.Tensor | None] = {}
     for name in names:
+        if ROWS[name] == 1:  # one row per call: nothing shares it
+            out[name] = run(name, x[:compare])
+            continue
         y = run(name, x)
-        if ROWS[name] > 1 and not torch.equal(run(name, x.roll(1, 0)).roll(-1, 0), y):
-            y = None
-        out[name] = y
+        out[name] = y[:compare] if torch.equal(run(name, x.roll(1, 0)).roll(-1, 0), y) else None
     return out
 
 
@@ -131,10 +133,16 @@ def families_of(outputs: dict[str, torch.Tensor | None]) -> list[tuple[str, ...]
 
 
 def measure(weight: torch.Tensor, bias: torch.Tensor | None, names: Iterable[str], budget_ms: float = 25.0) -> dict[str, float]:
-    """Milliseconds per call of each kernel on ``weight`` (the best of a few calls after a warm-up)."""
+    """Milliseconds per call of each kernel on ``weight`` (the best of a few calls after a warm-up).
+    Tiles are timed in growing sizes and no further once two in a row are no cheaper per row than
+    the best so far (as where the CPU has no fast matmul for this dtype): larger ones would only
+    cost start-up time."""
     x = torch.randn(max(ROWS[n] for n in names), weight.shape[1]).to(weight.dtype)
-    times = {}
-    for name in names:
+    times: dict[str, float] = {}
+    best_per_row, strikes = float("inf"), 0
+    for name in sorted(names, key=lambda n: ROWS[n]):
+        if strikes >= 2 and ROWS[name] > 1:
+            continue
         xs = x[: ROWS[name]]
         call(name, xs, weight, bias)  # warm-up
         best, spent, n = float("inf"), 0.0, 0
@@ -144,6 +152,10 @@ def measure(weight: torch.Tensor, bias: torch.Tensor | None, names: Iterable[str
             dt = (time.perf_counter() - t0) * 1e3
             best, spent, n = min(best, dt), spent + dt, n + 1
         times[name] = best
+        per_row = best / ROWS[name]
+        if ROWS[name] > 1:
+            strikes = strikes + 1 if per_row > 0.95 * best_per_row else 0
+        best_per_row = min(best_per_row, per_row)
     return times
 
 
@@ -239,7 +251,7 @@ def shape_key(weight: torch.Tensor, bias: torch.Tensor | None, decode_only: bool
 def _agrees(k: ShapeKernels, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the chosen families still agree bit for bit on these (real) weights."""
     for choice in (k.decode, k.prefill):
-        outs = probe(weight, bias, choice.family, rows=9)
+        outs = probe(weight, bias, choice.family, rows=9, compare=3)
         if any(y is None for y in outs.values()) or len(families_of(outs)) != 1:
             return False
     return True
@@ -292,8 +304,11 @@ def choose_kernels(
                 if k is None or not _agrees(k, w, b):
                     names = DECODE_KERNELS if decode_only else tuple(ROWS)
                     names += (forced,) if forced is not None and forced not in names else ()
-                    outs = probe(w, b, names)
-                    measured = {"families": families_of(outs), "times": measure(w, b, names)}
+                    times = measure(w, b, names)
+                    outs = probe(w, b, [n for n in names if n in times or n == forced])
+                    if forced is not None and forced not in times:
+                        times.update(measure(w, b, [forced]))
+                    measured = {"families": families_of(outs), "times": times}
                     entries[key] = measured
                     n_measured += 1
                     if forced is not None and outs.get(forced) is None:

@@ -75,9 +75,11 @@ def _send(ring, rec: Recorder, group: int, batch: Batch, sampled: list[int], h: 
 
 @torch.inference_mode()
 def run_first(
-    stage: Stage, sched: Scheduler, ring, groups: list[list[int]], rec: Recorder, fail_at: int | None = None
+    stage: Stage, sched: Scheduler, ring, groups: list[list[int]], rec: Recorder, all_rows: bool = False
 ) -> None:
-    """Rank 0: feed every group into the ring, sample what comes back, refill, then stop the ring."""
+    """Rank 0: feed every group into the ring, sample what comes back, refill, then stop the ring.
+    ``sched`` plans each group's next step and takes the logits of its sampled segments' last tokens
+    (``all_rows``: of every token, as teacher-forced scoring needs; every rank must be told)."""
     works: dict[int, Work] = {}
     last = ring.size == 1
 
@@ -85,10 +87,9 @@ def run_first(
         work = sched.plan(groups[g])
         if work is None:
             return False
-        _maybe_fail(rec.steps, fail_at)
         t0 = time.perf_counter()
         h = stage.forward_layers(stage.embed(work.ids), work.batch)  # [T, D]
-        if last:
+        if last and not all_rows:
             h = h[work.batch.last[work.sampled]]
         rec.add(_compute_kind(work.batch), g, t0, time.perf_counter())
         works[g] = work
@@ -119,20 +120,20 @@ def run_first(
 
 
 @torch.inference_mode()
-def run_worker(stage: Stage, ring, rec: Recorder, fail_at: int | None = None) -> None:
-    """Ranks 1..N-1: run this stage on each message and pass it on, until the stop message."""
+def run_worker(stage: Stage, ring, rec: Recorder, all_rows: bool = False) -> None:
+    """Ranks 1..N-1: run this stage on each message and pass it on, until the stop message. The last
+    rank sends back only the rows rank 0 samples from, or every row with ``all_rows``."""
     last = ring.rank == ring.size - 1
     while True:
         msg = _recv(ring, rec)
         if msg.kind == STOP:
             ring.send(0, (), (), (), [], None, kind=STOP)
             break
-        _maybe_fail(rec.steps, fail_at)
         t0 = time.perf_counter()
         batch = Batch.make(msg.slots, msg.starts, msg.lengths)
         h = stage.forward_layers(msg.rows, batch)  # [T, D]
         ring.release(msg)
-        if last:
+        if last and not all_rows:
             h = h[batch.last[msg.sampled]]
         rec.add(_compute_kind(batch), msg.group, t0, time.perf_counter())
         _send(ring, rec, msg.group, batch, msg.sampled, h)
@@ -140,8 +141,3 @@ def run_worker(stage: Stage, ring, rec: Recorder, fail_at: int | None = None) ->
     ring.close()
     rec.wall_s = time.perf_counter() - rec.origin
 
-
-def _maybe_fail(step: int, fail_at: int | None) -> None:
-    """Test hook: raise at step ``fail_at`` to check that a failing rank ends the whole job."""
-    if step == fail_at:
-        raise RuntimeError(f"injected failure at step {step}")

@@ -195,14 +195,14 @@ def available_memory(local_ranks: int) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local_ranks)
 
 
-def rank_memory(args: argparse.Namespace, n_ranks: int) -> list[int] | None:
+def memory_flags(mem_per_rank: str | None, mem: str | None, n_ranks: int) -> list[int] | None:
     """Per-rank memory from ``--mem-per-rank`` or ``--mem``; None when neither is given."""
-    if args.mem_per_rank and args.mem:
+    if mem_per_rank and mem:
         raise UserError("give --mem-per-rank or --mem, not both")
-    if args.mem_per_rank:
-        return [parse_bytes(args.mem_per_rank)] * n_ranks
-    if args.mem:
-        mems = [parse_bytes(m) for m in args.mem.split(",")]
+    if mem_per_rank:
+        return [parse_bytes(mem_per_rank)] * n_ranks
+    if mem:
+        mems = [parse_bytes(m) for m in mem.split(",")]
         if len(mems) != n_ranks:
             raise UserError(f"--mem gives {len(mems)} sizes for {n_ranks} ranks")
         return mems
@@ -230,7 +230,8 @@ def print_plan(plan: Plan, dtype: torch.dtype, quant: Quant | None = None) -> No
     print(f"dtype {str(dtype).removeprefix('torch.')}{q}; peak = weights + KV cache + buffers + runtime and loading overhead")
 
 
-def _quant(kind: str | None, group: int) -> Quant | None:
+def quant_of(kind: str | None, group: int) -> Quant | None:
+    """The ``--quant``/``--quant-group`` flags as a ``Quant`` (None without ``--quant``)."""
     try:
         return Quant(kind, group) if kind else None
     except ValueError as e:
@@ -266,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
             max_seq_len=args.max_seq_len or min(config.max_position_embeddings, 2048),
             micro_batch=args.micro_batch or -(-slots // args.ranks),
             prefill_chunk=args.prefill_chunk,
-            quant=_quant(args.quant, args.quant_group),
+            quant=quant_of(args.quant, args.quant_group),
         )
         if args.balance == "speed":
             raise UserError("--balance speed needs the ranks themselves: use it with generate or split")
-        mems = rank_memory(args, args.ranks)
+        mems = memory_flags(args.mem_per_rank, args.mem, args.ranks)
         split = parse_split(args.layers) if args.layers else None
         plan = make_plan(config, args.ranks, dtype, split=split, available=mems, balance=args.balance, **kw)
         print_plan(plan, dtype, kw["quant"])

@@ -40,10 +40,27 @@ class Quant:
         return 1.0 if self.kind == "int8" else 0.5 + 2 * element_size / self.group
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (q int8 [out, in], scale float32 [out]) with w ~ q * scale[:, None]."""
-    scale = (w.abs().amax(dim=1).float() / 127).clamp(min=1e-12)
-    q = (w.float() / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+def _row_blocks(shape: tuple[int, ...]) -> range:
+    """Row starts of blocks of about 8M elements, so that float32 temporaries stay near 32 MB
+    however large the tensor (a 128k-token embedding table included)."""
+    return range(0, shape[0], max(1, 2**23 // shape[1]))
+
+
+def quantize_int8(w: torch.Tensor | tuple[int, int], rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (q int8 [out, in], scale float32 [out]) with w ~ q * scale[:, None]. Instead
+    of ``w``, its shape and ``rows(a, b)`` giving rows a..b-1: a block at a time, so that a large
+    table is never whole in full precision."""
+    shape = tuple(w) if rows is not None else tuple(w.shape)
+    if rows is None:
+        rows = lambda a, b: w[a:b]  # noqa: E731
+    q = torch.empty(shape, dtype=torch.int8)
+    scale = torch.empty(shape[0], dtype=torch.float32)
+    blocks = _row_blocks(shape)
+    for i in blocks:
+        blk = rows(i, min(i + blocks.step, shape[0])).to(torch.float32, copy=True)  # worked on in place
+        s = (blk.abs().amax(dim=1) / 127).clamp_(min=1e-12)
+        q[i : i + blocks.step] = blk.div_(s[:, None]).round_().clamp_(-127, 127)
+        scale[i : i + blocks.step] = s
     return q, scale
 
 
@@ -55,13 +72,17 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     """w [out, in] -> (q int32 [out, in] in 0..15, scale, zero float32 [out, in/G]) with
     w ~ (q - 8) * scale + zero per group of ``group`` input columns."""
     out_f, in_f = w.shape
-    g = w.float().reshape(out_f, in_f // group, group)  # [out, in/G, G]
-    lo, hi = g.amin(dim=2), g.amax(dim=2)
-    scale = ((hi - lo) / 15).clamp(min=1e-6)
-    zero = lo + 8 * scale
-    t = g - lo[..., None]  # the one full-size temporary, worked on in place
-    q = t.div_(scale[..., None]).round_().clamp_(0, 15).to(torch.int32)  # what the packing kernel takes
-    return q.reshape(out_f, in_f), scale, zero
+    q = torch.empty(w.shape, dtype=torch.int32)  # the packing kernel's input
+    scale = torch.empty(out_f, in_f // group)
+    zero = torch.empty(out_f, in_f // group)
+    blocks = _row_blocks(w.shape)
+    for i in blocks:
+        g = w[i : i + blocks.step].to(torch.float32, copy=True).reshape(-1, in_f // group, group)  # [rows, in/G, G]
+        lo, hi = g.amin(dim=2), g.amax(dim=2)
+        s = ((hi - lo) / 15).clamp_(min=1e-6)
+        q[i : i + blocks.step] = g.sub_(lo[..., None]).div_(s[..., None]).round_().clamp_(0, 15).reshape(-1, in_f)
+        scale[i : i + blocks.step], zero[i : i + blocks.step] = s, lo + 8 * s
+    return q, scale, zero
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
@@ -76,26 +97,43 @@ def int4_fits(shape: tuple[int, int], group: int) -> bool:
     return in_f % group == 0 and out_f % 16 == 0 and in_f % 32 == 0
 
 
-class QuantWeight(torch.nn.Module):
-    """A quantized weight [out, in], ready for this CPU's kernel: ``x @ W.T`` for x [m, in]."""
+def quantize(w: torch.Tensor, quant: Quant) -> dict[str, torch.Tensor]:
+    """The portable stored form of ``w`` [out, in] under ``quant`` (int4 falls back to int8 where the
+    kernel cannot take the shape): ``q`` (int8, or uint8 0..15 for int4, unpacked), ``scale`` and,
+    for int4, ``zero`` (float32). The integer dtype of ``q`` tells the scheme."""
+    if quant.kind == "int4" and int4_fits(tuple(w.shape), quant.group):
+        q, scale, zero = quantize_int4(w, quant.group)
+        return {"q": q.to(torch.uint8), "scale": scale, "zero": zero}
+    q, scale = quantize_int8(w)
+    return {"q": q, "scale": scale}
 
-    def __init__(self, w: torch.Tensor, quant: Quant, dtype: torch.dtype):
+
+class QuantWeight(torch.nn.Module):
+    """A quantized weight [out, in], ready for this CPU's kernel: ``x @ W.T`` for x [m, in]. Built
+    from the stored form (``quantize``): int8 ``q`` with a ``scale`` per row, or int4 values 0..15
+    with a ``scale`` and ``zero`` per group of input columns (packed here for this CPU)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
-        self.out_features, self.in_features = w.shape
-        self.kind = "int4" if quant.kind == "int4" and int4_fits(tuple(w.shape), quant.group) else "int8"
-        self.group = quant.group
+        self.out_features, self.in_features = q.shape
+        self.kind = "int8" if zero is None else "int4"
+        self.group = self.in_features // scale.shape[1] if zero is not None else 0
         self.per_row = False  # set where the kernel's rows turn out to depend on each other
-        if self.kind == "int8":
-            q, scale = quantize_int8(w)
-            self.register_buffer("q", q)
+        if zero is None:
+            self.register_buffer("q", q.to(torch.int8))
             self.register_buffer("scale", scale.to(dtype))
         else:
-            q, scale, zero = quantize_int4(w, quant.group)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            del q
-            self.register_buffer("q", packed)
-            sz = torch.stack([scale.t(), zero.t()], dim=2).contiguous()  # [in/G, out, 2]
+            self.register_buffer("q", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+            sz = torch.stack([scale.float().t(), zero.float().t()], dim=2).contiguous()  # [in/G, out, 2]
             self.register_buffer("scale_zero", sz.to(dtype))
+
+    @classmethod
+    def of(cls, w: torch.Tensor, quant: Quant, dtype: torch.dtype) -> QuantWeight:
+        """Quantize ``w`` [out, in] under ``quant`` (int4 falls back to int8 where the kernel cannot
+        take the shape)."""
+        if quant.kind == "int4" and int4_fits(tuple(w.shape), quant.group):
+            return cls(*quantize_int4(w, quant.group), dtype)  # int32 values go straight to the packer
+        return cls(*quantize_int8(w), None, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [m, in] -> [m, out] in x's dtype."""

@@ -5,6 +5,10 @@ also gets the embedding, final norm and LM head), ``config.json``, and on rank 0
 ``SHARDS/mdi_split.json`` with the plan. Copy ``rank-R`` to node R, and each node stores and reads
 only its part. ``generate --model SHARDS`` recognises the split and checks that the job matches it.
 
+With ``--quant int8|int4`` the shards hold the weights quantized (portable unpacked integers with
+their scales; int4 is packed for the CPU at load), so a node stores and reads only its quantized part,
+and ``generate`` uses the scheme it finds.
+
 Shards are safetensors, the format of the source checkpoints: tensors are read lazily (by byte range,
 one at a time), bf16 is stored natively, and the shard is an ordinary checkpoint directory for the
 same loader, so there is one loading path. (HDF5 has no bf16 type and would need a second loader.)
@@ -20,11 +24,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from mdi_mpi.checkpoint import Checkpoint, hf_name, load_stage
+from mdi_mpi.checkpoint import Checkpoint, hf_name, layer_quant, load_stage
 from mdi_mpi.config import parse_dtype
 from mdi_mpi.errors import UserError, cli_main
 from mdi_mpi.partition import parse_split
-from mdi_mpi.plan import add_plan_arguments, check_fit, make_plan, print_plan, rank_memory
+from mdi_mpi.plan import add_plan_arguments, check_fit, make_plan, memory_flags, print_plan, quant_of
+from mdi_mpi.quant import QUANTS, Quant, quantize
 from mdi_mpi.requests import TOKENIZER_FILES
 
 SPLIT_FILE = "mdi_split.json"
@@ -48,8 +53,10 @@ def shard_dir(path: str | Path, rank: int) -> Path:
     return Path(path) / f"rank-{rank}"
 
 
-def write_shards(model: str, out: str, layers: list[range], dtype_name: str) -> None:
-    """Write one shard per rank into ``out`` (which must not exist yet)."""
+def write_shards(model: str, out: str, layers: list[range], dtype_name: str, quant: Quant | None = None) -> None:
+    """Write one shard per rank into ``out`` (which must not exist yet); with ``quant``, the weights
+    that ``generate --quant`` quantizes are stored quantized, as portable unpacked integers with their
+    scales (and zeros) beside them: ``NAME.q``, ``NAME.scale``, ``NAME.zero``."""
     dtype = parse_dtype(dtype_name)
     dest = Path(out)
     if dest.exists():
@@ -61,7 +68,15 @@ def write_shards(model: str, out: str, layers: list[range], dtype_name: str) -> 
         stage = load_stage(ckpt, r, rank == 0, dtype)
         shard = shard_dir(tmp, rank)
         shard.mkdir(parents=True)
-        tensors = {hf_name(n): p.contiguous() for n, p in stage.named_parameters()}
+        quantized = stage.quantizable() if quant is not None else set()
+        tensors = {}
+        for n, p in stage.named_parameters():
+            if n in quantized:
+                stored = quantize(p, layer_quant(n, quant))
+                scale_dtype = {"scale": dtype, "zero": dtype}
+                tensors.update({f"{hf_name(n)}.{k}": t.to(scale_dtype.get(k, t.dtype)).contiguous() for k, t in stored.items()})
+            else:
+                tensors[hf_name(n)] = p.contiguous()
         save_file(tensors, shard / "model.safetensors", metadata={"format": "pt"})
         shutil.copy(Path(model) / "config.json", shard / "config.json")
         if rank == 0:
@@ -74,6 +89,7 @@ def write_shards(model: str, out: str, layers: list[range], dtype_name: str) -> 
         "ranks": len(layers),
         "layers": [[r.start, r.stop] for r in layers],
         "dtype": str(dtype).removeprefix("torch."),
+        "quant": None if quant is None else {"kind": quant.kind, "group": quant.group},
         "source": str(Path(model).resolve()),
     }, indent=1))
     tmp.rename(dest)
@@ -88,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", metavar="DIR", required=True, help="new directory for the shards")
     p.add_argument("--dtype", default="bfloat16", help="dtype the shards store (default: bfloat16)")
     p.add_argument("--layers", metavar="A,B,...", help="explicit split (wins over --balance)")
+    p.add_argument("--quant", choices=QUANTS, help="store the shards quantized (int8 or int4), as generate --quant would hold them")
+    p.add_argument("--quant-group", type=int, default=128, metavar="G", help="int4 group size: 32, 64, 128 (default) or 256")
     p.add_argument("--slots", type=int, default=None, metavar="K", help="slots the plan's memory check assumes (default: N)")
     p.add_argument("--max-seq-len", type=int, default=2048, metavar="L")
     add_plan_arguments(p)
@@ -99,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = Checkpoint(args.model)
         dtype = parse_dtype(args.dtype)
         slots = args.slots or args.ranks
+        quant = quant_of(args.quant, args.quant_group)
         plan = make_plan(ckpt.config, args.ranks, dtype, slots, args.max_seq_len, -(-slots // args.ranks), 128,
                          split=parse_split(args.layers) if args.layers else None,
-                         available=rank_memory(args, args.ranks), balance=args.balance)
-        print_plan(plan, dtype)
+                         available=memory_flags(args.mem_per_rank, args.mem, args.ranks), balance=args.balance, quant=quant)
+        print_plan(plan, dtype, quant)
         check_fit(plan)
-        write_shards(args.model, args.out, plan.layers, args.dtype)
+        write_shards(args.model, args.out, plan.layers, args.dtype, quant)
         print(f"wrote {args.ranks} shards to {args.out}: copy {args.out}/rank-R to node R, "
               f"or share the directory; run generate with --model {args.out}")
 

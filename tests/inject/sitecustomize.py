@@ -1,0 +1,25 @@
+"""Failure injection for tests, from outside the product: a test puts this folder on PYTHONPATH and
+sets ``MDI_TEST_FAIL=R:S[:KIND]``, and rank R (``PMI_RANK``; 0 in a one-process job) fails at its S-th
+call of ``Stage.forward_layers``, raising ``RuntimeError`` (KIND ``error``, the default) or
+``KeyboardInterrupt`` (``interrupt``), as a bug or a Ctrl-C on that node would."""
+
+import os
+
+_spec = os.environ.get("MDI_TEST_FAIL")
+if _spec:
+    _rank, _step, *_kind = _spec.split(":")
+    if int(_rank) == int(os.environ.get("PMI_RANK", "0")):
+        from mdi_mpi.stage import Stage
+
+        _forward = Stage.forward_layers
+        _calls = [0]
+
+        def _failing(self, h, batch):
+            _calls[0] += 1
+            if _calls[0] == int(_step):
+                if _kind and _kind[0] == "interrupt":
+                    raise KeyboardInterrupt
+                raise RuntimeError(f"injected failure at call {_step}")
+            return _forward(self, h, batch)
+
+        Stage.forward_layers = _failing
