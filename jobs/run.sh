@@ -8,7 +8,8 @@ PROMPT=${PROMPT:-Once upon a time}
 OUTPUT=${OUTPUT:-mdi-mpi-${SLURM_JOB_ID:-local}.jsonl}   # JSONL records, appended as requests finish
 TRACE=${TRACE:-}                         # e.g. run.h5 for an event timeline (python -m mdi_mpi.trace)
 STATS=${STATS:-}                         # e.g. stats.json for the run summary as JSON
-DTYPE=${DTYPE:-bfloat16}
+DTYPE=${DTYPE:-auto}                     # auto: bfloat16 unless float32 is much faster on these CPUs
+QUANT=${QUANT:-}                         # int8 or int4 to quantize the weights (empty: none)
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}
 EXTRA_ARGS=${EXTRA_ARGS:-}               # any other generate flags, e.g. "--slots 6 --temperature 0.8"
 VENV=${VENV:-}                           # a virtualenv to activate (scripts/setup.sh makes .venv)
@@ -23,6 +24,7 @@ export OMP_NUM_THREADS=$THREADS
 
 args=(--dtype "$DTYPE" --threads "$THREADS" --max-new-tokens "$MAX_NEW_TOKENS" --output "$OUTPUT" --quiet)
 [ -n "$MODEL" ] && args+=(--model "$MODEL")
+[ -n "$QUANT" ] && args+=(--quant "$QUANT")
 if [ -n "$PROMPTS" ]; then args+=(--prompts-file "$PROMPTS"); else args+=(--prompt "$PROMPT"); fi
 [ -n "$TRACE" ] && args+=(--trace "$TRACE")
 [ -n "$STATS" ] && args+=(--stats-json "$STATS")

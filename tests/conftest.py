@@ -77,11 +77,19 @@ def twelve_layers(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory) -> Path:
-    """The demo model, built in the tests' own cache (see MDI_MPI_CACHE above)."""
+def demo_dir() -> Path:
+    """The shipped, trained demo model (the default ``--model``)."""
     from mdi_mpi.demo import demo_model
 
     return demo_model()
+
+
+@pytest.fixture(scope="session")
+def random_dir() -> Path:
+    """A 10-layer random-weight llama with a tokenizer, built in the tests' own cache."""
+    from mdi_mpi.demo import random_model
+
+    return random_model()
 
 
 def mpiexec() -> str:

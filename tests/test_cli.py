@@ -83,15 +83,15 @@ def test_sampled_output_is_identical_across_ranks_slots_and_micro_batches(models
 def test_demo_model_single_process(demo_dir, tmp_path):
     out = tmp_path / "out.jsonl"
     res = run_cli(["--prompt", "Once upon a time", "--prompt", "Hello", "--max-new-tokens", "8",
-                   "--output", str(out), "--stop", "zzz-never"])
+                   "--output", str(out), "--stop", "zzz-never", "--ignore-eos"])
     assert res.returncode == 0, res.stderr
-    assert "random weights" in res.stderr
+    assert "trained for a few minutes on Python's standard library" in res.stderr
     recs = records(out)
     assert set(recs) == {"0", "1"}
     assert recs["0"]["prompt"] == "Once upon a time" and recs["0"]["input_ids"][0] == 1  # BOS
     assert all(isinstance(r["text"], str) and len(r["tokens"]) == 8 for r in recs.values())
     assert "--- 0 (length, 8 tokens)" in res.stdout
-    assert "tokens/s" in res.stderr and "rank 0: layers 0-9" in res.stderr
+    assert "tokens/s" in res.stderr and "rank 0: layers 0-3" in res.stderr
 
 
 def test_demo_chat_and_streaming(demo_dir):
@@ -252,7 +252,7 @@ def test_hostfile_launcher_runs_one_rank_per_line(demo_dir, tmp_path):
     res = subprocess.run(["bash", str(REPO / "jobs" / "hostfile-run.sh"), "--prompt", "hi", "--max-new-tokens", "3",
                           "--quiet"], env=env, capture_output=True, text=True, timeout=100)
     assert res.returncode == 0, res.stderr
-    assert "(2 ranks," in res.stderr and "rank 1: layers 5-9" in res.stderr
+    assert "(2 ranks," in res.stderr and "rank 1: layers " in res.stderr and "rank 0: layers 0-" in res.stderr
 
 
 CAPS = {"none": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},

@@ -29,8 +29,6 @@ def test_reused_slot_is_correct(stage):
     reused = generate(stage, PROMPTS[::-1], n_slots=1, max_new_tokens=12)
     fresh = generate(stage, PROMPTS[::-1], n_slots=4, max_new_tokens=12)
     assert reused == fresh
-    stage.reset(0)
-    assert all(layer.self_attn.kv_cache.lengths[0] == 0 for layer in stage.layers.values())
 
 
 def test_chunked_prefill_equals_prefill_at_once(stage):

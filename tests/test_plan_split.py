@@ -62,13 +62,14 @@ def _plan_cli(*args):
     return subprocess.run([sys.executable, "-m", "mdi_mpi.plan", *args], capture_output=True, text=True)
 
 
-def test_plan_cli_refuses_and_accepts(demo_dir):
-    bad = _plan_cli("--ranks", "2", "--mem-per-rank", "200MiB")
+def test_plan_cli_refuses_and_accepts(random_dir):
+    m = ("--model", str(random_dir))
+    bad = _plan_cli(*m, "--ranks", "2", "--mem-per-rank", "200MiB")
     assert bad.returncode == 2 and "needs about" in bad.stderr and "DOES NOT FIT" in bad.stdout
-    good = _plan_cli("--ranks", "3", "--mem-per-rank", "1GiB", "--slots", "6")
+    good = _plan_cli(*m, "--ranks", "3", "--mem-per-rank", "1GiB", "--slots", "6")
     assert good.returncode == 0, good.stderr
     assert good.stdout.count(" ok") == 3 and "0-2" in good.stdout
-    mixed = _plan_cli("--ranks", "3", "--mem", "2GiB,1GiB", "--balance", "memory")
+    mixed = _plan_cli(*m, "--ranks", "3", "--mem", "2GiB,1GiB", "--balance", "memory")
     assert mixed.returncode == 2 and "2 sizes for 3 ranks" in mixed.stderr
 
 

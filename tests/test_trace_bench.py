@@ -18,7 +18,7 @@ def trace_file(demo_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("trace") / "run.h5"
     out = path.with_suffix(".jsonl")
     res = run_cli(["--prompt", "a", "--prompt", "bb", "--prompt", "ccc", "--max-new-tokens", "6", "--slots", "3",
-                   "--micro-batch", "1", "--trace", str(path), "--output", str(out), "--quiet"], ranks=2)
+                   "--micro-batch", "1", "--trace", str(path), "--output", str(out), "--quiet", "--ignore-eos"], ranks=2)
     assert res.returncode == 0, res.stderr
     return path
 

@@ -97,7 +97,7 @@ class SafetensorsFile:
 
 
 class Checkpoint:
-    """A checkpoint directory's tensor index; reads tensors one at a time and records which."""
+    """A checkpoint directory's tensor index; reads tensors one at a time."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -105,7 +105,6 @@ class Checkpoint:
             raise UserError(f"checkpoint directory {self.path} does not exist")
         self.config = ModelConfig.from_dir(self.path)
         self.files = self._index()  # tensor name -> file
-        self.names_read: list[str] = []
         self._check_layers()
 
     def _index(self) -> dict[str, SafetensorsFile]:
@@ -168,7 +167,6 @@ class Checkpoint:
         if file is None:
             raise UserError(f"tensor {name} is missing from the checkpoint {self.path}")
         file.read_into(name, out, rows)
-        self.names_read.append(name)
 
 
 def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype, quant: Quant | None = None) -> Stage:

@@ -1,8 +1,11 @@
-"""Random-weight Llama checkpoints built locally: the demo model and the benchmark workload.
+"""The demo model, and the random-weight checkpoints of the benchmark.
 
-They are ordinary Hugging Face checkpoint directories (transformers ``save_pretrained``), built
-once from a fixed seed into a cache directory and reused. Their weights are random, so the text
-they generate is meaningless; they exist so that everything runs with no download.
+The demo model is a small Llama (4 layers, hidden 256, 2048-token BPE vocabulary, 3.7M parameters)
+trained on the Python standard library's own source by ``scripts/train_demo.py`` and shipped in the
+package (bfloat16, 7 MB), so every node has the same weights with no download: it writes
+Python-like text, and quantization error shows in its perplexity. The benchmark's checkpoints are
+ordinary Hugging Face directories with random weights, built once from a fixed seed into a cache
+directory: their text is meaningless, their speed and memory are those of the real models.
 """
 
 from __future__ import annotations
@@ -14,10 +17,29 @@ from pathlib import Path
 
 import torch
 
-DEMO_WARNING = "note: the demo model has random weights, so its text is meaningless"
+DEMO_NOTE = ("note: the demo model is a 3.7M-parameter Llama trained for a few minutes on Python's standard "
+             "library source: expect Python-like text, not answers")
+DEMO_DIR = Path(__file__).parent / "demo_model"  # written by scripts/train_demo.py
+HELD_OUT = 40  # the last files of the corpus, never trained on: the perplexity text
 
-# A small Llama with GQA: 10 layers so that up to 10 ranks can share it.
-DEMO_CONFIG = dict(
+# The trained demo model: int4 group 128 takes every linear (in-features 256 and 768).
+TRAINED_CONFIG = dict(
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# A small random Llama with GQA and 10 layers, so that up to 10 ranks can share it (tests).
+RANDOM_CONFIG = dict(
     vocab_size=512,
     hidden_size=256,
     intermediate_size=688,
@@ -120,8 +142,31 @@ def build_checkpoint(
 
 
 def demo_model() -> Path:
-    """The demo checkpoint, built on first use."""
-    return build_checkpoint(cache_dir() / "demo-llama-v1", DEMO_CONFIG, seed=0)
+    """The shipped, trained demo checkpoint."""
+    if not (DEMO_DIR / "model.safetensors").is_file():
+        from mdi_mpi.errors import UserError
+
+        raise UserError(f"the demo model is missing from {DEMO_DIR}: reinstall mdi-mpi, or run scripts/train_demo.py --out {DEMO_DIR}")
+    return DEMO_DIR
+
+
+def random_model() -> Path:
+    """A 10-layer random-weight checkpoint with a tokenizer, built on first use (for tests)."""
+    return build_checkpoint(cache_dir() / "random-llama-v1", RANDOM_CONFIG, seed=0)
+
+
+def corpus_files() -> tuple[list[Path], list[Path]]:
+    """The demo model's corpus: the standard library's ``.py`` files (top level, sorted), split
+    into training files and the ``HELD_OUT`` last ones."""
+    import sysconfig
+
+    files = sorted(p for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py") if p.stat().st_size < 400_000)
+    return files[:-HELD_OUT], files[-HELD_OUT:]
+
+
+def held_out_text(max_chars: int = 200_000) -> str:
+    """Standard-library source the demo model never saw in training, for perplexity."""
+    return "".join(f.read_text(encoding="utf-8", errors="replace") for f in corpus_files()[1])[:max_chars]
 
 
 def tinyllama_model(dtype: torch.dtype = torch.bfloat16) -> Path:

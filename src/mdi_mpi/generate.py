@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, comm) -> dict:
     sched = None
     if job.rank == 0:
         if job.is_demo:
-            print(demo.DEMO_WARNING, file=sys.stderr, flush=True)
+            print(demo.DEMO_NOTE, file=sys.stderr, flush=True)
         requests, tokenizer = job.prepared.items, job.prepared.tokenizer
         out = open(args.output, "a", encoding="utf-8") if args.output else None
         printer = _Printer(tokenizer, len(requests), streaming=len(requests) == 1 and not args.quiet, quiet=args.quiet)

@@ -64,7 +64,7 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     """The model, rank and scheduling flags every MPI command shares (parsed by ``JobSpec.from_args``)."""
     m = p.add_argument_group("model and ranks")
     m.add_argument("--model", metavar="DIR", help="Hugging Face checkpoint directory (safetensors) or split shards; "
-                   "default: the built-in demo model (random weights)")
+                   "default: the built-in demo model (trained on Python's standard library)")
     m.add_argument("--dtype", default="auto", help="weights and activations dtype: auto (default: bfloat16, or float32 "
                    "where this CPU decodes float32 at least 1.25x faster and it fits in memory), bfloat16, float32, float16")
     m.add_argument("--quant", choices=QUANTS, help="store weights quantized: int8 (per output channel) or int4 (per "

@@ -76,9 +76,5 @@ class KVCache(nn.Module):
         self.lengths[slot] = end
         return self.k[slot : slot + 1, :, :end], self.v[slot : slot + 1, :, :end]
 
-    def reset(self, slot: int) -> None:
-        """Forget the sequence in ``slot`` so that a new one can start at position 0."""
-        self.lengths[slot] = 0
-
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

@@ -1,9 +1,9 @@
 """Perplexity through the same ring: ``[mpirun -np N] python -m mdi_mpi.perplexity --model DIR --text FILE``.
 
-The text is tokenized on rank 0 and cut into windows of ``--max-seq-len`` tokens; each window is fed
-through the pipeline like a prompt (teacher forcing, ``--prefill-chunk`` tokens per step, ``--slots``
-windows in flight), the last rank returns every row instead of only the last, and rank 0 scores
-each position's next token. This is how a user checks what ``--quant int4`` costs on their model.
+The text is tokenized on rank 0 and cut into windows of --max-seq-len tokens (default: min(model's
+max, 512)); each window is fed through the pipeline like a prompt (teacher forcing, --prefill-chunk
+tokens per step, --slots windows in flight), the last rank returns every row instead of only the last,
+and rank 0 scores each position's next token. This is how a user checks what ``--quant int4`` costs on their model.
 """
 
 from __future__ import annotations

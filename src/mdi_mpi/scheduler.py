@@ -70,7 +70,6 @@ class Scheduler:
         self.on_finish = on_finish
         self.on_token = on_token
         self.results: list[Result] = []
-        self.generated_tokens = 0
 
     @property
     def done(self) -> bool:
@@ -107,7 +106,6 @@ class Scheduler:
             seq = self.active[slot]
             token = sample(logits[row], seq.request.params, seq.generator)
             seq.ids.append(token)
-            self.generated_tokens += 1
             if seq.t_first is None:
                 seq.t_first = time.perf_counter()
             if self.on_token is not None:

@@ -102,11 +102,6 @@ class Stage(nn.Module):
     def max_seq_len(self) -> int:
         return self.cos.shape[0]
 
-    def reset(self, slot: int) -> None:
-        """Free ``slot`` for a new sequence."""
-        for layer in self.layers.values():
-            layer.self_attn.kv_cache.reset(slot)
-
     def cache_bytes(self) -> int:
         return sum(layer.self_attn.kv_cache.nbytes() for layer in self.layers.values())
 
