@@ -73,7 +73,8 @@ def run_hf(model: str, dtype: str, threads: int, batch: int, prompt_len: int, ne
 
 
 def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro: int, prompt_len: int,
-            new_tokens: int, work: Path, trace: str | None = None, cap: str = "none", quant: str | None = None) -> dict:
+            new_tokens: int, work: Path, trace: str | None = None, cap: str = "none", quant: str | None = None,
+            prefill_chunk: int = 128) -> dict:
     """``mpiexec -n ranks python -m mdi_mpi.generate`` on the workload; returns its summary."""
     import torch
 
@@ -87,7 +88,7 @@ def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro:
     cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mdi_mpi.generate", "--model", model, "--dtype", dtype,
            "--threads", str(threads), "--slots", str(slots), "--micro-batch", str(micro), "--prompts-file", str(prompts),
            "--max-new-tokens", str(new_tokens), "--ignore-eos", "--quiet", "--stats-json", str(stats),
-           "--max-seq-len", str(prompt_len + new_tokens + 1)]
+           "--max-seq-len", str(prompt_len + new_tokens + 1), "--prefill-chunk", str(prefill_chunk)]
     if trace:
         cmd += ["--trace", trace]
     if quant:
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cap", choices=tuple(CAPS), default="none", help="emulate an older CPU: oneDNN and ATen limited to "
                    "AVX2 (avx2) or AVX-512 without bf16 (avx512), for both engines (default: none)")
     p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--prefill-chunk", type=int, default=128, help="mdi-mpi's prompt tokens per slot per step (default: 128)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--json", metavar="FILE", help="write the table as JSON")
     p.add_argument("--hot-path", action="store_true", help="instead of the table: profile what one decode step allocates")
@@ -278,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                         rows_c = []
                         for q in args.quants.split(","):
                             r = run_mdi(model, dtype, args.threads, c["ranks"], c["slots"], c["micro_batch"], args.prompt_len,
-                                        args.new_tokens, Path(tmp), cap=args.cap, quant=None if q == "none" else q)
+                                        args.new_tokens, Path(tmp), cap=args.cap, quant=None if q == "none" else q,
+                                        prefill_chunk=args.prefill_chunk)
                             rows_c.append({**c, "engine": "mdi-mpi" if q == "none" else f"mdi-{q}", "dtype": dtype,
                                            "threads": args.threads, **r})
                     for row in rows_c:
