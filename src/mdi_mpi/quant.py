@@ -69,10 +69,10 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (q int32 [out, in] in 0..15, scale, zero float32 [out, in/G]) with
+    """w [out, in] -> (q uint8 [out, in] in 0..15, scale, zero float32 [out, in/G]) with
     w ~ (q - 8) * scale + zero per group of ``group`` input columns."""
     out_f, in_f = w.shape
-    q = torch.empty(w.shape, dtype=torch.int32)  # the packing kernel's input
+    q = torch.empty(w.shape, dtype=torch.uint8)
     scale = torch.empty(out_f, in_f // group)
     zero = torch.empty(out_f, in_f // group)
     blocks = _row_blocks(w.shape)
@@ -103,9 +103,30 @@ def quantize(w: torch.Tensor, quant: Quant) -> dict[str, torch.Tensor]:
     for int4, ``zero`` (float32). The integer dtype of ``q`` tells the scheme."""
     if quant.kind == "int4" and int4_fits(tuple(w.shape), quant.group):
         q, scale, zero = quantize_int4(w, quant.group)
-        return {"q": q.to(torch.uint8), "scale": scale, "zero": zero}
+        return {"q": q, "scale": scale, "zero": zero}
     q, scale = quantize_int8(w)
     return {"q": q, "scale": scale}
+
+
+_PACK_ROWS = 64  # rows per packing call: the packed layout is row-local in blocks of 16 (checked once)
+_pack_blocks_ok: bool | None = None
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int4 values q [out, in] (0..15, any integer dtype) for this CPU's kernel, in row blocks
+    where that gives the same layout (so the int32 copy the packer needs is one block at a time)."""
+    global _pack_blocks_ok
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(x.to(torch.int32), 1)
+
+    if _pack_blocks_ok is None:
+        probe = torch.randint(0, 16, (2 * _PACK_ROWS, 64), generator=torch.Generator().manual_seed(0))
+        _pack_blocks_ok = torch.equal(pack(probe), torch.cat([pack(probe[:_PACK_ROWS]), pack(probe[_PACK_ROWS:])]))
+    if not _pack_blocks_ok or q.shape[0] % _PACK_ROWS:
+        return pack(q)
+    step = max(_PACK_ROWS, (2**22 // q.shape[1]) // _PACK_ROWS * _PACK_ROWS)
+    return torch.cat([pack(q[i : i + step]) for i in range(0, q.shape[0], step)])
 
 
 class QuantWeight(torch.nn.Module):
@@ -123,7 +144,7 @@ class QuantWeight(torch.nn.Module):
             self.register_buffer("q", q.to(torch.int8))
             self.register_buffer("scale", scale.to(dtype))
         else:
-            self.register_buffer("q", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1))
+            self.register_buffer("q", pack_int4(q))
             sz = torch.stack([scale.float().t(), zero.float().t()], dim=2).contiguous()  # [in/G, out, 2]
             self.register_buffer("scale_zero", sz.to(dtype))
 
@@ -132,7 +153,7 @@ class QuantWeight(torch.nn.Module):
         """Quantize ``w`` [out, in] under ``quant`` (int4 falls back to int8 where the kernel cannot
         take the shape)."""
         if quant.kind == "int4" and int4_fits(tuple(w.shape), quant.group):
-            return cls(*quantize_int4(w, quant.group), dtype)  # int32 values go straight to the packer
+            return cls(*quantize_int4(w, quant.group), dtype)
         return cls(*quantize_int8(w), None, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
