@@ -41,6 +41,7 @@ VARIANTS = {
     "llama-linear-headdim": ("LlamaConfig", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, head_dim=24)),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=True)),
 }
 
 

@@ -94,6 +94,24 @@ def test_demo_model_single_process(demo_dir, tmp_path):
     assert "tokens/s" in res.stderr and "rank 0: layers 0-3" in res.stderr
 
 
+@pytest.mark.timeout(120)
+def test_a_streamed_stop_string_is_never_printed(demo_dir, tmp_path):
+    """One request streams to stdout; with --stop WORD taken from its own greedy output, stdout ends
+    before the word and equals the record's text."""
+    args = ["--prompt", "def main(", "--max-new-tokens", "24", "--ignore-eos"]
+    free = run_cli([*args, "--output", str(tmp_path / "free.jsonl")])
+    assert free.returncode == 0, free.stderr
+    text = records(tmp_path / "free.jsonl")["0"]["text"]
+    words = [w for w in text.split() if len(w) >= 3 and text.index(w) > 3]
+    assert words, text
+    stop = words[0]
+    res = run_cli([*args, "--stop", stop, "--output", str(tmp_path / "stop.jsonl")])
+    assert res.returncode == 0, res.stderr
+    rec = records(tmp_path / "stop.jsonl")["0"]
+    assert rec["finish_reason"] == "stop" and rec["text"] == text[: text.index(stop)]
+    assert res.stdout == rec["text"] + "\n" and stop not in res.stdout
+
+
 def test_demo_chat_and_streaming(demo_dir):
     res = run_cli(["--prompt", "What is MPI?", "--chat", "--max-new-tokens", "5"])
     assert res.returncode == 0, res.stderr
@@ -301,3 +319,20 @@ def test_dtype_auto_says_what_it_picked(models, tmp_path):
                    "--stats-json", str(stats)])
     assert res.returncode == 0, res.stderr
     assert json.loads(stats.read_text())["dtype"] == "float16"
+
+
+@pytest.mark.timeout(240)
+def test_qwen3_greedy_equals_transformers_on_any_ranks(models, tmp_path):
+    path = models["qwen3"]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    want = {}
+    for i, p in enumerate(PROMPTS[:3]):
+        with torch.no_grad():
+            want[f"p{i}"] = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:3])
+    for ranks, slots in [(1, 1), (2, 3), (3, 3)]:
+        out = tmp_path / f"out-{ranks}.jsonl"
+        res = run_cli(["--model", str(path), "--dtype", "float32", "--prompts-file", prompts, "--max-new-tokens", "16",
+                       "--slots", str(slots), "--output", str(out), "--quiet"], ranks=ranks)
+        assert res.returncode == 0, res.stderr
+        assert {k: r["tokens"] for k, r in records(out).items()} == want, ranks

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mdi_mpi.sampling import SamplingParams, filter_logits, request_generator, sample
+from mdi_mpi.sampling import SamplingParams, filter_logits, request_generator, sample, shown_length
 
 LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, 2.5, -1.0])
 
@@ -66,3 +66,19 @@ def test_sampling_respects_filters():
 def test_bad_arguments_raise_value_error(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "text, stops, shown",
+    [
+        ("hello world", [], 11),
+        ("hello world", ["xyz"], 11),
+        ("hello wor", ["world"], 6),  # "wor" may begin "world": held back
+        ("hello world and more", ["world"], 6),
+        ("say STO", ["STOP", "TO"], 4),  # "TO" is whole at 5, and "STO" may begin "STOP": held back from 4
+        ("abc", ["c", "bcd"], 1),
+        ("", ["x"], 0),
+    ],
+)
+def test_shown_length_never_shows_a_stop_string(text, stops, shown):
+    assert shown_length(text, stops) == shown

@@ -1,4 +1,4 @@
-"""Model configuration read from a Hugging Face ``config.json`` (llama, mistral, qwen2).
+"""Model configuration read from a Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3).
 
 Reads both the transformers 4 keys (``torch_dtype``, ``rope_theta``, ``rope_scaling``) and the
 transformers 5 keys (``dtype``, ``rope_parameters``).
@@ -15,7 +15,7 @@ import torch
 
 from mdi_mpi.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = {
     "float32": torch.float32,
@@ -55,6 +55,7 @@ class ModelConfig:
     qkv_bias: bool = False  # q/k/v projections carry a bias (qwen2, llama attention_bias)
     o_bias: bool = False  # o_proj carries a bias (llama attention_bias)
     sliding_window: int | None = None  # attention window; we only run within it
+    qk_norm: bool = False  # RMSNorm over each head of q and of k before RoPE (qwen3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None  # dtype the checkpoint was saved in, if stated
@@ -106,6 +107,9 @@ class ModelConfig:
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
             window = raw.get("sliding_window") if raw.get("use_sliding_window") else None
+        elif model_type == "qwen3":
+            qkv_bias = o_bias = bool(raw.get("attention_bias", False))
+            window = raw.get("sliding_window") if raw.get("use_sliding_window") else None
         else:
             qkv_bias = o_bias = bool(raw.get("attention_bias", False))
             window = raw.get("sliding_window")
@@ -128,6 +132,7 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             sliding_window=int(window) if window else None,
+            qk_norm=model_type == "qwen3",
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
@@ -183,6 +188,8 @@ class ModelConfig:
             attn += q + 2 * kv
         if self.o_bias:
             attn += d
+        if self.qk_norm:
+            attn += 2 * self.head_dim
         return attn + 3 * d * self.intermediate_size + 2 * d
 
     def edge_param_count(self) -> int:

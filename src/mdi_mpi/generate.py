@@ -13,6 +13,7 @@ import time
 
 from mdi_mpi.errors import UserError
 from mdi_mpi.job import Job, JobSpec, Parser, Prepared, add_job_arguments, agree, run_command, start
+from mdi_mpi.sampling import shown_length
 
 EXAMPLES = """\
 examples:
@@ -156,7 +157,8 @@ def _summarize(job: Job, rec, sched, args: argparse.Namespace) -> dict:
 
 
 class _Printer:
-    """Completions on stdout: one request streams token by token, several print as they finish."""
+    """Completions on stdout: one request streams token by token (never showing a stop string, nor
+    text that may begin one), several print as they finish."""
 
     def __init__(self, tokenizer, n_requests: int, streaming: bool, quiet: bool):
         self.tokenizer = tokenizer
@@ -179,6 +181,9 @@ class _Printer:
         else:
             text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
             if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
+                return
+            text = text[: shown_length(text, request.params.stop)]  # hold back what may start a stop string
+            if len(text) <= len(self.shown):
                 return
             sys.stdout.write(text[len(self.shown) :])
             self.shown = text

@@ -1,4 +1,5 @@
-"""The Llama-family decoder in plain PyTorch: RMSNorm, RoPE, GQA attention, SwiGLU MLP.
+"""The Llama-family decoder in plain PyTorch: RMSNorm, RoPE, GQA attention (with qwen3's per-head
+q/k norms), SwiGLU MLP.
 
 Module and parameter names follow Hugging Face's so checkpoint tensors map one to one. Tokens are
 packed: a forward call sees ``T`` tokens from one or more sequences, described by a ``Batch``.
@@ -101,13 +102,19 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = Linear(config.n_heads * hd, d, bias=config.o_bias)
+        # qwen3: RMSNorm over each head of q and of k, before RoPE
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, D]; cos, sin: [T, 1, hd]
         t, ns = x.shape[0], batch.n_single
-        q = apply_rope(self.q_proj(x, ns).view(t, self.n_heads, self.head_dim), cos, sin)  # [T, H, hd]
-        k = apply_rope(self.k_proj(x, ns).view(t, self.n_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, hd]
+        q = self.q_proj(x, ns).view(t, self.n_heads, self.head_dim)  # [T, H, hd]
+        k = self.k_proj(x, ns).view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, hd]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x, ns).view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, hd]
         outs = []
         off = 0

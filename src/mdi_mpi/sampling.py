@@ -7,6 +7,7 @@ how many ranks or slots run it, nor on the order in which requests are scheduled
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,3 +65,18 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         return int(torch.argmax(logits))
     filtered = filter_logits(logits / params.temperature, params.top_k, params.top_p)
     return int(torch.multinomial(filtered.softmax(-1), 1, generator=generator))
+
+
+def shown_length(text: str, stops: Sequence[str]) -> int:
+    """How much of ``text`` (a stream's text so far) can be shown without ever showing a stop
+    string: up to the first stop string, less any tail that could be the start of one."""
+    cut = len(text)
+    for stop in stops:
+        at = text.find(stop)
+        if at >= 0:
+            cut = min(cut, at)
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):  # the longest tail that begins ``stop``
+            if text.endswith(stop[:k]):
+                cut = min(cut, len(text) - k)
+                break
+    return cut
