@@ -137,7 +137,7 @@ def _bad(tmp_path, models):
         (["--model", str(tmp_path / "missing"), "--prompt", "x"], "does not exist"),
         (["--model", m, "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
         (["--model", m, "--prompt", "x", "--bogus"], "unrecognized arguments: --bogus"),
-        (["--model", m, "--prompt", "x", "--slots", "0"], "--slots must be at least 1"),
+        (["--model", m, "--prompt", "x", "--slots", "0"], "argument --slots: must be at least 1, got 0"),
         (["--model", m, "--prompt", "x"], "has no tokenizer, so give prompts as input_ids"),
         (["--model", m, "--prompts-file", str(broken)], "broken.jsonl line 2: invalid JSON"),
         (["--model", m, "--prompts-file", str(tmp_path / "none.txt")], "does not exist"),

@@ -134,3 +134,13 @@ def test_pick_dtype(bf16_ms, fp32_ms, fp32_fits, picked):
     assert dtype == picked
     assert why.startswith(str(picked).removeprefix("torch.")) and f"{bf16_ms:.2f} ms" in why
     assert ("does not fit" in why) == (not fp32_fits and bf16_ms >= 1.25 * fp32_ms)
+
+
+@pytest.mark.parametrize("tool", ["plan", "split"])
+def test_zero_counts_are_refused_not_ignored(tool, random_dir, tmp_path):
+    """--slots 0 used to be silently replaced by the default in plan and split."""
+    extra = ["--out", str(tmp_path / "s")] if tool == "split" else []
+    res = subprocess.run([sys.executable, "-m", f"mdi_mpi.{tool}", "--model", str(random_dir), "--ranks", "2",
+                          "--slots", "0", *extra], capture_output=True, text=True)
+    assert res.returncode == 2 and "argument --slots: must be at least 1, got 0" in res.stderr, res.stderr
+    assert not (tmp_path / "s").exists()

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from mdi_mpi.errors import UserError, cli_main
+from mdi_mpi.partition import default_micro_batch
 
 HF_SCRIPT = r"""
 import json, sys, time, torch
@@ -189,7 +190,7 @@ def configurations(ranks: list[int], slots: list[str], hf: bool, hf_threads: lis
     for n in ranks:
         ks = sorted({_slot_count(k, n) for k in slots})
         for k in ks:
-            out.append({"engine": "mdi-mpi", "ranks": n, "slots": k, "micro_batch": -(-k // n)})
+            out.append({"engine": "mdi-mpi", "ranks": n, "slots": k, "micro_batch": default_micro_batch(k, n)})
             if mb1 and k > n:  # without micro-batching: one slot per message, K groups
                 out.append({"engine": "mdi-mpi", "ranks": n, "slots": k, "micro_batch": 1})
     if hf:

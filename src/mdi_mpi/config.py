@@ -16,6 +16,7 @@ import torch
 from mdi_mpi.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_CONTEXT = 2048  # the --max-seq-len default when the model allows more
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = {
     "float32": torch.float32,
@@ -149,6 +150,10 @@ class ModelConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{file} is not valid JSON: {e}") from None
         return cls.from_dict(raw)
+
+    def default_context(self, cap: int = DEFAULT_CONTEXT) -> int:
+        """The ``--max-seq-len`` default: the model's own maximum, at most ``cap``."""
+        return min(self.max_position_embeddings, cap)
 
     def check_context(self, max_seq_len: int) -> None:
         """Refuse a context length the model cannot serve exactly."""

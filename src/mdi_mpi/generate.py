@@ -13,6 +13,7 @@ import time
 
 from mdi_mpi.errors import UserError
 from mdi_mpi.job import Job, JobSpec, Parser, Prepared, add_job_arguments, agree, run_command, start
+from mdi_mpi.plan import positive_int
 from mdi_mpi.sampling import shown_length
 
 EXAMPLES = """\
@@ -39,10 +40,10 @@ def build_parser() -> Parser:
     r = p.add_argument_group("requests")
     r.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     r.add_argument("--prompts-file", metavar="FILE", help="prompts, one per line (text or JSONL); - reads standard input")
-    r.add_argument("--n-samples", type=int, default=1, metavar="K", help="samples per prompt (default: 1)")
+    r.add_argument("--n-samples", type=positive_int, default=1, metavar="K", help="samples per prompt (default: 1)")
     r.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     g = p.add_argument_group("sampling (defaults for every request)")
-    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default: 64")
+    g.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N", help="default: 64")
     g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 means greedy (default: 0)")
     g.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens; 0: all (default)")
     g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass; 1: all (default)")
@@ -57,10 +58,6 @@ def build_parser() -> Parser:
     return p
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 def run(args: argparse.Namespace, comm) -> dict:
     """Run the generation job described by ``args`` on this rank; rank 0 returns the run summary."""
     from mdi_mpi import demo
@@ -70,9 +67,6 @@ def run(args: argparse.Namespace, comm) -> dict:
     from mdi_mpi.scheduler import Scheduler
 
     def check() -> SamplingParams:
-        for name in ("n_samples", "max_new_tokens"):
-            if getattr(args, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
         if not args.prompt and not args.prompts_file:
             raise UserError("no prompts: give --prompt TEXT, --prompts-file FILE, or --prompts-file - for standard input")
         try:
@@ -209,6 +203,8 @@ class _Printer:
 
 def print_summary(s: dict) -> None:
     """The run summary on stderr: throughput, then each rank's layers, memory and time split."""
+    from mdi_mpi.plan import gib
+
     err = sys.stderr
     print(
         f"{s['requests']} requests, {s['generated_tokens']} tokens in {s['generate_s']:.2f} s: "
@@ -220,8 +216,8 @@ def print_summary(s: dict) -> None:
         busy = r["compute_s"] + r["prefill_s"] + r["sample_s"]
         wall = r["wall_s"] or 1.0
         print(
-            f"  rank {r['rank']}: layers {r['layers'][0]}-{r['layers'][1] - 1}, weights {_gib(r['weight_bytes'])}, "
-            f"KV cache {_gib(r['kv_cache_bytes'])}, peak RSS {_gib(r['peak_rss_bytes'])}, "
+            f"  rank {r['rank']}: layers {r['layers'][0]}-{r['layers'][1] - 1}, weights {gib(r['weight_bytes'])}, "
+            f"KV cache {gib(r['kv_cache_bytes'])}, peak RSS {gib(r['peak_rss_bytes'])}, "
             f"busy {100 * busy / wall:.0f}%, waiting {100 * r['recv_wait_s'] / wall:.0f}%",
             file=err,
         )

@@ -27,9 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mdi_mpi.config import DEFAULT_CONTEXT
 from mdi_mpi.errors import UserError
 from mdi_mpi.kernels import ROWS
-from mdi_mpi.plan import add_plan_arguments
+from mdi_mpi.plan import add_plan_arguments, positive_int
 from mdi_mpi.quant import QUANTS
 
 EXIT_USAGE = 2
@@ -72,14 +73,14 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--quant-group", type=int, metavar="G", help="int4 group size: 32, 64, 128 (default) or 256")
     m.add_argument("--kernel", default="auto", choices=("auto", *ROWS), help="matmul kernel for every linear layer: "
                    "auto (default: measured per weight shape on each rank's CPU, cached), or one of mv, row, tile2..tile256")
-    m.add_argument("--max-seq-len", type=int, metavar="L", help="positions per sequence in the KV cache; default: min(model's max, 2048)")
-    m.add_argument("--threads", type=int, metavar="T", help="torch threads per rank; default: the node's cores divided by its ranks")
+    m.add_argument("--max-seq-len", type=positive_int, metavar="L", help="positions per sequence in the KV cache; default: min(model's max, 2048)")
+    m.add_argument("--threads", type=positive_int, metavar="T", help="torch threads per rank; default: the node's cores divided by its ranks")
     m.add_argument("--layers", metavar="A,B,...", help="explicit layer counts per rank, e.g. 6,8,8; default: balanced, rank 0 fewer (it also runs the LM head)")
     add_plan_arguments(m)
     s = p.add_argument_group("scheduling")
-    s.add_argument("--slots", type=int, metavar="K", help="sequences in flight at once; default: max(N, min(requests, 4N))")
-    s.add_argument("--micro-batch", type=int, metavar="M", help="slots that travel together as one message; default: ceil(K / N), so that N groups keep N ranks busy")
-    s.add_argument("--prefill-chunk", type=int, default=128, metavar="C", help="prompt tokens per slot per step (default: 128)")
+    s.add_argument("--slots", type=positive_int, metavar="K", help="sequences in flight at once; default: max(N, min(requests, 4N))")
+    s.add_argument("--micro-batch", type=positive_int, metavar="M", help="slots that travel together as one message; default: ceil(K / N), so that N groups keep N ranks busy")
+    s.add_argument("--prefill-chunk", type=positive_int, default=128, metavar="C", help="prompt tokens per slot per step (default: 128)")
     s.add_argument("--timeout", type=float, default=600.0, metavar="S", help="end the job when a rank waits more than S "
                    "seconds for a message, as when a node hangs or drops off the network (default: 600; 0: never)")
 
@@ -201,7 +202,7 @@ class Job:
         }
 
 
-def start(comm, spec: JobSpec, prepare: Callable[[Any, str, int], Prepared], default_max_seq_len: int = 2048) -> Job:
+def start(comm, spec: JobSpec, prepare: Callable[[Any, str, int], Prepared], default_max_seq_len: int = DEFAULT_CONTEXT) -> Job:
     """Set the job up on this rank (the steps in the module docstring). ``prepare(config,
     tokenizer_dir, max_seq_len)`` runs on rank 0 only and returns its ``Prepared``."""
     import torch
@@ -210,7 +211,7 @@ def start(comm, spec: JobSpec, prepare: Callable[[Any, str, int], Prepared], def
     from mdi_mpi.checkpoint import Checkpoint, load_stage
     from mdi_mpi.config import parse_dtype
     from mdi_mpi.kernels import decode_row_ms, default_cache
-    from mdi_mpi.partition import parse_split, split_layers
+    from mdi_mpi.partition import default_micro_batch, parse_split, split_layers
     from mdi_mpi.pipeline import slot_groups
     from mdi_mpi.plan import (
         available_memory,
@@ -263,7 +264,7 @@ def start(comm, spec: JobSpec, prepare: Callable[[Any, str, int], Prepared], def
             quant = _shards_quant(shards, spec, model_dir) or quant
         else:
             ckpt, tokenizer_dir = Checkpoint(model_dir), model_dir
-        max_seq_len = spec.max_seq_len or min(ckpt.config.max_position_embeddings, default_max_seq_len)
+        max_seq_len = spec.max_seq_len or ckpt.config.default_context(default_max_seq_len)
         ckpt.config.check_context(max_seq_len)
         split_layers(ckpt.config.n_layers, size, split=split)  # fail early on too many ranks or a bad split
         memory_flags(spec.mem_per_rank, spec.mem, size)
@@ -277,7 +278,7 @@ def start(comm, spec: JobSpec, prepare: Callable[[Any, str, int], Prepared], def
             return None, None
         work = prepare(cfg, str(tokenizer_dir), max_seq_len)
         n_slots = spec.slots or max(size, min(work.n_requests, 4 * size))
-        micro = spec.micro_batch or -(-n_slots // size)
+        micro = spec.micro_batch or default_micro_batch(n_slots, size)
         if micro > n_slots:
             raise UserError(f"--micro-batch {micro} is larger than --slots {n_slots}")
         return work, (n_slots, micro)

@@ -1,9 +1,11 @@
-"""Split a model's decoder layers into contiguous blocks, one per rank (pure functions).
+"""Split a model's decoder layers into contiguous blocks, one per rank, and predict each rank's
+memory (pure functions).
 
 Rank 0 also embeds tokens and runs the final norm, the LM head and the sampler, so the default split
 gives it fewer layers: its extra load counts as ``edge_cost`` layers. Every rank holds at least one
 layer (a rank with none would only relay activations and add a hop), so more ranks than layers is
-an error.
+an error. ``stage_memory`` is the memory model: weights (quantized or not), KV cache, message buffers,
+and the peak with the runtime, the loading transient and activations.
 """
 
 from __future__ import annotations
@@ -102,6 +104,11 @@ def parse_bytes(text: str) -> int:
     if m is None or float(m.group(1)) <= 0:
         raise UserError(f"cannot read the memory size {text!r}; write it like 4GiB, 512MiB or 8G")
     return int(float(m.group(1)) * 2 ** (10 * " KMGT".index(m.group(2) or " ")))
+
+
+def default_micro_batch(n_slots: int, n_ranks: int) -> int:
+    """ceil(K / N) slots per message: N groups keep N ranks busy."""
+    return -(-n_slots // n_ranks)
 
 
 def stage_memory(

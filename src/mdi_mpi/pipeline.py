@@ -16,9 +16,9 @@ import torch
 from mdi_mpi.kv_cache import Batch
 from mdi_mpi.scheduler import Scheduler, Work
 from mdi_mpi.stage import Stage
+from mdi_mpi.trace import EVENT_KINDS
 from mdi_mpi.transport import STOP
 
-EVENT_KINDS = ("recv-wait", "compute", "prefill", "send", "sample")
 RECV, COMPUTE, PREFILL, SEND, SAMPLE = range(len(EVENT_KINDS))
 
 

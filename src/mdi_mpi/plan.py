@@ -11,6 +11,9 @@ head; ``memory`` splits layers in proportion to each rank's memory (use it when 
 e.g. a Pi 5 8GB with two Pi 4 4GB); ``speed`` splits in proportion to each rank's measured speed on
 one decoder layer (use it when nodes differ in speed, e.g. a laptop with Pis), within memory limits.
 An explicit ``--layers`` always wins.
+
+Also here, for ``generate``'s start-up: what each rank measures of its node (available memory, peak
+RSS, one layer's speed), and the ``--dtype auto`` rule.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from mdi_mpi.config import ModelConfig, parse_dtype
 from mdi_mpi.errors import UserError, cli_main
-from mdi_mpi.partition import edge_cost, parse_bytes, parse_split, split_layers, stage_memory
+from mdi_mpi.partition import default_micro_batch, edge_cost, parse_bytes, parse_split, split_layers, stage_memory
 from mdi_mpi.quant import QUANTS, Quant
 
 BALANCES = ("cost", "memory", "speed")
@@ -96,7 +99,7 @@ def check_fit(plan: Plan, suggest: callable | None = None) -> None:
             hint = f"; {suggest()}" if suggest else ""
             raise UserError(
                 f"rank {rank} (layers {plan.layers[rank].start}-{plan.layers[rank].stop - 1}) needs about "
-                f"{_gib(m['peak_bytes'])} but has {_gib(a)}{hint}"
+                f"{gib(m['peak_bytes'])} but has {gib(a)}{hint}"
             )
 
 
@@ -134,7 +137,8 @@ def pick_dtype(row_ms: dict[str, float], float32_fits: bool) -> tuple[torch.dtyp
     return torch.bfloat16, f"bfloat16 ({timing})"
 
 
-def _gib(n: int) -> str:
+def gib(n: float) -> str:
+    """Bytes as GiB with two decimals, as every summary prints them."""
     return f"{n / 2**30:.2f} GiB"
 
 
@@ -209,6 +213,17 @@ def memory_flags(mem_per_rank: str | None, mem: str | None, n_ranks: int) -> lis
     return None
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (a count of slots, ranks, tokens...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     """The memory and balancing flags shared by plan, split and generate."""
     p.add_argument("--mem-per-rank", metavar="SIZE", help="memory of every rank, e.g. 4GiB (default for generate: "
@@ -222,10 +237,10 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 def print_plan(plan: Plan, dtype: torch.dtype, quant: Quant | None = None) -> None:
     print(f"{'rank':>4}  {'layers':>7}  {'weights':>10}  {'KV cache':>10}  {'buffers':>10}  {'peak':>10}  {'memory':>10}")
     for r, (layers, m) in enumerate(zip(plan.layers, plan.memory)):
-        mem = _gib(plan.available[r]) if plan.available else "-"
+        mem = gib(plan.available[r]) if plan.available else "-"
         ok = "" if not plan.available else ("  ok" if m["peak_bytes"] <= plan.available[r] else "  DOES NOT FIT")
-        print(f"{r:>4}  {f'{layers.start}-{layers.stop - 1}':>7}  {_gib(m['weight_bytes']):>10}  "
-              f"{_gib(m['kv_cache_bytes']):>10}  {_gib(m['buffer_bytes']):>10}  {_gib(m['peak_bytes']):>10}  {mem:>10}{ok}")
+        print(f"{r:>4}  {f'{layers.start}-{layers.stop - 1}':>7}  {gib(m['weight_bytes']):>10}  "
+              f"{gib(m['kv_cache_bytes']):>10}  {gib(m['buffer_bytes']):>10}  {gib(m['peak_bytes']):>10}  {mem:>10}{ok}")
     q = "" if quant is None else f", weights {quant.kind}" + (f" (group {quant.group})" if quant.kind == "int4" else "")
     print(f"dtype {str(dtype).removeprefix('torch.')}{q}; peak = weights + KV cache + buffers + runtime and loading overhead")
 
@@ -243,12 +258,12 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the demo model)")
-    p.add_argument("--ranks", type=int, required=True, metavar="N")
+    p.add_argument("--ranks", type=positive_int, required=True, metavar="N")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--slots", type=int, metavar="K", help="default: N")
-    p.add_argument("--micro-batch", type=int, metavar="M", help="default: ceil(K / N)")
-    p.add_argument("--max-seq-len", type=int, default=None, metavar="L", help="default: min(model's max, 2048)")
-    p.add_argument("--prefill-chunk", type=int, default=128, metavar="C")
+    p.add_argument("--slots", type=positive_int, metavar="K", help="default: N")
+    p.add_argument("--micro-batch", type=positive_int, metavar="M", help="default: ceil(K / N)")
+    p.add_argument("--max-seq-len", type=positive_int, default=None, metavar="L", help="default: min(model's max, 2048)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=128, metavar="C")
     p.add_argument("--layers", metavar="A,B,...", help="explicit split")
     p.add_argument("--quant", choices=QUANTS, help="count weights as stored quantized (int8 or int4), as generate --quant does")
     p.add_argument("--quant-group", type=int, default=128, metavar="G", help="int4 group size (default: 128)")
@@ -264,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         slots = args.slots or args.ranks
         kw = dict(
             n_slots=slots,
-            max_seq_len=args.max_seq_len or min(config.max_position_embeddings, 2048),
-            micro_batch=args.micro_batch or -(-slots // args.ranks),
+            max_seq_len=args.max_seq_len or config.default_context(),
+            micro_batch=args.micro_batch or default_micro_batch(slots, args.ranks),
             prefill_chunk=args.prefill_chunk,
             quant=quant_of(args.quant, args.quant_group),
         )

@@ -9,7 +9,8 @@ With ``--quant int8|int4`` the shards hold the weights quantized (portable unpac
 their scales; int4 is packed for the CPU at load), so a node stores and reads only its quantized part,
 and ``generate`` uses the scheme it finds.
 
-Shards are safetensors, the format of the source checkpoints: tensors are read lazily (by byte range,
+Writing builds one rank's stage at a time (that rank's share of the weights in memory). Shards are
+safetensors, the format of the source checkpoints: a node reads its tensors lazily (by byte range,
 one at a time), bf16 is stored natively, and the shard is an ordinary checkpoint directory for the
 same loader, so there is one loading path. (HDF5 has no bf16 type and would need a second loader.)
 """
@@ -27,8 +28,8 @@ from safetensors.torch import save_file
 from mdi_mpi.checkpoint import Checkpoint, hf_name, layer_quant, load_stage
 from mdi_mpi.config import parse_dtype
 from mdi_mpi.errors import UserError, cli_main
-from mdi_mpi.partition import parse_split
-from mdi_mpi.plan import add_plan_arguments, check_fit, make_plan, memory_flags, print_plan, quant_of
+from mdi_mpi.partition import default_micro_batch, parse_split
+from mdi_mpi.plan import add_plan_arguments, check_fit, make_plan, memory_flags, positive_int, print_plan, quant_of
 from mdi_mpi.quant import QUANTS, Quant, quantize
 from mdi_mpi.requests import TOKENIZER_FILES
 
@@ -100,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", metavar="DIR", required=True, help="the full checkpoint")
-    p.add_argument("--ranks", type=int, required=True, metavar="N")
+    p.add_argument("--ranks", type=positive_int, required=True, metavar="N")
     p.add_argument("--out", metavar="DIR", required=True, help="new directory for the shards")
     p.add_argument("--dtype", default="bfloat16", help="dtype the shards store (default: bfloat16)")
     p.add_argument("--layers", metavar="A,B,...", help="explicit split (wins over --balance)")
     p.add_argument("--quant", choices=QUANTS, help="store the shards quantized (int8 or int4), as generate --quant would hold them")
     p.add_argument("--quant-group", type=int, default=128, metavar="G", help="int4 group size: 32, 64, 128 (default) or 256")
-    p.add_argument("--slots", type=int, default=None, metavar="K", help="slots the plan's memory check assumes (default: N)")
-    p.add_argument("--max-seq-len", type=int, default=2048, metavar="L")
+    p.add_argument("--slots", type=positive_int, default=None, metavar="K", help="slots the plan's memory check assumes (default: N)")
+    p.add_argument("--max-seq-len", type=positive_int, metavar="L", help="context the plan's memory check assumes (default: min(model's max, 2048))")
     add_plan_arguments(p)
     args = p.parse_args(argv)
 
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype = parse_dtype(args.dtype)
         slots = args.slots or args.ranks
         quant = quant_of(args.quant, args.quant_group)
-        plan = make_plan(ckpt.config, args.ranks, dtype, slots, args.max_seq_len, -(-slots // args.ranks), 128,
+        plan = make_plan(ckpt.config, args.ranks, dtype, slots, args.max_seq_len or ckpt.config.default_context(),
+                         default_micro_batch(slots, args.ranks), 128,
                          split=parse_split(args.layers) if args.layers else None,
                          available=memory_flags(args.mem_per_rank, args.mem, args.ranks), balance=args.balance, quant=quant)
         print_plan(plan, dtype, quant)

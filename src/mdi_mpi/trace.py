@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mdi_mpi.errors import UserError, cli_main
-from mdi_mpi.pipeline import EVENT_KINDS
+
+EVENT_KINDS = ("recv-wait", "compute", "prefill", "send", "sample")  # what a rank's time is spent on
 
 BUSY_KINDS = ("compute", "prefill", "sample")
 
