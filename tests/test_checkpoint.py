@@ -65,26 +65,31 @@ RSS_SCRIPT = """
 import sys, torch
 from mdi_mpi.checkpoint import Checkpoint, load_stage
 from mdi_mpi.plan import peak_rss
-load_stage(Checkpoint(sys.argv[1]), range(0, 1), False, torch.float32)  # pay torch's one-time set-up (~35 MB)
+from mdi_mpi.quant import Quant
+quant = Quant(sys.argv[2]) if sys.argv[2] != "none" else None
+load_stage(Checkpoint(sys.argv[1]), range(0, 1), False, torch.float32, quant)  # pay torch's one-time set-up (~35 MB)
 ckpt = Checkpoint(sys.argv[1])
 before = peak_rss()
-stage = load_stage(ckpt, range(5, 10), False, torch.float32)
-total = sum(float(p.sum()) for p in stage.parameters())  # touch every weight
+stage = load_stage(ckpt, range(5, 10), False, torch.float32, quant)
+total = sum(float(t.float().sum()) for t in (*stage.parameters(), *stage.buffers()))  # touch every weight
 print(peak_rss() - before, stage.weight_bytes())
 """
 
 
-def test_partial_load_memory_is_its_share(tmp_path):
-    # 12 layers of ~13 MB each in float32: a 5-layer stage must not pay for the other 7.
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_partial_load_memory_is_its_share(tmp_path, quant):
+    """12 layers of ~13 MB each in float32: a 5-layer stage must not pay for the other 7, and a
+    quantized one peaks at its quantized share plus one full-precision tensor."""
     from conftest import build_hf_model
 
     path = build_hf_model(tmp_path / "m", "LlamaConfig", dict(num_hidden_layers=12, hidden_size=512,
                           intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4))
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), quant], capture_output=True, text=True, check=True)
     grown, weights = map(int, out.stdout.split())
     file_bytes = (path / "model.safetensors").stat().st_size
-    assert weights < 0.45 * file_bytes
-    assert grown < weights + 16 * 2**20, f"peak RSS grew {grown} for {weights} bytes of weights"
+    one_tensor = 512 * 1536 * 4 if quant != "none" else 0
+    assert weights < (0.45 if quant == "none" else 0.45 / 6) * file_bytes
+    assert grown < weights + one_tensor + 16 * 2**20, f"peak RSS grew {grown} for {weights} bytes of weights"
 
 
 def _copy(src, dst):
