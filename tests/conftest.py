@@ -42,6 +42,10 @@ VARIANTS = {
     "mistral": ("MistralConfig", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=True)),
+    "phi3-longrope": ("Phi3Config", dict(  # Phi-4-mini's features: partial rotary, longrope, fused projections
+        partial_rotary_factor=0.75, original_max_position_embeddings=128, pad_token_id=0,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.2 * i for i in range(6)], "long_factor": [4.0] * 6},
+    )),
 }
 
 

@@ -322,8 +322,9 @@ def test_dtype_auto_says_what_it_picked(models, tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_qwen3_greedy_equals_transformers_on_any_ranks(models, tmp_path):
-    path = models["qwen3"]
+@pytest.mark.parametrize("name", ["qwen3", "phi3-longrope"])
+def test_new_families_greedy_equals_transformers_on_any_ranks(models, tmp_path, name):
+    path = models[name]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     want = {}
     for i, p in enumerate(PROMPTS[:3]):
@@ -333,6 +334,11 @@ def test_qwen3_greedy_equals_transformers_on_any_ranks(models, tmp_path):
     for ranks, slots in [(1, 1), (2, 3), (3, 3)]:
         out = tmp_path / f"out-{ranks}.jsonl"
         res = run_cli(["--model", str(path), "--dtype", "float32", "--prompts-file", prompts, "--max-new-tokens", "16",
-                       "--slots", str(slots), "--output", str(out), "--quiet"], ranks=ranks)
+                       "--slots", str(slots), "--output", str(out), "--quiet", "--max-seq-len", "128"], ranks=ranks)
         assert res.returncode == 0, res.stderr
         assert {k: r["tokens"] for k, r in records(out).items()} == want, ranks
+
+
+def test_longrope_beyond_the_original_context_is_a_clear_error(models):
+    res = run_cli(["--model", str(models["phi3-longrope"]), "--prompts-file", "-", "--max-seq-len", "200"], ranks=2)
+    assert res.returncode == 2 and res.stderr.count("exceeds original_max_position_embeddings 128") == 1, res.stderr

@@ -60,6 +60,11 @@ def test_llama3_scaling_matches_transformers():
         (dict(num_key_value_heads=3), "does not divide"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "unsupported RoPE scaling type 'yarn'"),
         (dict(mlp_bias=True), "mlp_bias"),
+        (dict(model_type="qwen3_moe"), "unsupported model_type 'qwen3_moe'"),
+        (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5 for llama"),
+        (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}), "'longrope' for llama"),
+        (dict(model_type="phi3", attention_bias=True), "attention_bias=true for phi3"),
+        (dict(quantization_config={"quant_method": "awq"}), "already quantized \\(awq\\)"),
     ],
 )
 def test_unsupported_configs_are_named(change, message):

@@ -80,6 +80,8 @@ class SafetensorsFile:
         buf = out if out.dtype == dtype else torch.empty(out.shape, dtype=dtype)
         if rows is None and end - begin != buf.nbytes:
             raise UserError(f"tensor {name} in {self.path.name} has {end - begin} bytes, its shape needs {buf.nbytes}")
+        if rows is not None and not 0 <= rows[0] <= rows[1] <= shape[0]:
+            raise UserError(f"tensor {name} has {shape[0]} rows, rows {rows[0]}..{rows[1] - 1} were asked for")
         if rows is not None:  # rows are contiguous in the file
             row_bytes = buf[0].nbytes if buf.shape[0] else 0
             begin += rows[0] * row_bytes
@@ -186,13 +188,14 @@ def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype,
                 zero = ckpt.read(f"{key}.zero") if ckpt.has(f"{key}.zero") else None
                 stage.set_quantized(owner, QuantWeight(ckpt.read(f"{key}.q"), ckpt.read(f"{key}.scale"), zero, dtype))
                 continue
+            src, row0 = source(ckpt, name)
             if name in quantized and layer_quant(name, quant).kind == "int8":  # read and quantized in row blocks
-                rows = functools.partial(_read_rows, ckpt, key, shape=param.shape, dtype=dtype)
+                rows = functools.partial(_read_rows, ckpt, src, row0, shape=param.shape, dtype=dtype)
                 q, scale = quantize_int8(param.shape, rows)
                 stage.set_quantized(owner, QuantWeight(q, scale, None, dtype))
                 continue
             tensor = torch.empty(param.shape, dtype=dtype)
-            ckpt.read_into(key, tensor)
+            ckpt.read_into(src, tensor, None if row0 is None else (row0, row0 + param.shape[0]))
             if name in quantized:
                 stage.set_quantized(owner, QuantWeight.of(tensor, layer_quant(name, quant), dtype))
             else:
@@ -200,11 +203,42 @@ def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype,
     return stage
 
 
-def _read_rows(ckpt: Checkpoint, name: str, a: int, b: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Rows a..b-1 of tensor ``name``, cast to ``dtype``."""
+def _read_rows(ckpt: Checkpoint, name: str, row0: int | None, a: int, b: int, shape: tuple[int, ...],
+               dtype: torch.dtype) -> torch.Tensor:
+    """Rows a..b-1 of our tensor, which starts at row ``row0`` of tensor ``name``, cast to ``dtype``."""
     out = torch.empty((b - a, *shape[1:]), dtype=dtype)
-    ckpt.read_into(name, out, (a, b))
+    ckpt.read_into(name, out, ((row0 or 0) + a, (row0 or 0) + b))
     return out
+
+
+_FUSED = re.compile(r"layers\.(\d+)\.(self_attn\.[qkv]_proj|mlp\.gate_proj|mlp\.up_proj)\.weight$")
+
+
+def source(ckpt: Checkpoint, name: str) -> tuple[str, int | None]:
+    """Where our parameter ``name`` lies in ``ckpt``: its tensor name, and the first row when it is
+    part of a fused tensor (phi3's ``qkv_proj`` = q, k, v and ``gate_up_proj`` = gate, up, split
+    at load), else None."""
+    key = hf_name(name)
+    m = _FUSED.match(name)
+    if not ckpt.config.fused_projections or m is None or ckpt.has(key):
+        return key, None
+    c = ckpt.config
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    fused, row0 = {
+        "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+        "self_attn.k_proj": ("self_attn.qkv_proj", q),
+        "self_attn.v_proj": ("self_attn.qkv_proj", q + kv),
+        "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+        "mlp.up_proj": ("mlp.gate_up_proj", c.intermediate_size),
+    }[m.group(2)]
+    fused_key = hf_name(f"layers.{m.group(1)}.{fused}.weight")
+    rows = {"self_attn.qkv_proj": q + 2 * kv, "mlp.gate_up_proj": 2 * c.intermediate_size}[fused]
+    file = ckpt.files.get(fused_key)
+    if file is None:
+        raise UserError(f"tensor {key} (or the fused {fused_key}) is missing from the checkpoint {ckpt.path}")
+    if file.tensors[fused_key]["shape"][0] != rows:
+        raise UserError(f"tensor {fused_key} has {file.tensors[fused_key]['shape'][0]} rows, the config implies {rows}")
+    return fused_key, row0
 
 
 def layer_quant(name: str, quant: Quant) -> Quant:

@@ -1,4 +1,4 @@
-"""Model configuration read from a Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3).
+"""Model configuration read from a Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, phi3).
 
 Reads both the transformers 4 keys (``torch_dtype``, ``rope_theta``, ``rope_scaling``) and the
 transformers 5 keys (``dtype``, ``rope_parameters``).
@@ -15,9 +15,9 @@ import torch
 
 from mdi_mpi.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 DEFAULT_CONTEXT = 2048  # the --max-seq-len default when the model allows more
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -57,6 +57,9 @@ class ModelConfig:
     o_bias: bool = False  # o_proj carries a bias (llama attention_bias)
     sliding_window: int | None = None  # attention window; we only run within it
     qk_norm: bool = False  # RMSNorm over each head of q and of k before RoPE (qwen3)
+    fused_projections: bool = False  # checkpoint stores qkv_proj and gate_up_proj fused (phi3); split at load
+    rotary_dim: int = 0  # leading dims of each head that RoPE rotates (partial_rotary_factor); 0: all
+    original_max_position_embeddings: int | None = None  # longrope: the pretrained context
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None  # dtype the checkpoint was saved in, if stated
@@ -99,12 +102,18 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UserError(f"unsupported RoPE scaling type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise UserError("unsupported feature partial_rotary_factor != 1")
+        partial = float(rope.pop("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
+        if partial != 1.0 and model_type != "phi3":
+            raise UserError(f"unsupported feature partial_rotary_factor={partial} for {model_type} (supported for phi3)")
+        if rope_type == "longrope" and model_type != "phi3":
+            raise UserError(f"unsupported RoPE scaling type 'longrope' for {model_type} (supported for phi3)")
+        original_max = rope.get("original_max_position_embeddings", raw.get("original_max_position_embeddings"))
         rope = {"rope_type": rope_type, **{k: v for k, v in rope.items() if k not in ("type", "rope_type")}}
         if rope_type == "default":
             rope = {}
 
+        if model_type == "phi3" and raw.get("attention_bias"):
+            raise UserError("unsupported feature attention_bias=true for phi3")
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
             window = raw.get("sliding_window") if raw.get("use_sliding_window") else None
@@ -134,6 +143,9 @@ class ModelConfig:
             o_bias=o_bias,
             sliding_window=int(window) if window else None,
             qk_norm=model_type == "qwen3",
+            fused_projections=model_type == "phi3",
+            rotary_dim=int(head_dim * partial),
+            original_max_position_embeddings=int(original_max) if original_max else None,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
@@ -152,8 +164,12 @@ class ModelConfig:
         return cls.from_dict(raw)
 
     def default_context(self, cap: int = DEFAULT_CONTEXT) -> int:
-        """The ``--max-seq-len`` default: the model's own maximum, at most ``cap``."""
-        return min(self.max_position_embeddings, cap)
+        """The ``--max-seq-len`` default: the model's own maximum, at most ``cap``, and within what
+        ``check_context`` accepts (a sliding window, longrope's original context)."""
+        limits = [self.max_position_embeddings, cap, self.sliding_window]
+        if self.rope_scaling.get("rope_type") == "longrope":
+            limits.append(self.original_max_position_embeddings)
+        return min(x for x in limits if x)
 
     def check_context(self, max_seq_len: int) -> None:
         """Refuse a context length the model cannot serve exactly."""
@@ -164,11 +180,33 @@ class ModelConfig:
                 f"--max-seq-len {max_seq_len} exceeds the model's sliding_window {self.sliding_window}; "
                 "sliding-window attention is not implemented, so use --max-seq-len <= the window"
             )
+        original = self.original_max_position_embeddings
+        if self.rope_scaling.get("rope_type") == "longrope" and original and max_seq_len > original:
+            raise UserError(
+                f"--max-seq-len {max_seq_len} exceeds original_max_position_embeddings {original}: beyond it "
+                "longrope switches to its long factors, which is not implemented; use --max-seq-len <= "
+                f"{original}"
+            )
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """longrope's scale on cos and sin (1 for other RoPE types)."""
+        s = self.rope_scaling
+        if s.get("rope_type") != "longrope":
+            return 1.0
+        if s.get("attention_factor") is not None:
+            return float(s["attention_factor"])
+        original = self.original_max_position_embeddings or self.max_position_embeddings
+        factor = self.max_position_embeddings / original if self.original_max_position_embeddings else float(s.get("factor", 1.0))
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
     def inv_freq(self) -> torch.Tensor:
-        """RoPE inverse frequencies [head_dim // 2] in float32, with linear or llama3 scaling applied."""
-        dim = self.head_dim
+        """RoPE inverse frequencies [rotary_dim // 2] in float32, with linear, llama3 or longrope
+        (short factors: within the original context) scaling applied."""
+        dim = self.rotary_dim or self.head_dim
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        if self.rope_scaling.get("rope_type") == "longrope":
+            return inv / torch.tensor(self.rope_scaling["short_factor"], dtype=torch.float32)
         kind = self.rope_scaling.get("rope_type")
         if kind == "linear":
             return inv / float(self.rope_scaling["factor"])

@@ -1,5 +1,5 @@
-"""The Llama-family decoder in plain PyTorch: RMSNorm, RoPE, GQA attention (with qwen3's per-head
-q/k norms), SwiGLU MLP.
+"""The Llama-family decoder in plain PyTorch: RMSNorm, RoPE (also partial and longrope, phi3), GQA
+attention (with qwen3's per-head q/k norms), SwiGLU MLP.
 
 Module and parameter names follow Hugging Face's so checkpoint tensors map one to one. Tokens are
 packed: a forward call sees ``T`` tokens from one or more sequences, described by a ``Batch``.
@@ -79,18 +79,23 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(config: ModelConfig, max_seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each [max_seq_len, head_dim], computed in float32 and cast to ``dtype``."""
-    inv = config.inv_freq()  # [hd/2]
-    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv)  # [L, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [L, hd]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    """cos and sin tables, each [max_seq_len, rotary_dim], computed in float32 and cast to ``dtype``."""
+    inv = config.inv_freq()  # [rd/2]
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv)  # [L, rd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [L, rd]
+    scale = config.rope_attention_factor
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [T, H, hd] by cos/sin [T, 1, hd] (the rotate-half convention of HF checkpoints)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """Rotate the first ``rd`` dims of each head of ``x`` [T, H, hd] by cos/sin [T, 1, rd] (the
+    rotate-half convention of HF checkpoints); the rest pass through (partial rotary, phi3)."""
+    rd = cos.shape[-1]
+    xr = x[..., :rd] if rd < x.shape[-1] else x
+    half = rd // 2
+    rotated = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
+    out = xr * cos + rotated * sin
+    return out if rd == x.shape[-1] else torch.cat((out, x[..., rd:]), dim=-1)
 
 
 class Attention(nn.Module):
