@@ -154,3 +154,28 @@ def test_missing_shard(twelve_layers, tmp_path):
     next(d.glob("model-*.safetensors")).unlink()
     with pytest.raises(UserError, match="names the shard .* which is missing"):
         Checkpoint(d)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_reader_equals_safetensors_for_each_dtype_on_disk(tmp_path, dtype, sharded):
+    """Real checkpoints are bf16 on disk: every tensor we read equals safetensors' own reading."""
+    import transformers
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).to(dtype)
+    model.save_pretrained(tmp_path, **({"max_shard_size": "100KB"} if sharded else {}))
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert (len(files) > 1) == sharded
+    want = {}
+    for f in files:
+        want.update(load_file(f))
+    ckpt = Checkpoint(tmp_path)
+    assert set(ckpt.files) == set(want)
+    for name, ref in want.items():
+        got = ckpt.read(name)
+        assert got.dtype == ref.dtype == dtype and torch.equal(got, ref), name
+    # and a stage loaded in another dtype holds the same values, cast once
+    stage = load_stage(ckpt, range(0, 4), True, torch.float32)
+    assert torch.equal(stage.layers["2"].mlp.up_proj.weight, want["model.layers.2.mlp.up_proj.weight"].float())

@@ -1,0 +1,69 @@
+"""Rank 0's scheduler alone, driven with made-up logits: stop strings, EOS, and the end of the context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mdi_mpi.requests import Request
+from mdi_mpi.sampling import SamplingParams
+from mdi_mpi.scheduler import Scheduler
+
+VOCAB = 2048
+
+
+def drive(sched: Scheduler, next_tokens: list[int], max_seq_len: int) -> int:
+    """Run the scheduler with one slot group, answering every sampled row with the next of
+    ``next_tokens`` (greedy: a one-hot logit); returns the highest position ever fed."""
+    highest, i = -1, 0
+    while True:
+        work = sched.plan(range(len(sched.active)))
+        if work is None:
+            return highest
+        highest = max(highest, int(work.batch.positions.max()))
+        assert highest < max_seq_len, "a position past the KV cache was fed"
+        logits = torch.full((len(work.sampled), VOCAB), -1e9)
+        for row in range(len(work.sampled)):
+            logits[row, next_tokens[i % len(next_tokens)]] = 0.0
+            i += 1
+        sched.complete(work, logits)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from mdi_mpi.demo import demo_model
+    from mdi_mpi.requests import load_tokenizer
+
+    return load_tokenizer(demo_model())
+
+
+def test_a_stop_string_cuts_the_text_and_ends_with_stop(tokenizer):
+    ids = tokenizer.encode("return self.value # done here", add_special_tokens=False)
+    req = Request("a", 0, None, [5, 6], SamplingParams(max_new_tokens=len(ids) + 5, stop=("# done",)))
+    sched = Scheduler([req], 1, 64, 8, eos_ids=(2,), tokenizer=tokenizer)
+    drive(sched, ids, 64)
+    (res,) = sched.results
+    assert res.finish_reason == "stop" and res.text == "return self.value "
+    assert "# done" in tokenizer.decode(res.tokens)  # generation stopped once the string was complete
+
+
+@pytest.mark.parametrize("eos_ids, reason, n", [((2,), "stop", 3), ((), "length", 6)])
+def test_eos_ends_a_sequence_unless_eos_ids_is_empty(eos_ids, reason, n):
+    req = Request("a", 0, None, [5, 6, 7], SamplingParams(max_new_tokens=6))
+    sched = Scheduler([req], 1, 64, 8, eos_ids=eos_ids)
+    drive(sched, [10, 11, 2], 64)
+    (res,) = sched.results
+    assert res.finish_reason == reason and len(res.tokens) == n
+    assert res.tokens[:3] == [10, 11, 2]
+
+
+def test_a_prompt_near_the_context_gets_exactly_what_fits():
+    length = 16
+    req = Request("a", 0, None, list(range(3, 3 + length - 2)), SamplingParams(max_new_tokens=50))
+    sched = Scheduler([req], 1, length, 4, eos_ids=())
+    highest = drive(sched, [9], length)
+    (res,) = sched.results
+    # Positions 0..L-1 hold the prompt and the first two generated tokens; the third is sampled from
+    # the last position's logits, and nothing more can be fed.
+    assert res.finish_reason == "context" and res.tokens == [9, 9, 9]
+    assert highest == length - 1
