@@ -342,3 +342,35 @@ def test_new_families_greedy_equals_transformers_on_any_ranks(models, tmp_path, 
 def test_longrope_beyond_the_original_context_is_a_clear_error(models):
     res = run_cli(["--model", str(models["phi3-longrope"]), "--prompts-file", "-", "--max-seq-len", "200"], ranks=2)
     assert res.returncode == 2 and res.stderr.count("exceeds original_max_position_embeddings 128") == 1, res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_flags_of_a_successful_run_do_what_they_say(models, tmp_path):
+    """--layers, --mem, --timeout 0, --prompts-file -, --quiet and --stats-json on one 2-rank run, and
+    the default slots (max(N, min(requests, 4N))) and micro-batch (ceil(K / N))."""
+    stats = tmp_path / "stats.json"
+    lines = "".join(json.dumps({"id": f"r{i}", "input_ids": p}) + "\n" for i, p in enumerate(PROMPTS * 2))
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mdi_mpi.generate", "--model", str(models["llama-tied"]),
+           "--layers", "1,3", "--mem", "8GiB,6GiB", "--timeout", "0", "--prompts-file", "-", "--quiet",
+           "--threads", "1", "--max-new-tokens", "3", "--stats-json", str(stats), "--output", str(tmp_path / "o.jsonl")]
+    res = subprocess.run(cmd, input=lines, capture_output=True, text=True, timeout=100,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == ""  # --quiet
+    s = json.loads(stats.read_text())
+    assert s["requests"] == 12 and s["generated_tokens"] == sum(len(r["tokens"]) for r in records(tmp_path / "o.jsonl").values())
+    assert [r["layers"] for r in s["per_rank"]] == [[0, 1], [1, 4]]  # --layers 1,3
+    assert s["slots"] == 8 and s["micro_batch"] == 4  # min(12 requests, 4N = 8); ceil(8 / 2)
+    assert all(r["threads"] == 1 and r["predicted_peak_bytes"] > r["weight_bytes"] > 0 for r in s["per_rank"])
+    assert {"tokens_per_s", "mean_ttft_s", "dtype", "dtype_reason", "kernels"} <= set(s) | set(s["per_rank"][0])
+
+
+def test_flag_errors_on_every_rank(models, tmp_path):
+    m = str(models["llama-tied"])
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
+    res = run_cli(["--model", m, "--prompts-file", prompts, "--slots", "2", "--micro-batch", "3"], ranks=2)
+    assert res.returncode == 2 and res.stderr.count("--micro-batch 3 is larger than --slots 2") == 1, res.stderr
+    res = run_cli(["--model", m, "--prompt", "x"], env={"PMI_SIZE": "3"})
+    assert res.returncode == 2 and "PMI_SIZE=3: the launcher started 3 separate jobs" in res.stderr, res.stderr
+    res = run_cli(["--model", m, "--prompt", "x", "--mem", "8GiB"], ranks=2)
+    assert res.returncode == 2 and res.stderr.count("--mem gives 1 sizes for 2 ranks") == 1, res.stderr
