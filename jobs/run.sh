@@ -6,6 +6,7 @@ MODEL=${MODEL:-}                         # checkpoint dir, or shards from mdi_mp
 PROMPTS=${PROMPTS:-}                     # prompts file (text lines or JSONL); empty: PROMPT below
 PROMPT=${PROMPT:-Once upon a time}
 OUTPUT=${OUTPUT:-mdi-mpi-${SLURM_JOB_ID:-local}.jsonl}   # JSONL records, appended as requests finish
+RESUME=${RESUME:-1}                      # 1: skip requests already in OUTPUT (a requeued job carries on); 0: off
 TRACE=${TRACE:-}                         # e.g. run.h5 for an event timeline (python -m mdi_mpi.trace)
 STATS=${STATS:-}                         # e.g. stats.json for the run summary as JSON
 DTYPE=${DTYPE:-auto}                     # auto: bfloat16 unless float32 is much faster on these CPUs
@@ -25,6 +26,7 @@ export OMP_NUM_THREADS=$THREADS
 args=(--dtype "$DTYPE" --threads "$THREADS" --max-new-tokens "$MAX_NEW_TOKENS" --output "$OUTPUT" --quiet)
 [ -n "$MODEL" ] && args+=(--model "$MODEL")
 [ -n "$QUANT" ] && args+=(--quant "$QUANT")
+[ "$RESUME" = 1 ] && args+=(--resume)
 if [ -n "$PROMPTS" ]; then args+=(--prompts-file "$PROMPTS"); else args+=(--prompt "$PROMPT"); fi
 [ -n "$TRACE" ] && args+=(--trace "$TRACE")
 [ -n "$STATS" ] && args+=(--stats-json "$STATS")

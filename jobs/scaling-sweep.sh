@@ -9,6 +9,7 @@ MAX_NODES=${MAX_NODES:-4}
 RESULTS=${RESULTS:-scaling-$(date +%Y%m%d-%H%M%S).jsonl}
 export MDI_MPI_HOME=$(dirname "$here")
 export EXTRA_ARGS=${EXTRA_ARGS:-"--ignore-eos"}
+export RESUME=${RESUME:-0}  # a benchmark: every run does all its requests
 mkdir -p sweep
 for n in $(seq 1 "$MAX_NODES"); do
   export STATS="sweep/stats-$n.json" OUTPUT="sweep/out-$n.jsonl"

@@ -52,6 +52,8 @@ def build_parser() -> Parser:
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token (for benchmarks)")
     o = p.add_argument_group("output")
     o.add_argument("--output", metavar="FILE.jsonl", help="append one JSON record per finished request, as it finishes")
+    o.add_argument("--resume", action="store_true", help="skip the requests whose id is already in --output (a job "
+                   "that was stopped or requeued carries on; a torn last line is dropped and its request redone)")
     o.add_argument("--stats-json", metavar="FILE", help="write the run summary (throughput, per-rank time and memory) as JSON")
     o.add_argument("--trace", metavar="FILE.h5", help="record every rank's event timeline into one HDF5 file (see python -m mdi_mpi.trace)")
     o.add_argument("--quiet", action="store_true", help="print no completions on stdout (records still go to --output)")
@@ -62,13 +64,15 @@ def run(args: argparse.Namespace, comm) -> dict:
     """Run the generation job described by ``args`` on this rank; rank 0 returns the run summary."""
     from mdi_mpi import demo
     from mdi_mpi.pipeline import Recorder, run_first, run_worker
-    from mdi_mpi.requests import Prompt, build_requests, load_tokenizer, read_prompts_file
+    from mdi_mpi.requests import Prompt, build_requests, finished_ids, load_tokenizer, read_prompts_file
     from mdi_mpi.sampling import SamplingParams
     from mdi_mpi.scheduler import Scheduler
 
     def check() -> SamplingParams:
         if not args.prompt and not args.prompts_file:
             raise UserError("no prompts: give --prompt TEXT, --prompts-file FILE, or --prompts-file - for standard input")
+        if args.resume and not args.output:
+            raise UserError("--resume needs --output: the file whose finished requests are skipped")
         try:
             return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop))
         except ValueError as e:
@@ -85,6 +89,16 @@ def run(args: argparse.Namespace, comm) -> dict:
             raise UserError("--stop needs a tokenizer, and this checkpoint has none")
         reqs = build_requests(prompts, defaults, tokenizer, config.vocab_size, max_seq_len, chat=args.chat,
                               n_samples=args.n_samples)
+        if args.resume:
+            seen: set[str] = set()
+            for r in reqs:
+                if r.id in seen:
+                    raise UserError(f"--resume needs unique request ids, and {r.id!r} appears twice")
+                seen.add(r.id)
+            done = finished_ids(args.output)
+            reqs = [r for r in reqs if r.id not in done]  # each keeps its index, so its seed: same tokens
+            print(f"resuming: {len(seen) - len(reqs)} of {len(seen)} requests already in {args.output}",
+                  file=sys.stderr, flush=True)
         return Prepared(reqs, len(reqs), tokenizer)
 
     job = start(comm, JobSpec.from_args(args), prepare)

@@ -144,6 +144,36 @@ def build_requests(
     return requests
 
 
+def finished_ids(path: str | Path) -> set[str]:
+    """The ids of the records already in the JSONL output ``path`` (none if it does not exist), for
+    ``--resume``. A torn last line, from a crash mid-write, is cut off the file, so its request is
+    done again; a broken line before the last is an error."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    done, good = set(), 0  # ids, and the bytes of whole records
+    for number, line in enumerate(lines, 1):
+        last = number == len(lines)
+        if not line.strip():
+            good += len(line) + (0 if last else 1)
+            continue
+        try:
+            record = json.loads(line)
+            if last:
+                raise ValueError("no newline at the end")
+            done.add(str(record["id"]))
+        except (ValueError, KeyError, TypeError) as e:
+            if last or number == len(lines) - 1 and not lines[-1]:
+                with open(path, "r+b") as f:  # torn by a crash mid-write: drop it, redo that request
+                    f.truncate(good)
+                break
+            raise UserError(f"{path} line {number} is not a finished record ({e}); fix or move the file") from None
+        good += len(line) + 1
+    return done
+
+
 @dataclass
 class Result:
     """A finished request, written as one JSONL record."""
