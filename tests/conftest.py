@@ -40,6 +40,8 @@ VARIANTS = {
     "llama-tied": ("LlamaConfig", dict(tie_word_embeddings=True, num_key_value_heads=4)),
     "llama-linear-headdim": ("LlamaConfig", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}, head_dim=24)),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "mistral-window": ("MistralConfig", dict(sliding_window=6)),  # far shorter than the prompts + tokens
+    "qwen2-window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=5, max_window_layers=2)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=True)),
     "phi3-longrope": ("Phi3Config", dict(  # Phi-4-mini's features: partial rotary, longrope, fused projections

@@ -82,11 +82,27 @@ def test_missing_key_and_bad_json(tmp_path):
     assert ModelConfig.from_dir(tmp_path).n_layers == 2
 
 
-def test_sliding_window_limits_the_context():
-    c = ModelConfig.from_dict({**BASE, "model_type": "mistral", "sliding_window": 64})
-    c.check_context(64)
-    with pytest.raises(UserError, match="sliding_window 64"):
-        c.check_context(65)
+@pytest.mark.parametrize(
+    "change, windows",
+    [
+        (dict(model_type="mistral", sliding_window=64), (64, 64, 64, 64)),
+        (dict(model_type="mistral", sliding_window=None), (None,) * 4),
+        (dict(model_type="qwen2", sliding_window=64), (None,) * 4),  # qwen2 slides only with use_sliding_window
+        (dict(model_type="qwen2", sliding_window=64, use_sliding_window=True, max_window_layers=3), (None, None, None, 64)),
+        (dict(model_type="llama", sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2), (8, None, 8, None)),
+    ],
+)
+def test_sliding_windows_per_layer(change, windows):
+    c = ModelConfig.from_dict({**BASE, "num_hidden_layers": 4, **change})
+    assert c.layer_windows == windows
+    c.check_context(4096)  # a window shorter than the context is served, not refused
+
+
+def test_bad_layer_types_are_named():
+    with pytest.raises(UserError, match="unsupported layer_types"):
+        ModelConfig.from_dict({**BASE, "num_hidden_layers": 2, "layer_types": ["full_attention", "chunked_attention"]})
+    with pytest.raises(UserError, match="sliding_window is not set"):
+        ModelConfig.from_dict({**BASE, "num_hidden_layers": 1, "layer_types": ["sliding_attention"]})
 
 
 def test_parse_dtype():

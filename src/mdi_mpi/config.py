@@ -28,6 +28,28 @@ DTYPES = {
 }
 
 
+def _layer_windows(raw: dict, model_type: str, n_layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding attention window (None: global), as transformers decides it: from
+    ``layer_types`` when the config lists them; else mistral and phi3 slide on every layer when
+    ``sliding_window`` is set, and qwen2/qwen3 with ``use_sliding_window`` from ``max_window_layers`` on."""
+    window = raw.get("sliding_window")
+    types = raw.get("layer_types")
+    if types is not None:
+        if len(types) != n_layers or any(t not in ("full_attention", "sliding_attention") for t in types):
+            raise UserError(f"unsupported layer_types {types!r}: expected {n_layers} of full_attention or sliding_attention")
+        if "sliding_attention" in types and not window:
+            raise UserError("layer_types has sliding_attention layers but sliding_window is not set")
+        return tuple(int(window) if t == "sliding_attention" else None for t in types)
+    if not window:
+        return (None,) * n_layers
+    if model_type in ("qwen2", "qwen3"):
+        if not raw.get("use_sliding_window"):
+            return (None,) * n_layers
+        first = int(raw.get("max_window_layers", n_layers))
+        return tuple(int(window) if i >= first else None for i in range(n_layers))
+    return (int(window),) * n_layers
+
+
 def parse_dtype(name: str) -> torch.dtype:
     """Map a dtype name (``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``) to torch."""
     try:
@@ -55,7 +77,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # q/k/v projections carry a bias (qwen2, llama attention_bias)
     o_bias: bool = False  # o_proj carries a bias (llama attention_bias)
-    sliding_window: int | None = None  # attention window; we only run within it
+    layer_windows: tuple[int | None, ...] = ()  # per layer: the sliding attention window, or None (global)
     qk_norm: bool = False  # RMSNorm over each head of q and of k before RoPE (qwen3)
     fused_projections: bool = False  # checkpoint stores qkv_proj and gate_up_proj fused (phi3); split at load
     rotary_dim: int = 0  # leading dims of each head that RoPE rotates (partial_rotary_factor); 0: all
@@ -116,13 +138,9 @@ class ModelConfig:
             raise UserError("unsupported feature attention_bias=true for phi3")
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
-            window = raw.get("sliding_window") if raw.get("use_sliding_window") else None
-        elif model_type == "qwen3":
-            qkv_bias = o_bias = bool(raw.get("attention_bias", False))
-            window = raw.get("sliding_window") if raw.get("use_sliding_window") else None
         else:
             qkv_bias = o_bias = bool(raw.get("attention_bias", False))
-            window = raw.get("sliding_window")
+        windows = _layer_windows(raw, model_type, n_layers)
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
@@ -141,7 +159,7 @@ class ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
-            sliding_window=int(window) if window else None,
+            layer_windows=windows,
             qk_norm=model_type == "qwen3",
             fused_projections=model_type == "phi3",
             rotary_dim=int(head_dim * partial),
@@ -165,8 +183,8 @@ class ModelConfig:
 
     def default_context(self, cap: int = DEFAULT_CONTEXT) -> int:
         """The ``--max-seq-len`` default: the model's own maximum, at most ``cap``, and within what
-        ``check_context`` accepts (a sliding window, longrope's original context)."""
-        limits = [self.max_position_embeddings, cap, self.sliding_window]
+        ``check_context`` accepts (longrope's original context)."""
+        limits = [self.max_position_embeddings, cap]
         if self.rope_scaling.get("rope_type") == "longrope":
             limits.append(self.original_max_position_embeddings)
         return min(x for x in limits if x)
@@ -175,11 +193,6 @@ class ModelConfig:
         """Refuse a context length the model cannot serve exactly."""
         if max_seq_len < 2:
             raise UserError(f"--max-seq-len must be at least 2, got {max_seq_len}")
-        if self.sliding_window is not None and max_seq_len > self.sliding_window:
-            raise UserError(
-                f"--max-seq-len {max_seq_len} exceeds the model's sliding_window {self.sliding_window}; "
-                "sliding-window attention is not implemented, so use --max-seq-len <= the window"
-            )
         original = self.original_max_position_embeddings
         if self.rope_scaling.get("rope_type") == "longrope" and original and max_seq_len > original:
             raise UserError(

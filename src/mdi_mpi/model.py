@@ -99,8 +99,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, window: int | None = None):
         super().__init__()
+        self.window = window  # sliding window: a query sees only the last ``window`` keys (None: all)
         d, hd = config.hidden_size, config.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, hd
         self.q_proj = Linear(d, config.n_heads * hd, bias=config.qkv_bias)
@@ -126,12 +127,16 @@ class Attention(nn.Module):
         for slot, start, n in zip(batch.slots, batch.starts, batch.lengths):
             keys, values = self.kv_cache.update(slot, start, k[off : off + n], v[off : off + n])  # [1, Hkv, L, hd]
             qs = q[off : off + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, hd]
-            mask = None
-            if n > 1 and start > 0:  # a chunk after earlier tokens: query i sees keys 0..start+i
-                mask = torch.arange(start + n) <= torch.arange(start, start + n)[:, None]  # [n, L]
-            o = F.scaled_dot_product_attention(
-                qs, keys, values, attn_mask=mask, is_causal=n > 1 and start == 0, enable_gqa=True
-            )  # [1, H, n, hd]
+            lo = 0 if self.window is None else max(0, start - self.window + 1)  # oldest key the first query sees
+            if lo:
+                keys, values = keys[:, :, lo:], values[:, :, lo:]  # [1, Hkv, L - lo, hd]
+            mask, causal = None, n > 1 and start == 0 and (self.window is None or n <= self.window)
+            if n > 1 and not causal:  # query i (position start+i) sees keys start+i-W < j <= start+i
+                kpos, qpos = torch.arange(lo, start + n), torch.arange(start, start + n)[:, None]
+                mask = kpos <= qpos  # [n, L - lo]
+                if self.window is not None:
+                    mask &= kpos > qpos - self.window
+            o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)  # [1, H, n, hd]
             outs.append(o[0].transpose(0, 1).reshape(n, -1))
             off += n
         y = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, H*hd]
@@ -151,10 +156,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, config.layer_windows[index])
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 

@@ -152,7 +152,7 @@ def layer_speed(config: ModelConfig, dtype: torch.dtype, steps: int = 8) -> floa
     from mdi_mpi.model import DecoderLayer, pick_kernels, rope_tables
 
     with torch.device("meta"):
-        layer = DecoderLayer(config)
+        layer = DecoderLayer(config, 0)
     layer = layer.to_empty(device="cpu").to(dtype).requires_grad_(False)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(0))

@@ -28,7 +28,7 @@ class Stage(nn.Module):
         self.layer_range = layers
         d, vocab = config.hidden_size, config.vocab_size
         self.embed_tokens = nn.Embedding(vocab, d) if edges else None
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in layers})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in layers})
         self.norm = RMSNorm(d, config.rms_norm_eps) if edges else None
         self.lm_head = Linear(d, vocab, bias=False) if edges and not config.tie_word_embeddings else None
         self.cos: torch.Tensor | None = None
