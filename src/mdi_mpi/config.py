@@ -15,7 +15,7 @@ import torch
 
 from mdi_mpi.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
 DEFAULT_CONTEXT = 2048  # the --max-seq-len default when the model allows more
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 DTYPES = {
@@ -79,6 +79,10 @@ class ModelConfig:
     o_bias: bool = False  # o_proj carries a bias (llama attention_bias)
     layer_windows: tuple[int | None, ...] = ()  # per layer: the sliding attention window, or None (global)
     qk_norm: bool = False  # RMSNorm over each head of q and of k before RoPE (qwen3)
+    gemma: bool = False  # gemma: (1 + w) norms around attention and MLP, GeGLU, embeddings scaled by sqrt(D)
+    attn_scale: float = 0.0  # attention logits scale: query_pre_attn_scalar ** -0.5 (default head_dim ** -0.5)
+    attn_softcap: float | None = None  # gemma2: tanh soft cap of attention logits
+    final_softcap: float | None = None  # gemma2: tanh soft cap of the LM head's logits
     fused_projections: bool = False  # checkpoint stores qkv_proj and gate_up_proj fused (phi3); split at load
     rotary_dim: int = 0  # leading dims of each head that RoPE rotates (partial_rotary_factor); 0: all
     original_max_position_embeddings: int | None = None  # longrope: the pretrained context
@@ -101,9 +105,10 @@ class ModelConfig:
                 f"this checkpoint is already quantized ({method}), a format mdi-mpi does not read; use the "
                 "original bf16/fp16/fp32 checkpoint with --quant int8|int4, or shards from 'python -m mdi_mpi.split --quant'"
             )
-        act = raw.get("hidden_act", "silu")
-        if act != "silu":
-            raise UserError(f"unsupported hidden_act {act!r}; only 'silu' (SwiGLU) is supported")
+        gemma = model_type == "gemma2"
+        act = raw.get("hidden_activation") or raw.get("hidden_act", "silu") if gemma else raw.get("hidden_act", "silu")
+        if act not in (("gelu_pytorch_tanh",) if gemma else ("silu",)):
+            raise UserError(f"unsupported hidden_act {act!r} for {model_type}")
         if raw.get("mlp_bias"):
             raise UserError("unsupported feature mlp_bias=true")
         try:
@@ -161,6 +166,10 @@ class ModelConfig:
             o_bias=o_bias,
             layer_windows=windows,
             qk_norm=model_type == "qwen3",
+            gemma=gemma,
+            attn_scale=float(raw.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+            attn_softcap=float(raw["attn_logit_softcapping"]) if gemma and raw.get("attn_logit_softcapping") else None,
+            final_softcap=float(raw["final_logit_softcapping"]) if gemma and raw.get("final_logit_softcapping") else None,
             fused_projections=model_type == "phi3",
             rotary_dim=int(head_dim * partial),
             original_max_position_embeddings=int(original_max) if original_max else None,
@@ -246,7 +255,7 @@ class ModelConfig:
             attn += d
         if self.qk_norm:
             attn += 2 * self.head_dim
-        return attn + 3 * d * self.intermediate_size + 2 * d
+        return attn + 3 * d * self.intermediate_size + (4 if self.gemma else 2) * d
 
     def edge_param_count(self) -> int:
         """Parameters rank 0 holds besides its layers: embedding, final norm and LM head."""

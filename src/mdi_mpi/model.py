@@ -65,16 +65,19 @@ def pick_kernels(
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, gemma: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.gemma = gemma  # the weight is an offset from 1, applied in float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale in the model dtype, as transformers does.
+        # Normalise in float32 and scale in the model dtype (gemma: in float32), as transformers does.
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:
+            return (x32 * (1.0 + self.weight.float())).to(dtype)
         return self.weight * x32.to(dtype)
 
 
@@ -102,6 +105,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, window: int | None = None):
         super().__init__()
         self.window = window  # sliding window: a query sees only the last ``window`` keys (None: all)
+        self.scale = config.attn_scale or None
+        self.softcap = config.attn_softcap
         d, hd = config.hidden_size, config.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, hd
         self.q_proj = Linear(d, config.n_heads * hd, bias=config.qkv_bias)
@@ -136,11 +141,28 @@ class Attention(nn.Module):
                 mask = kpos <= qpos  # [n, L - lo]
                 if self.window is not None:
                     mask &= kpos > qpos - self.window
-            o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)  # [1, H, n, hd]
+            if self.softcap is None:
+                o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True,
+                                                   scale=self.scale)  # [1, H, n, hd]
+            else:
+                o = self._softcapped(qs, keys, values, mask, causal)
             outs.append(o[0].transpose(0, 1).reshape(n, -1))
             off += n
         y = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, H*hd]
         return self.o_proj(y, ns)
+
+    def _softcapped(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                    causal: bool) -> torch.Tensor:
+        """Attention with gemma2's tanh soft cap on the logits (SDPA has none): q [1, H, n, hd]."""
+        group = self.n_heads // self.n_kv_heads
+        k, v = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)  # [1, H, L, hd]
+        s = q @ k.transpose(2, 3) * (self.scale or self.head_dim**-0.5)  # [1, H, n, L]
+        s = torch.tanh(s / self.softcap) * self.softcap
+        if causal:
+            mask = torch.ones(s.shape[-2:], dtype=torch.bool).tril()
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -150,20 +172,28 @@ class MLP(nn.Module):
         self.gate_proj = Linear(d, i, bias=False)
         self.up_proj = Linear(d, i, bias=False)
         self.down_proj = Linear(i, d, bias=False)
+        self.act = (lambda g: F.gelu(g, approximate="tanh")) if config.gemma else F.silu  # GeGLU or SwiGLU
 
     def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, n_single)) * self.up_proj(x, n_single), n_single)
+        return self.down_proj(self.act(self.gate_proj(x, n_single)) * self.up_proj(x, n_single), n_single)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        d, eps, g = config.hidden_size, config.rms_norm_eps, config.gemma
+        self.input_layernorm = RMSNorm(d, eps, g)
         self.self_attn = Attention(config, config.layer_windows[index])
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(d, eps, g)  # llama: before the MLP; gemma: on the attention's output
         self.mlp = MLP(config)
+        # gemma: norms before and after the MLP as well
+        self.pre_feedforward_layernorm = RMSNorm(d, eps, g) if g else None
+        self.post_feedforward_layernorm = RMSNorm(d, eps, g) if g else None
 
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, D]
+        if self.pre_feedforward_layernorm is not None:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), batch, cos, sin))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), batch.n_single))
         x = x + self.self_attn(self.input_layernorm(x), batch, cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x), batch.n_single)

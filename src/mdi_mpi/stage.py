@@ -29,7 +29,7 @@ class Stage(nn.Module):
         d, vocab = config.hidden_size, config.vocab_size
         self.embed_tokens = nn.Embedding(vocab, d) if edges else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in layers})
-        self.norm = RMSNorm(d, config.rms_norm_eps) if edges else None
+        self.norm = RMSNorm(d, config.rms_norm_eps, config.gemma) if edges else None
         self.lm_head = Linear(d, vocab, bias=False) if edges and not config.tie_word_embeddings else None
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
@@ -112,9 +112,10 @@ class Stage(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [T] -> hidden states [T, D]."""
-        if self.embed_q is not None:
-            return self.embed_q.rows(ids, self.dtype)
-        return self.embed_tokens(ids)
+        h = self.embed_q.rows(ids, self.dtype) if self.embed_q is not None else self.embed_tokens(ids)  # [T, D]
+        if self.config.gemma:  # embeddings scaled by sqrt(D), rounded to the model dtype as transformers does
+            h = h * torch.tensor(self.config.hidden_size**0.5, dtype=h.dtype)
+        return h
 
     def forward_layers(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Run this stage's decoder layers on hidden states [T, D], writing the slots' KV caches."""
@@ -128,8 +129,11 @@ class Stage(nn.Module):
         """Hidden states [B, D] of sampled tokens -> float32 logits [B, V] (final norm, then LM head)."""
         x = self.norm(h)
         if self.head_q is not None:
-            return self.head_q(x).float()
-        return linear(x, self.head_weight, None, h.shape[0], self.head_kernels).float()
+            logits = self.head_q(x).float()
+        else:
+            logits = linear(x, self.head_weight, None, h.shape[0], self.head_kernels).float()
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, batch: Batch, all_logits: bool = False) -> torch.Tensor:
