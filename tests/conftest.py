@@ -44,6 +44,11 @@ VARIANTS = {
     "qwen2-window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=5, max_window_layers=2)),
     "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6, pad_token_id=0,
                                     attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=5, pad_token_id=0,
+                                        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                         "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                            "rope_theta": 1000000.0}})),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", dict(head_dim=24, tie_word_embeddings=True)),
     "phi3-longrope": ("Phi3Config", dict(  # Phi-4-mini's features: partial rotary, longrope, fused projections

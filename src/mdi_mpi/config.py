@@ -15,7 +15,7 @@ import torch
 
 from mdi_mpi.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 DEFAULT_CONTEXT = 2048  # the --max-seq-len default when the model allows more
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 DTYPES = {
@@ -80,6 +80,7 @@ class ModelConfig:
     layer_windows: tuple[int | None, ...] = ()  # per layer: the sliding attention window, or None (global)
     qk_norm: bool = False  # RMSNorm over each head of q and of k before RoPE (qwen3)
     gemma: bool = False  # gemma: (1 + w) norms around attention and MLP, GeGLU, embeddings scaled by sqrt(D)
+    local_rope_theta: float | None = None  # gemma3: sliding-window layers' own RoPE base (no scaling)
     attn_scale: float = 0.0  # attention logits scale: query_pre_attn_scalar ** -0.5 (default head_dim ** -0.5)
     attn_softcap: float | None = None  # gemma2: tanh soft cap of attention logits
     final_softcap: float | None = None  # gemma2: tanh soft cap of the LM head's logits
@@ -105,7 +106,7 @@ class ModelConfig:
                 f"this checkpoint is already quantized ({method}), a format mdi-mpi does not read; use the "
                 "original bf16/fp16/fp32 checkpoint with --quant int8|int4, or shards from 'python -m mdi_mpi.split --quant'"
             )
-        gemma = model_type == "gemma2"
+        gemma = model_type in ("gemma2", "gemma3_text")
         act = raw.get("hidden_activation") or raw.get("hidden_act", "silu") if gemma else raw.get("hidden_act", "silu")
         if act not in (("gelu_pytorch_tanh",) if gemma else ("silu",)):
             raise UserError(f"unsupported hidden_act {act!r} for {model_type}")
@@ -125,6 +126,13 @@ class ModelConfig:
         head_dim = int(raw.get("head_dim") or hidden // n_heads)
 
         rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+        local_theta = raw.get("rope_local_base_freq") if model_type == "gemma3_text" else None
+        if "full_attention" in rope:  # transformers 5, gemma3: one RoPE per kind of layer
+            local = rope.get("sliding_attention") or {}
+            if local.get("rope_type", "default") != "default":
+                raise UserError(f"unsupported RoPE scaling {local.get('rope_type')!r} on sliding-window layers")
+            local_theta = local.get("rope_theta", local_theta)
+            rope = dict(rope["full_attention"])
         theta = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -165,7 +173,8 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             layer_windows=windows,
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            local_rope_theta=float(local_theta or 10000.0) if model_type == "gemma3_text" else None,
             gemma=gemma,
             attn_scale=float(raw.get("query_pre_attn_scalar") or head_dim) ** -0.5,
             attn_softcap=float(raw["attn_logit_softcapping"]) if gemma and raw.get("attn_logit_softcapping") else None,
@@ -222,11 +231,15 @@ class ModelConfig:
         factor = self.max_position_embeddings / original if self.original_max_position_embeddings else float(s.get("factor", 1.0))
         return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
-    def inv_freq(self) -> torch.Tensor:
+    def inv_freq(self, local: bool = False) -> torch.Tensor:
         """RoPE inverse frequencies [rotary_dim // 2] in float32, with linear, llama3 or longrope
-        (short factors: within the original context) scaling applied."""
+        (short factors: within the original context) scaling applied; ``local``: gemma3's
+        sliding-window layers (their own base, no scaling)."""
         dim = self.rotary_dim or self.head_dim
-        inv = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        base = self.local_rope_theta if local else self.rope_theta
+        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        if local:
+            return inv
         if self.rope_scaling.get("rope_type") == "longrope":
             return inv / torch.tensor(self.rope_scaling["short_factor"], dtype=torch.float32)
         kind = self.rope_scaling.get("rope_type")

@@ -81,9 +81,10 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def rope_tables(config: ModelConfig, max_seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each [max_seq_len, rotary_dim], computed in float32 and cast to ``dtype``."""
-    inv = config.inv_freq()  # [rd/2]
+def rope_tables(config: ModelConfig, max_seq_len: int, dtype: torch.dtype, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each [max_seq_len, rotary_dim], computed in float32 and cast to ``dtype``
+    (``local``: for gemma3's sliding-window layers)."""
+    inv = config.inv_freq(local)  # [rd/2]
     freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv)  # [L, rd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [L, rd]
     scale = config.rope_attention_factor
@@ -114,8 +115,8 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = Linear(config.n_heads * hd, d, bias=config.o_bias)
         # qwen3: RMSNorm over each head of q and of k, before RoPE
-        self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps, config.gemma) if config.qk_norm else None
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps, config.gemma) if config.qk_norm else None
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -189,6 +190,8 @@ class DecoderLayer(nn.Module):
         # gemma: norms before and after the MLP as well
         self.pre_feedforward_layernorm = RMSNorm(d, eps, g) if g else None
         self.post_feedforward_layernorm = RMSNorm(d, eps, g) if g else None
+        # gemma3: sliding-window layers use their own RoPE (Stage passes the matching tables)
+        self.local_rope = config.local_rope_theta is not None and config.layer_windows[index] is not None
 
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, D]

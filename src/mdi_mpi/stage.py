@@ -31,8 +31,10 @@ class Stage(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in layers})
         self.norm = RMSNorm(d, config.rms_norm_eps, config.gemma) if edges else None
         self.lm_head = Linear(d, vocab, bias=False) if edges and not config.tie_word_embeddings else None
-        self.cos: torch.Tensor | None = None
+        self.cos: torch.Tensor | None = None  # [L, rd] RoPE tables
         self.sin: torch.Tensor | None = None
+        self.local_cos: torch.Tensor | None = None  # gemma3's sliding-window layers' own tables
+        self.local_sin: torch.Tensor | None = None
         self.head_kernels: ShapeKernels | None = None
         self.embed_q: QuantWeight | None = None  # int8 embedding table (quantized stages)
         self.head_q: QuantWeight | None = None  # int8 LM head (the embedding's when tied)
@@ -51,6 +53,8 @@ class Stage(nn.Module):
         for layer in self.layers.values():
             layer.self_attn.kv_cache = KVCache(n_slots, c.n_kv_heads, max_seq_len, c.head_dim, self.dtype)
         self.cos, self.sin = rope_tables(c, max_seq_len, self.dtype)
+        if any(layer.local_rope for layer in self.layers.values()):
+            self.local_cos, self.local_sin = rope_tables(c, max_seq_len, self.dtype, local=True)
 
     def quantizable(self) -> set[str]:
         """Names of the parameters a quantized stage stores as integers: every decoder-layer linear
@@ -119,10 +123,12 @@ class Stage(nn.Module):
 
     def forward_layers(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Run this stage's decoder layers on hidden states [T, D], writing the slots' KV caches."""
-        cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, hd]
-        sin = self.sin[batch.positions].unsqueeze(1)  # [T, 1, hd]
+        cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, rd]
+        sin = self.sin[batch.positions].unsqueeze(1)  # [T, 1, rd]
+        if self.local_cos is not None:
+            local = (self.local_cos[batch.positions].unsqueeze(1), self.local_sin[batch.positions].unsqueeze(1))
         for layer in self.layers.values():
-            h = layer(h, batch, cos, sin)
+            h = layer(h, batch, *(local if layer.local_rope else (cos, sin)))
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
