@@ -179,3 +179,31 @@ def test_reader_equals_safetensors_for_each_dtype_on_disk(tmp_path, dtype, shard
     # and a stage loaded in another dtype holds the same values, cast once
     stage = load_stage(ckpt, range(0, 4), True, torch.float32)
     assert torch.equal(stage.layers["2"].mlp.up_proj.weight, want["model.layers.2.mlp.up_proj.weight"].float())
+
+
+@pytest.mark.parametrize("prefix", ["model.language_model.", "language_model.model."])  # transformers 5 and 4
+def test_a_multimodal_gemma3_loads_only_its_text_tower(models, tmp_path, names_read, prefix):
+    from mdi_mpi.kv_cache import Batch
+
+    text = models["gemma3"]
+    tensors = {prefix + n.removeprefix("model."): t for n, t in load_file(text / "model.safetensors").items()}
+    vision = {"model.vision_tower.vision_model.embeddings.patch_embedding.weight": torch.randn(32, 3, 4, 4),
+              "model.multi_modal_projector.mm_input_projection_weight": torch.randn(32, 64)}
+    mm = tmp_path / "gemma3-mm"
+    mm.mkdir()
+    save_file({**tensors, **vision}, mm / "model.safetensors")
+    text_cfg = json.loads((text / "config.json").read_text())
+    (mm / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text_cfg,
+                                                "vision_config": {"model_type": "siglip_vision_model"},
+                                                "tie_word_embeddings": True}))
+    ckpt = Checkpoint(mm)
+    assert ckpt.prefix == prefix and ckpt.config.model_type == "gemma3_text"
+    stage = load_stage(ckpt, range(ckpt.config.n_layers), True, torch.float32)
+    assert names_read and all(n.startswith(prefix) for n in names_read)  # the vision tower is never read
+    assert len(names_read) == len(tensors)
+    ref = load_stage(Checkpoint(text), range(ckpt.config.n_layers), True, torch.float32)
+    for s in (stage, ref):
+        s.setup_cache(1, 32)
+        s.choose_kernels()
+    ids = torch.arange(3, 23)
+    assert torch.equal(stage(ids, Batch.make([0], [0], [20])), ref(ids, Batch.make([0], [0], [20])))

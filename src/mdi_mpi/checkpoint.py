@@ -32,15 +32,23 @@ CONVERT_HINT = (
     "convert it once on a trusted machine: "
     "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
 )
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_LAYER = re.compile(r"layers\.(\d+)\.")  # after the checkpoint's prefix
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
            "I8": torch.int8, "U8": torch.uint8}  # integers: split --quant shards
 _MAX_HEADER = 100 * 2**20
 
 
-def hf_name(name: str) -> str:
-    """Our parameter name -> the checkpoint's tensor name (HF nests all but the head under ``model.``)."""
-    return name if name.startswith("lm_head.") else f"model.{name}"
+def hf_name(name: str, prefix: str = "model.") -> str:
+    """Our parameter name -> the checkpoint's tensor name (HF nests all but the head under
+    ``prefix``: ``model.``, or the text tower's of a multimodal checkpoint)."""
+    if name.startswith("lm_head."):
+        return "language_model." + name if prefix == "language_model.model." else name
+    return prefix + name
+
+
+# Where a checkpoint keeps the decoder: plain causal LMs, then multimodal ones' text towers
+# (transformers 5 and 4 layouts of Gemma 3's Gemma3ForConditionalGeneration). Nothing else is read.
+_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 
 
 class SafetensorsFile:
@@ -107,6 +115,7 @@ class Checkpoint:
             raise UserError(f"checkpoint directory {self.path} does not exist")
         self.config = ModelConfig.from_dir(self.path)
         self.files = self._index()  # tensor name -> file
+        self.prefix = next((p for p in _PREFIXES if f"{p}embed_tokens.weight" in self.files or f"{p}layers.0.input_layernorm.weight" in self.files), "model.")
         self._check_layers()
 
     def _index(self) -> dict[str, SafetensorsFile]:
@@ -138,13 +147,17 @@ class Checkpoint:
         raise UserError(f"no {SINGLE} or {INDEX} in {self.path}")
 
     def _check_layers(self) -> None:
-        found = {int(m.group(1)) for name in self.files if (m := _LAYER.match(name))}
+        found = {int(m.group(1)) for name in self.files if name.startswith(self.prefix) and (m := _LAYER.match(name[len(self.prefix):]))}
         extra = sorted(i for i in found if i >= self.config.n_layers)
         if extra:
             raise UserError(
                 f"config/weights mismatch: config.json says {self.config.n_layers} layers "
                 f"but the checkpoint has tensors for layer {extra[0]}"
             )
+
+    def key(self, name: str) -> str:
+        """The tensor name of our parameter ``name`` in this checkpoint."""
+        return hf_name(name, self.prefix)
 
     def has(self, name: str) -> bool:
         return name in self.files
@@ -183,7 +196,7 @@ def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype,
     with torch.no_grad():
         for name, param in list(stage.named_parameters()):
             owner, _, attr = name.rpartition(".")
-            key = hf_name(name)
+            key = ckpt.key(name)
             if name in quantized and ckpt.has(f"{key}.q"):
                 zero = ckpt.read(f"{key}.zero") if ckpt.has(f"{key}.zero") else None
                 stage.set_quantized(owner, QuantWeight(ckpt.read(f"{key}.q"), ckpt.read(f"{key}.scale"), zero, dtype))
@@ -218,7 +231,7 @@ def source(ckpt: Checkpoint, name: str) -> tuple[str, int | None]:
     """Where our parameter ``name`` lies in ``ckpt``: its tensor name, and the first row when it is
     part of a fused tensor (phi3's ``qkv_proj`` = q, k, v and ``gate_up_proj`` = gate, up, split
     at load), else None."""
-    key = hf_name(name)
+    key = ckpt.key(name)
     m = _FUSED.match(name)
     if not ckpt.config.fused_projections or m is None or ckpt.has(key):
         return key, None
@@ -231,7 +244,7 @@ def source(ckpt: Checkpoint, name: str) -> tuple[str, int | None]:
         "mlp.gate_proj": ("mlp.gate_up_proj", 0),
         "mlp.up_proj": ("mlp.gate_up_proj", c.intermediate_size),
     }[m.group(2)]
-    fused_key = hf_name(f"layers.{m.group(1)}.{fused}.weight")
+    fused_key = ckpt.key(f"layers.{m.group(1)}.{fused}.weight")
     rows = {"self_attn.qkv_proj": q + 2 * kv, "mlp.gate_up_proj": 2 * c.intermediate_size}[fused]
     file = ckpt.files.get(fused_key)
     if file is None:

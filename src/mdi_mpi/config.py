@@ -1,4 +1,5 @@
-"""Model configuration read from a Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, phi3).
+"""Model configuration read from a Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, phi3,
+gemma2, gemma3).
 
 Reads both the transformers 4 keys (``torch_dtype``, ``rope_theta``, ``rope_scaling``) and the
 transformers 5 keys (``dtype``, ``rope_parameters``).
@@ -95,6 +96,9 @@ class ModelConfig:
     def from_dict(cls, raw: dict) -> ModelConfig:
         """Build from a parsed ``config.json``; unsupported models or features raise ``UserError``."""
         model_type = raw.get("model_type")
+        if model_type == "gemma3" and isinstance(raw.get("text_config"), dict):  # multimodal: its text tower
+            top = {k: raw[k] for k in ("eos_token_id", "bos_token_id", "tie_word_embeddings") if k in raw}
+            return cls.from_dict({**top, **raw["text_config"], "model_type": "gemma3_text"})
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UserError(
                 f"unsupported model_type {model_type!r}; mdi-mpi supports {', '.join(SUPPORTED_MODEL_TYPES)}"
