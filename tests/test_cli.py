@@ -322,7 +322,7 @@ def test_dtype_auto_says_what_it_picked(models, tmp_path):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("name", ["qwen3", "phi3-longrope", "mistral-window", "qwen2-window"])
+@pytest.mark.parametrize("name", ["qwen3", "phi3-longrope", "mistral-window", "qwen2-window", "gemma2", "gemma3"])
 def test_new_families_greedy_equals_transformers_on_any_ranks(models, tmp_path, name):
     path = models[name]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
