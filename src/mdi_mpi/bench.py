@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mdi_mpi.demo import FAMILY_SHAPES
 from mdi_mpi.errors import UserError, cli_main
 from mdi_mpi.partition import default_micro_batch
 
@@ -228,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", metavar="DIR", help="checkpoint; default: the TinyLlama-1.1B-shaped random model (built once, ~2.2 GB)")
     p.add_argument("--tiny", action="store_true", help="use the small demo model and few tokens (a quick check)")
+    p.add_argument("--shape", choices=("tinyllama", *FAMILY_SHAPES), default="tinyllama",
+                   help="random-weight model shape to build and run when no --model is given (default: tinyllama)")
     p.add_argument("--dtypes", default="bfloat16", help="comma-separated dtypes (default: bfloat16)")
     p.add_argument("--ranks", default="1,2,3", help="rank counts N (default: 1,2,3)")
     p.add_argument("--slots", default="1,N,2N,8", help="slot counts K; N means the rank count (default: 1,N,2N,8)")
@@ -253,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
             model = args.model
         elif args.tiny:
             model = str(demo.demo_model())
-        else:
+        elif args.shape == "tinyllama":
             model = str(demo.tinyllama_model())
+        else:
+            model = str(demo.family_model(args.shape))
         if args.tiny:
             args.new_tokens = min(args.new_tokens, 8)
         if args.hot_path:

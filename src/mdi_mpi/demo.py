@@ -114,11 +114,12 @@ def build_tokenizer(vocab_size: int):
 
 
 def build_checkpoint(
-    path: Path, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer: bool = True
+    path: Path, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer: bool = True,
+    kind: str = "LlamaConfig",
 ) -> Path:
-    """Write a random-init ``LlamaForCausalLM`` with ``config`` to ``path``, atomically: a
-    finished directory is never half-written, and concurrent builders (ranks) agree."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Write a random-init causal LM (transformers config class ``kind``) with ``config`` to ``path``,
+    atomically: a finished directory is never half-written, and concurrent builders (ranks) agree."""
+    import transformers
 
     if path.is_dir():
         return path
@@ -126,7 +127,7 @@ def build_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(LlamaConfig(**config)).to(dtype)
+        model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, kind)(**config), dtype=dtype)
         model.save_pretrained(tmp)
         del model
         if tokenizer:
@@ -167,6 +168,30 @@ def corpus_files() -> tuple[list[Path], list[Path]]:
 def held_out_text(max_chars: int = 200_000) -> str:
     """Standard-library source the demo model never saw in training, for perplexity."""
     return "".join(f.read_text(encoding="utf-8", errors="replace") for f in corpus_files()[1])[:max_chars]
+
+
+# Benchmark shapes of the small models people run in 2026 (random weights: same speed and memory).
+FAMILY_SHAPES = {
+    "qwen3-0.6b": ("Qwen3Config", dict(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=True)),
+    "gemma3-1b": ("Gemma3TextConfig", dict(
+        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512, max_position_embeddings=32768,
+        tie_word_embeddings=True)),
+    "phi4-mini": ("Phi3Config", dict(
+        vocab_size=200064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=24,
+        num_key_value_heads=8, max_position_embeddings=131072, original_max_position_embeddings=4096,
+        partial_rotary_factor=0.75, tie_word_embeddings=True, pad_token_id=199999, bos_token_id=199999, eos_token_id=199999,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.0 + i / 8 for i in range(48)]})),
+}
+
+
+def family_model(name: str, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The random checkpoint of benchmark shape ``name`` (``FAMILY_SHAPES``), built on first use."""
+    kind, config = FAMILY_SHAPES[name]
+    return build_checkpoint(cache_dir() / f"{name}-shape-{str(dtype).removeprefix('torch.')}", config, seed=0,
+                            dtype=dtype, tokenizer=False, kind=kind)
 
 
 def tinyllama_model(dtype: torch.dtype = torch.bfloat16) -> Path:
