@@ -11,7 +11,7 @@ from mdi_mpi.kernels import default_cache
 from mdi_mpi.pipeline import Recorder, run_first, slot_groups
 from mdi_mpi.requests import Request
 from mdi_mpi.sampling import SamplingParams
-from mdi_mpi.scheduler import Scheduler
+from mdi_mpi.scheduler import Listener, Scheduler
 from mdi_mpi.stage import Stage
 from mdi_mpi.transport import LocalRing
 
@@ -29,9 +29,26 @@ def make_requests(prompts: list[list[int]], **params) -> list[Request]:
     return [Request(str(i), i, None, ids, p) for i, ids in enumerate(prompts)]
 
 
+class Results(Listener):
+    """Keeps every finished result, in the order they finish."""
+
+    def __init__(self) -> None:
+        self.results = []
+
+    def finished(self, request, result) -> None:
+        self.results.append(result)
+
+
+def scheduler(requests: list[Request], n_slots: int, max_seq_len: int, prefill_chunk: int, eos_ids, tokenizer=None):
+    """A scheduler holding ``requests`` whose listener (``sched.listener.results``) keeps the results."""
+    sched = Scheduler(n_slots, max_seq_len, prefill_chunk, eos_ids, tokenizer, Results())
+    sched.add(requests)
+    return sched
+
+
 def generate(stage: Stage, prompts: list[list[int]], n_slots: int, prefill_chunk: int = 64, **params) -> dict[str, list[int]]:
     """Tokens generated for each prompt, keyed by request id."""
-    sched = Scheduler(make_requests(prompts, **params), n_slots, stage.max_seq_len, prefill_chunk, stage.config.eos_token_ids)
+    sched = scheduler(make_requests(prompts, **params), n_slots, stage.max_seq_len, prefill_chunk, stage.config.eos_token_ids)
     return {r.id: r.tokens for r in run_one_process(stage, sched)}
 
 
@@ -39,4 +56,4 @@ def run_one_process(stage: Stage, sched: Scheduler) -> list:
     """The pipeline of one rank (what ``generate`` runs with -np 1), all slots in one group."""
     n_slots = len(sched.active)
     run_first(stage, sched, LocalRing(), slot_groups(n_slots, n_slots), Recorder())
-    return sched.results
+    return sched.listener.results

@@ -7,6 +7,8 @@ import torch
 
 from mdi_mpi.requests import Request
 from mdi_mpi.sampling import SamplingParams
+from helpers import scheduler
+
 from mdi_mpi.scheduler import Scheduler
 
 VOCAB = 2048
@@ -40,9 +42,9 @@ def tokenizer():
 def test_a_stop_string_cuts_the_text_and_ends_with_stop(tokenizer):
     ids = tokenizer.encode("return self.value # done here", add_special_tokens=False)
     req = Request("a", 0, None, [5, 6], SamplingParams(max_new_tokens=len(ids) + 5, stop=("# done",)))
-    sched = Scheduler([req], 1, 64, 8, eos_ids=(2,), tokenizer=tokenizer)
+    sched = scheduler([req], 1, 64, 8, eos_ids=(2,), tokenizer=tokenizer)
     drive(sched, ids, 64)
-    (res,) = sched.results
+    (res,) = sched.listener.results
     assert res.finish_reason == "stop" and res.text == "return self.value "
     assert "# done" in tokenizer.decode(res.tokens)  # generation stopped once the string was complete
 
@@ -50,9 +52,9 @@ def test_a_stop_string_cuts_the_text_and_ends_with_stop(tokenizer):
 @pytest.mark.parametrize("eos_ids, reason, n", [((2,), "stop", 3), ((), "length", 6)])
 def test_eos_ends_a_sequence_unless_eos_ids_is_empty(eos_ids, reason, n):
     req = Request("a", 0, None, [5, 6, 7], SamplingParams(max_new_tokens=6))
-    sched = Scheduler([req], 1, 64, 8, eos_ids=eos_ids)
+    sched = scheduler([req], 1, 64, 8, eos_ids=eos_ids)
     drive(sched, [10, 11, 2], 64)
-    (res,) = sched.results
+    (res,) = sched.listener.results
     assert res.finish_reason == reason and len(res.tokens) == n
     assert res.tokens[:3] == [10, 11, 2]
 
@@ -60,9 +62,9 @@ def test_eos_ends_a_sequence_unless_eos_ids_is_empty(eos_ids, reason, n):
 def test_a_prompt_near_the_context_gets_exactly_what_fits():
     length = 16
     req = Request("a", 0, None, list(range(3, 3 + length - 2)), SamplingParams(max_new_tokens=50))
-    sched = Scheduler([req], 1, length, 4, eos_ids=())
+    sched = scheduler([req], 1, length, 4, eos_ids=())
     highest = drive(sched, [9], length)
-    (res,) = sched.results
+    (res,) = sched.listener.results
     # Positions 0..L-1 hold the prompt and the first two generated tokens; the third is sampled from
     # the last position's logits, and nothing more can be fed.
     assert res.finish_reason == "context" and res.tokens == [9, 9, 9]

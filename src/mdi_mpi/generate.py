@@ -14,7 +14,7 @@ import time
 from mdi_mpi.errors import UserError
 from mdi_mpi.job import Job, JobSpec, Parser, Prepared, add_job_arguments, agree, run_command, start
 from mdi_mpi.plan import positive_int
-from mdi_mpi.sampling import shown_length
+from mdi_mpi.scheduler import Listener
 
 EXAMPLES = """\
 examples:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, comm) -> dict:
     """Run the generation job described by ``args`` on this rank; rank 0 returns the run summary."""
     from mdi_mpi import demo
     from mdi_mpi.pipeline import Recorder, run_first, run_worker
-    from mdi_mpi.requests import Prompt, build_requests, finished_ids, load_tokenizer, read_prompts_file
+    from mdi_mpi.requests import Prompt, build_requests, finished_ids, load_tokenizer, read_prompts_file, stop_token_ids
     from mdi_mpi.sampling import SamplingParams
     from mdi_mpi.scheduler import Scheduler
 
@@ -74,7 +74,8 @@ def run(args: argparse.Namespace, comm) -> dict:
         if args.resume and not args.output:
             raise UserError("--resume needs --output: the file whose finished requests are skipped")
         try:
-            return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tuple(args.stop))
+            return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                                  tuple(args.stop), args.ignore_eos)
         except ValueError as e:
             raise UserError(str(e)) from None
 
@@ -99,28 +100,19 @@ def run(args: argparse.Namespace, comm) -> dict:
             reqs = [r for r in reqs if r.id not in done]  # each keeps its index, so its seed: same tokens
             print(f"resuming: {len(seen) - len(reqs)} of {len(seen)} requests already in {args.output}",
                   file=sys.stderr, flush=True)
-        return Prepared(reqs, len(reqs), tokenizer)
+        return Prepared((reqs, stop_token_ids(config.eos_token_ids, tokenizer_dir, tokenizer)), len(reqs), tokenizer)
 
     job = start(comm, JobSpec.from_args(args), prepare)
     comm.Barrier()
     rec = Recorder(trace=bool(args.trace))  # origin: just after the barrier, shared by all ranks
-    sched = None
     if job.rank == 0:
         if job.is_demo:
             print(demo.DEMO_NOTE, file=sys.stderr, flush=True)
-        requests, tokenizer = job.prepared.items, job.prepared.tokenizer
+        (requests, eos), tokenizer = job.prepared.items, job.prepared.tokenizer
         out = open(args.output, "a", encoding="utf-8") if args.output else None
-        printer = _Printer(tokenizer, len(requests), streaming=len(requests) == 1 and not args.quiet, quiet=args.quiet)
-
-        def on_finish(result) -> None:
-            if out is not None:
-                out.write(result.to_json() + "\n")
-                out.flush()
-            printer.finished(result)
-
-        eos = () if args.ignore_eos else job.config.eos_token_ids
-        sched = Scheduler(requests, job.n_slots, job.max_seq_len, args.prefill_chunk, eos, tokenizer,
-                          on_finish=on_finish, on_token=printer.token)
+        printer = _Printer(len(requests), out, tokenizer is not None, streaming=len(requests) == 1 and not args.quiet, quiet=args.quiet)
+        sched = Scheduler(job.n_slots, job.max_seq_len, args.prefill_chunk, eos, tokenizer, printer)
+        sched.add(requests)
         try:
             run_first(job.stage, sched, job.ring, job.groups, rec)
         finally:
@@ -128,10 +120,10 @@ def run(args: argparse.Namespace, comm) -> dict:
                 out.close()
     else:
         run_worker(job.stage, job.ring, rec)
-    return _summarize(job, rec, sched, args)
+    return _summarize(job, rec, printer if job.rank == 0 else None, args)
 
 
-def _summarize(job: Job, rec, sched, args: argparse.Namespace) -> dict:
+def _summarize(job: Job, rec, printer: _Printer | None, args: argparse.Namespace) -> dict:
     """Gather every rank's figures; rank 0 prints the summary and writes the stats and the trace."""
     from mdi_mpi.trace import write_trace
 
@@ -139,19 +131,16 @@ def _summarize(job: Job, rec, sched, args: argparse.Namespace) -> dict:
     events = job.comm.gather(rec.event_array(), root=0) if args.trace else None
     if job.rank != 0:
         return {}
-    results = sched.results
-    n_tokens = sum(len(r.tokens) for r in results)
+    n_done, n_tokens = printer.n_done, printer.n_tokens
     summary = {
         **job.describe(),
         "prefill_chunk": args.prefill_chunk,
-        "requests": len(results),
+        "requests": n_done,
         "generated_tokens": n_tokens,
         "generate_s": round(rec.wall_s, 4),
         "tokens_per_s": round(n_tokens / rec.wall_s, 3) if rec.wall_s else 0.0,
-        "tokens_per_s_per_sequence": round(
-            sum(len(r.tokens) / r.duration_s for r in results if r.duration_s) / max(1, len(results)), 3
-        ),
-        "mean_ttft_s": round(sum(r.ttft_s for r in results) / max(1, len(results)), 4),
+        "tokens_per_s_per_sequence": round(printer.rate_sum / max(1, n_done), 3),
+        "mean_ttft_s": round(printer.ttft_sum / max(1, n_done), 4),
         "bytes_sent_per_token": round(sum(r["bytes_sent"] for r in ranks) / max(1, n_tokens), 1),
         "per_rank": ranks,
     }
@@ -164,42 +153,35 @@ def _summarize(job: Job, rec, sched, args: argparse.Namespace) -> dict:
     return summary
 
 
-class _Printer:
-    """Completions on stdout: one request streams token by token (never showing a stop string, nor
-    text that may begin one), several print as they finish."""
+class _Printer(Listener):
+    """Rank 0's view of the run: appends each finished record to the output file, prints completions
+    on stdout (one request streams token by token, never showing a stop string nor text that may begin
+    one; several print as they finish) and keeps the totals of the summary."""
 
-    def __init__(self, tokenizer, n_requests: int, streaming: bool, quiet: bool):
-        self.tokenizer = tokenizer
+    def __init__(self, n_requests: int, out, decoded: bool, streaming: bool, quiet: bool):
+        self.out = out
+        self.decoded = decoded  # False: the checkpoint has no tokenizer, so tokens print as ids
         self.streaming = streaming
         self.quiet = quiet
-        self.generated: list[int] = []
-        self.shown = ""
         self.n_requests = n_requests
-        self.n_done = 0
-        self.n_tokens = 0
+        self.n_done = self.n_tokens = 0
+        self.ttft_sum = self.rate_sum = 0.0
         self.t0 = time.perf_counter()
         self.progress = sys.stderr.isatty() and not streaming
 
-    def token(self, request, token: int) -> None:
-        if not self.streaming:
-            return
-        self.generated.append(token)
-        if self.tokenizer is None:
-            sys.stdout.write(f"{token} ")
-        else:
-            text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
-                return
-            text = text[: shown_length(text, request.params.stop)]  # hold back what may start a stop string
-            if len(text) <= len(self.shown):
-                return
-            sys.stdout.write(text[len(self.shown) :])
-            self.shown = text
-        sys.stdout.flush()
+    def token(self, step) -> None:
+        if self.streaming:
+            sys.stdout.write(step.text if self.decoded else f"{step.token} ")
+            sys.stdout.flush()
 
-    def finished(self, result) -> None:
+    def finished(self, request, result) -> None:
+        if self.out is not None:
+            self.out.write(result.to_json() + "\n")
+            self.out.flush()
         self.n_done += 1
         self.n_tokens += len(result.tokens)
+        self.ttft_sum += result.ttft_s or 0.0
+        self.rate_sum += len(result.tokens) / result.duration_s if result.duration_s else 0.0
         if self.progress:  # on a terminal only: never mixed into redirected output
             rate = self.n_tokens / (time.perf_counter() - self.t0)
             end = "\n" if self.n_done == self.n_requests else ""
@@ -207,8 +189,7 @@ class _Printer:
         if self.quiet:
             return
         if self.streaming:
-            rest = "" if result.text is None else result.text[len(self.shown) :]
-            sys.stdout.write(rest + "\n")
+            sys.stdout.write("\n")
         else:
             body = result.text if result.text is not None else " ".join(map(str, result.tokens))
             sys.stdout.write(f"--- {result.id} ({result.finish_reason}, {len(result.tokens)} tokens)\n{body}\n")

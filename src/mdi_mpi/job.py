@@ -78,7 +78,7 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--layers", metavar="A,B,...", help="explicit layer counts per rank, e.g. 6,8,8; default: balanced, rank 0 fewer (it also runs the LM head)")
     add_plan_arguments(m)
     s = p.add_argument_group("scheduling")
-    s.add_argument("--slots", type=positive_int, metavar="K", help="sequences in flight at once; default: max(N, min(requests, 4N))")
+    s.add_argument("--slots", type=positive_int, metavar="K", help="sequences in flight at once; default: max(N, min(requests, 4N)), or 4N for a server")
     s.add_argument("--micro-batch", type=positive_int, metavar="M", help="slots that travel together as one message; default: ceil(K / N), so that N groups keep N ranks busy")
     s.add_argument("--prefill-chunk", type=positive_int, default=128, metavar="C", help="prompt tokens per slot per step (default: 128)")
     s.add_argument("--timeout", type=float, default=600.0, metavar="S", help="end the job when a rank waits more than S "
@@ -133,7 +133,7 @@ class Prepared:
     """What rank 0 prepared in step 3: the command's own items, and how many requests they make."""
 
     items: Any
-    n_requests: int
+    n_requests: int | None  # None: requests arrive over time (a server)
     tokenizer: Any = None
 
 
@@ -225,6 +225,7 @@ def start(comm, spec: JobSpec, prepare: Callable[[Any, str, int], Prepared], def
         suggestion,
     )
     from mdi_mpi.split import read_split, shard_dir
+    from mdi_mpi.trace import EVENT_KINDS
     from mdi_mpi.transport import LocalRing, Ring, local_ranks
 
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -277,7 +278,7 @@ def start(comm, spec: JobSpec, prepare: Callable[[Any, str, int], Prepared], def
         if rank != 0:
             return None, None
         work = prepare(cfg, str(tokenizer_dir), max_seq_len)
-        n_slots = spec.slots or max(size, min(work.n_requests, 4 * size))
+        n_slots = spec.slots or (4 * size if work.n_requests is None else max(size, min(work.n_requests, 4 * size)))
         micro = spec.micro_batch or default_micro_batch(n_slots, size)
         if micro > n_slots:
             raise UserError(f"--micro-batch {micro} is larger than --slots {n_slots}")
@@ -314,10 +315,10 @@ def start(comm, spec: JobSpec, prepare: Callable[[Any, str, int], Prepared], def
     load_s = time.perf_counter() - t_load
     kernels = agree(comm, lambda: stage.choose_kernels(None if spec.kernel == "auto" else spec.kernel, kernel_cache))
     ring = (
-        LocalRing()
+        LocalRing(len(EVENT_KINDS))
         if size == 1
         else Ring(comm, max(2, len(groups)), micro, micro * spec.prefill_chunk, cfg.hidden_size, dtype,
-                  timeout_s=spec.timeout or None)
+                  timeout_s=spec.timeout or None, n_totals=len(EVENT_KINDS))
     )
     return Job(comm, rank, size, model_dir, is_demo, cfg, max_seq_len, dtype, dtype_reason, quant, n_slots, micro,
                groups, plan, stage, ring, kernels, threads, t_load - t0, load_s, work)

@@ -4,6 +4,11 @@ Slots are split into groups (micro-batches) that travel round the ring independe
 g is on rank 2, groups g+1 and g+2 are on ranks 1 and 0, so with at least N groups no rank idles.
 When group g comes back to rank 0, its sampled tokens are drawn and its next step leaves at once.
 The last rank sends back only the rows rank 0 samples from.
+
+A server's rank 0 also takes requests that arrive over time, from an ``Inbox``: while nothing is in
+flight it waits on the inbox, and every ``heartbeat_s`` of quiet it sends a heartbeat round the ring,
+so that the other ranks (which end the job after ``--timeout`` without a message) know it is alive,
+and a rank that has died or frozen is noticed while the server is idle, as under load.
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ import numpy as np
 import torch
 
 from mdi_mpi.kv_cache import Batch
-from mdi_mpi.scheduler import Scheduler, Work
+from mdi_mpi.scheduler import Inbox, Scheduler, Work
 from mdi_mpi.stage import Stage
 from mdi_mpi.trace import EVENT_KINDS
-from mdi_mpi.transport import STOP
+from mdi_mpi.transport import HEARTBEAT, STOP, WORK
 
 RECV, COMPUTE, PREFILL, SEND, SAMPLE = range(len(EVENT_KINDS))
 
@@ -69,17 +74,37 @@ def _recv(ring, rec: Recorder):
 
 def _send(ring, rec: Recorder, group: int, batch: Batch, sampled: list[int], h: torch.Tensor) -> None:
     t0 = time.perf_counter()
+    _report(ring, rec)
     ring.send(group, batch.slots, batch.starts, batch.lengths, sampled, h)
     rec.add(SEND, group, t0, time.perf_counter())
 
 
+def _report(ring, rec: Recorder) -> None:
+    """Put this rank's running totals into the ring's header."""
+    ring.totals[ring.rank] = [int(1e6 * t) for t in rec.totals]
+
+
+def _signal(ring, rec: Recorder, kind: int) -> None:
+    """Send a message with no work (a stop or a heartbeat) to the next rank."""
+    _report(ring, rec)
+    ring.send(0, (), (), (), [], None, kind=kind)
+
+
 @torch.inference_mode()
 def run_first(
-    stage: Stage, sched: Scheduler, ring, groups: list[list[int]], rec: Recorder, all_rows: bool = False
+    stage: Stage,
+    sched: Scheduler,
+    ring,
+    groups: list[list[int]],
+    rec: Recorder,
+    all_rows: bool = False,
+    inbox: Inbox | None = None,
 ) -> None:
     """Rank 0: feed every group into the ring, sample what comes back, refill, then stop the ring.
     ``sched`` plans each group's next step and takes the logits of its sampled segments' last tokens
-    (``all_rows``: of every token, as teacher-forced scoring needs; every rank must be told)."""
+    (``all_rows``: of every token, as teacher-forced scoring needs; every rank must be told). Without
+    an ``inbox`` the loop ends when the scheduler's requests are done; with one, when the inbox is
+    closed and the last request has ended."""
     works: dict[int, Work] = {}
     last = ring.size == 1
 
@@ -97,8 +122,21 @@ def run_first(
         rec.steps += 1
         return True
 
-    in_flight = sum(launch(g) for g in range(len(groups)))
-    while in_flight:
+    idle = list(range(len(groups)))  # groups not in the ring
+    while True:
+        if inbox is not None:
+            quiet = not works and sched.done
+            if quiet and inbox.closed:
+                break
+            if not inbox.deliver(sched, inbox.heartbeat_s if quiet else 0.0) and quiet:
+                _signal(ring, rec, HEARTBEAT)
+                _expect(ring, rec, HEARTBEAT)
+                continue
+        idle = [g for g in idle if not launch(g)]
+        if not works:
+            if inbox is None:
+                break
+            continue
         msg = _recv(ring, rec)
         work = works.pop(msg.group)
         if work.sampled:
@@ -109,14 +147,19 @@ def run_first(
             sched.complete(work, logits)
             rec.add(SAMPLE, msg.group, t1, time.perf_counter())
         ring.release(msg)
-        in_flight -= 1
-        in_flight += launch(msg.group)
-    ring.send(0, (), (), (), [], None, kind=STOP)
-    msg = ring.recv()
-    if msg.kind != STOP:
-        raise RuntimeError("the ring returned work after the stop message")
+        idle.append(msg.group)
+    _signal(ring, rec, STOP)
+    _expect(ring, rec, STOP)
     ring.close()
     rec.wall_s = time.perf_counter() - rec.origin
+
+
+def _expect(ring, rec: Recorder, kind: int) -> None:
+    """Receive the message rank 0 sent round the ring with no work, which must come back next."""
+    msg = _recv(ring, rec)
+    if msg.kind != kind:
+        raise RuntimeError(f"the ring returned message kind {msg.kind} where kind {kind} was expected")
+    ring.release(msg)
 
 
 @torch.inference_mode()
@@ -126,9 +169,12 @@ def run_worker(stage: Stage, ring, rec: Recorder, all_rows: bool = False) -> Non
     last = ring.rank == ring.size - 1
     while True:
         msg = _recv(ring, rec)
-        if msg.kind == STOP:
-            ring.send(0, (), (), (), [], None, kind=STOP)
-            break
+        if msg.kind != WORK:  # a stop or a heartbeat: pass it on
+            ring.release(msg)
+            _signal(ring, rec, msg.kind)
+            if msg.kind == STOP:
+                break
+            continue
         t0 = time.perf_counter()
         batch = Batch.make(msg.slots, msg.starts, msg.lengths)
         h = stage.forward_layers(msg.rows, batch)  # [T, D]

@@ -14,15 +14,17 @@ PER_REQUEST_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """One generation request; ``index`` is its place in the run and seeds its generator."""
+    """One generation request; ``index`` is its place in the run (or its choice number in a
+    server request) and seeds its generator with the request's seed."""
 
     id: str
     index: int
     prompt: str | None
     input_ids: list[int]
     params: SamplingParams
+    arrival: float | None = None  # perf_counter() when it arrived; times to first token count from here
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Prompt:
     text: str | None
     input_ids: list[int] | None
     overrides: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict] | None = None  # a whole conversation for the chat template (instead of ``text``)
 
 
 def parse_prompt_lines(lines: list[str], source: str) -> list[Prompt]:
@@ -93,9 +96,12 @@ def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - any tokenizer failure is a broken checkpoint for the user
         raise UserError(f"cannot load the tokenizer in {model_dir}: {e}") from None
+    if getattr(tokenizer, "backend_tokenizer", None) is None:  # text is decoded incrementally with it
+        raise UserError(f"the tokenizer in {model_dir} has no fast (tokenizers library) form")
+    return tokenizer
 
 
 def build_requests(
@@ -111,7 +117,7 @@ def build_requests(
     if n_samples < 1:
         raise UserError(f"--n-samples must be at least 1, got {n_samples}")
     if chat and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        raise UserError("--chat: this tokenizer has no chat template")
+        raise UserError("this tokenizer has no chat template")
     requests = []
     for number, p in enumerate(prompts):
         label = p.id if p.id is not None else str(number)
@@ -120,9 +126,11 @@ def build_requests(
         elif tokenizer is None:
             raise UserError(f"prompt {label}: the checkpoint has no tokenizer, so give prompts as input_ids (JSONL)")
         elif chat:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": p.text}], tokenize=False, add_generation_prompt=True
-            )
+            messages = p.messages or [{"role": "user", "content": p.text}]
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as e:  # noqa: BLE001 - a template's own error (e.g. roles that must alternate)
+                raise UserError(f"prompt {label}: the chat template failed: {e}") from None
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(p.text)["input_ids"]
@@ -183,9 +191,25 @@ class Result:
     input_ids: list[int]
     tokens: list[int]
     text: str | None
-    finish_reason: str  # "stop" (EOS or stop string), "length" (max_new_tokens) or "context" (cache full)
-    ttft_s: float  # from admission to its slot to its first token
-    duration_s: float  # from admission to its slot to its last token
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max_new_tokens), "context" (cache full) or "cancelled"
+    ttft_s: float | None  # from its arrival (queueing included) to its first token; None if it had none
+    duration_s: float  # from its arrival to its end
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, ensure_ascii=False)
+
+
+def stop_token_ids(config_eos: tuple[int, ...], tokenizer_dir: str | Path, tokenizer) -> tuple[int, ...]:
+    """The tokens that end a sequence: the config's EOS ids, those in ``generation_config.json``
+    and the tokenizer's EOS token."""
+    ids = set(config_eos)
+    file = Path(tokenizer_dir) / "generation_config.json"
+    if file.is_file():
+        try:
+            eos = json.loads(file.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise UserError(f"{file} is not a JSON object: {e}") from None
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(int(i) for i in ids))

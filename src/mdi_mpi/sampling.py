@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+MAX_LOGPROBS = 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,6 +26,8 @@ class SamplingParams:
     top_p: float = 1.0  # keep the smallest set whose probability reaches p; 1 keeps all
     seed: int = 0
     stop: tuple[str, ...] = ()  # stop strings, matched on the decoded text
+    ignore_eos: bool = False  # go on past the end-of-sequence tokens (for benchmarks)
+    logprobs: int | None = None  # report each token's log-probability and this many top ones; None: none
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -36,6 +40,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"top logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {self.logprobs!r}")
 
 
 def request_generator(seed: int, index: int) -> torch.Generator:

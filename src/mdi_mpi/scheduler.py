@@ -4,13 +4,17 @@ Prefill and decode are one operation: a slot feeds the tokens it has not yet put
 most ``prefill_chunk`` at a time), and once the cache has them all its last token's logits are
 sampled. A finished slot is refilled with the next waiting request at once (continuous batching);
 its first segment starts at position 0, which is all the other stages need to know to reuse it.
+Requests may arrive at any time (``add``) and be cancelled at any time (``cancel``); a cancelled
+sequence whose step is in the ring keeps its slot until that step comes back.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +22,7 @@ import torch
 from mdi_mpi.kv_cache import Batch
 from mdi_mpi.requests import Request, Result
 from mdi_mpi.sampling import request_generator, sample
+from mdi_mpi.text import TextStream
 
 
 @dataclass
@@ -29,16 +34,41 @@ class Work:
     sampled: list[int]  # indices of the segments whose last token's logits are sampled
 
 
+@dataclass
+class Step:
+    """One sampled token of a request."""
+
+    request: Request
+    token: int
+    text: str  # the text it lets a stream show: '' while held back (or without a tokenizer); the last step adds the rest
+    logprob: float | None  # its log-probability (raw logits), when the request asks for logprobs
+    top: list[tuple[int, float]]  # the request's top tokens and their log-probabilities, most likely first
+
+
+class Listener:
+    """What a scheduler tells its owner as requests move on; each method does nothing here."""
+
+    def admitted(self, request: Request) -> None:
+        """``request`` took a slot."""
+
+    def token(self, step: Step) -> None:
+        """A token was sampled."""
+
+    def finished(self, request: Request, result: Result) -> None:
+        """``request`` ended (finish reason stop, length, context or cancelled) and left its slot."""
+
+
 class _Sequence:
     """A request while it occupies a slot."""
 
-    def __init__(self, request: Request):
+    def __init__(self, request: Request, tokenizer):
         self.request = request
         self.ids = list(request.input_ids)  # prompt, then generated tokens
         self.pos = 0  # tokens already in the cache
         self.generator = request_generator(request.params.seed, request.index)
-        self.t_admit = time.perf_counter()
+        self.text = None if tokenizer is None else TextStream(tokenizer, request.params.stop)
         self.t_first: float | None = None
+        self.cancelled = False
 
     @property
     def generated(self) -> list[int]:
@@ -50,30 +80,55 @@ class Scheduler:
 
     def __init__(
         self,
-        requests: Sequence[Request],
         n_slots: int,
         max_seq_len: int,
         prefill_chunk: int,
         eos_ids: Sequence[int],
         tokenizer=None,
-        on_finish: Callable[[Result], None] | None = None,
-        on_token: Callable[[Request, int], None] | None = None,
+        listener: Listener | None = None,
     ):
         if n_slots < 1 or prefill_chunk < 1:
             raise ValueError("n_slots and prefill_chunk must be at least 1")
-        self.waiting = deque(requests)
+        self.waiting: deque[Request] = deque()
         self.active: list[_Sequence | None] = [None] * n_slots
         self.max_seq_len = max_seq_len
         self.prefill_chunk = prefill_chunk
         self.eos_ids = frozenset(eos_ids)
         self.tokenizer = tokenizer
-        self.on_finish = on_finish
-        self.on_token = on_token
-        self.results: list[Result] = []
+        self.listener = listener or Listener()
 
     @property
     def done(self) -> bool:
         return not self.waiting and all(s is None for s in self.active)
+
+    @property
+    def running(self) -> int:
+        """Sequences holding a slot."""
+        return sum(s is not None for s in self.active)
+
+    def add(self, requests: Iterable[Request]) -> None:
+        """Queue requests; each one's time to first token counts from here unless it has an arrival time."""
+        now = time.perf_counter()
+        for r in requests:
+            if r.arrival is None:
+                r.arrival = now
+            self.waiting.append(r)
+
+    def cancel(self, request: Request) -> None:
+        """End ``request`` early (finish reason ``cancelled``): at once if it waits, else when its slot
+        is next planned or its step in flight comes back."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+            self.listener.finished(request, self._result(request, [], None, "cancelled", None))
+            return
+        for seq in self.active:
+            if seq is not None and seq.request is request:
+                seq.cancelled = True
+
+    def cancel_all(self) -> None:
+        """Cancel every request, waiting or running."""
+        for r in list(self.waiting) + [s.request for s in self.active if s is not None]:
+            self.cancel(r)
 
     def plan(self, slots: Sequence[int]) -> Work | None:
         """The next forward pass for ``slots``, admitting waiting requests into free ones;
@@ -81,8 +136,12 @@ class Scheduler:
         segments = []  # (slot, start, length, needs sampling)
         for slot in slots:
             seq = self.active[slot]
+            if seq is not None and seq.cancelled:
+                self._finish(slot, seq, "cancelled")
+                seq = None
             if seq is None and self.waiting:
-                seq = self.active[slot] = _Sequence(self.waiting.popleft())
+                seq = self.active[slot] = _Sequence(self.waiting.popleft(), self.tokenizer)
+                self.listener.admitted(seq.request)
             if seq is None:
                 continue
             n = min(self.prefill_chunk, len(seq.ids) - seq.pos)
@@ -104,49 +163,127 @@ class Scheduler:
         for row, seg in enumerate(work.sampled):
             slot = work.batch.slots[seg]
             seq = self.active[slot]
-            token = sample(logits[row], seq.request.params, seq.generator)
+            if seq.cancelled:
+                self._finish(slot, seq, "cancelled")
+                continue
+            params = seq.request.params
+            token = sample(logits[row], params, seq.generator)
             seq.ids.append(token)
             if seq.t_first is None:
                 seq.t_first = time.perf_counter()
-            if self.on_token is not None:
-                self.on_token(seq.request, token)
-            reason, text = self._finish_reason(seq, token)
+            text = "" if seq.text is None else seq.text.push(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None and seq.text is not None:
+                text += seq.text.rest()
+            logprob, top = None, []
+            if params.logprobs is not None:
+                lp = logits[row].float().log_softmax(-1)  # [V]
+                logprob = float(lp[token])
+                if params.logprobs:
+                    values, ids = torch.topk(lp, params.logprobs)
+                    top = list(zip(ids.tolist(), values.tolist()))
+            self.listener.token(Step(seq.request, token, text, logprob, top))
             if reason is not None:
-                self._finish(slot, seq, reason, text)
+                self._finish(slot, seq, reason)
 
-    def _finish_reason(self, seq: _Sequence, token: int) -> tuple[str | None, str | None]:
-        """Why ``seq`` ends after ``token`` (None if it goes on) and its text, cut at a stop string."""
+    def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
+        """Why ``seq`` ends after ``token``, or None if it goes on."""
         params = seq.request.params
-        if params.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-            hits = [text.index(s) for s in params.stop if s in text]
-            if hits:
-                return "stop", text[: min(hits)]
-        if token in self.eos_ids:
-            reason = "stop"
-        elif len(seq.generated) >= params.max_new_tokens:
-            reason = "length"
-        elif len(seq.ids) > self.max_seq_len:
-            reason = "context"
-        else:
-            return None, None
-        text = None if self.tokenizer is None else self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        return reason, text
+        if seq.text is not None and seq.text.stopped:
+            return "stop"
+        if token in self.eos_ids and not params.ignore_eos:
+            return "stop"
+        if len(seq.generated) >= params.max_new_tokens:
+            return "length"
+        if len(seq.ids) > self.max_seq_len:
+            return "context"
+        return None
 
-    def _finish(self, slot: int, seq: _Sequence, reason: str, text: str | None) -> None:
+    def _finish(self, slot: int, seq: _Sequence, reason: str) -> None:
+        self.active[slot] = None
+        text = None if seq.text is None else seq.text.text
+        self.listener.finished(seq.request, self._result(seq.request, seq.generated, text, reason, seq.t_first))
+
+    @staticmethod
+    def _result(r: Request, tokens: list[int], text: str | None, reason: str, t_first: float | None) -> Result:
         now = time.perf_counter()
-        r = seq.request
-        result = Result(
+        return Result(
             id=r.id,
             prompt=r.prompt,
             input_ids=list(r.input_ids),
-            tokens=seq.generated,
+            tokens=tokens,
             text=text,
             finish_reason=reason,
-            ttft_s=round(seq.t_first - seq.t_admit, 6),
-            duration_s=round(now - seq.t_admit, 6),
+            ttft_s=None if t_first is None else round(t_first - r.arrival, 6),
+            duration_s=round(now - r.arrival, 6),
         )
-        self.active[slot] = None
-        self.results.append(result)
-        if self.on_finish is not None:
-            self.on_finish(result)
+
+
+class Inbox:
+    """Requests and cancellations handed from other threads (a server's) to rank 0's loop, which
+    alone touches the scheduler. At most ``max_waiting`` sequences wait for a slot; ``submit``
+    refuses more. The loop calls ``deliver``; the owner's listener calls ``left_queue`` when a
+    submitted request takes a slot or is cancelled before it does."""
+
+    def __init__(self, max_waiting: int, heartbeat_s: float):
+        self.max_waiting = max_waiting
+        self.heartbeat_s = heartbeat_s
+        self.items: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.waiting = 0  # sequences submitted that hold no slot yet
+        self.accepting = True  # submit's view, set off by close
+        self.closed = False  # the loop's view: the close has been delivered
+
+    def submit(self, requests: list[Request]) -> bool:
+        """Queue requests for slots; False (and nothing queued) when that would exceed
+        ``max_waiting`` or the inbox is closed."""
+        with self.lock:
+            if not self.accepting or self.waiting + len(requests) > self.max_waiting:
+                return False
+            self.waiting += len(requests)
+        self.items.put(("add", requests))
+        return True
+
+    def cancel(self, requests: list[Request]) -> None:
+        """End these requests early, wherever they are."""
+        self.items.put(("cancel", requests))
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests from now on (the start of a drain)."""
+        with self.lock:
+            self.accepting = False
+
+    def close(self) -> None:
+        """Refuse new requests and cancel those left (nobody waits for them any more); the loop then ends."""
+        self.stop_accepting()
+        self.items.put(("close", None))
+
+    def abort(self) -> None:
+        """Cancel every request now (the end of a drain)."""
+        self.items.put(("abort", None))
+
+    def left_queue(self) -> None:
+        with self.lock:
+            self.waiting -= 1
+
+    def deliver(self, sched: Scheduler, timeout: float) -> bool:
+        """Hand everything that has arrived to ``sched``, first waiting up to ``timeout`` seconds
+        (without holding the GIL) for something to arrive; False if nothing did."""
+        try:
+            item = self.items.get(timeout=timeout) if timeout > 0 else self.items.get_nowait()
+        except queue.Empty:
+            return False
+        while True:
+            kind, requests = item
+            if kind == "add":
+                sched.add(requests)
+            elif kind == "cancel":
+                for r in requests:
+                    sched.cancel(r)
+            else:  # close, or abort: nobody waits for what is left any more
+                sched.cancel_all()
+                self.closed = self.closed or kind == "close"
+            try:
+                item = self.items.get_nowait()
+            except queue.Empty:
+                return True

@@ -5,7 +5,10 @@ payload in the model dtype (bf16 travels as 2 bytes per value). Per-token traffi
 ``Irecv`` on these buffers, nothing is pickled. Every rank keeps one posted receive per group that
 can be in flight, so a message always finds a receive waiting and no send ever blocks the ring.
 
-Header: ``[kind, group, n_segments, n_rows, then (slot, start, length, sampled) per segment]``.
+Header: ``[kind, group, n_segments, n_rows, then every rank's running totals, then (slot, start,
+length, sampled) per segment]``. Each rank writes its own totals (microseconds per event kind) into
+every message it sends and keeps the others' from every message it receives, so rank 0 knows how
+every rank spends its time, at most one trip round the ring late, at no extra message.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-WORK, STOP = 1, 2
+WORK, STOP, HEARTBEAT = 1, 2, 3
 _FIXED = 4  # kind, group, n_segments, n_rows
 _PER_SEG = 4  # slot, start, length, sampled
 TAG = 7
@@ -71,12 +74,14 @@ class Ring:
         dim: int,
         dtype: torch.dtype,
         timeout_s: float | None = None,
+        n_totals: int = 0,
     ):
         self.comm = comm
         self.timeout_s = timeout_s  # longest wait for a message or a send (None: no limit)
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.dest, self.src = (self.rank + 1) % self.size, (self.rank - 1) % self.size
-        self.header_len = _FIXED + _PER_SEG * max_segments
+        self.totals = np.zeros((self.size, n_totals), dtype=np.int64)  # [rank, kind] microseconds
+        self.header_len = _FIXED + self.totals.size + _PER_SEG * max_segments
         self.dim, self.dtype = dim, dtype
         self.row_bytes = dim * torch.empty((), dtype=dtype).element_size()
         nbytes = 8 * self.header_len + max_rows * self.row_bytes
@@ -90,6 +95,10 @@ class Ring:
         self.bytes_sent = 0
         for i in range(n_buffers):
             self._post(i)
+
+    @property
+    def _seg_at(self) -> int:
+        return _FIXED + self.totals.size
 
     def buffer_bytes(self) -> int:
         return sum(b.nbytes for b in self.recv_bufs + self.send_bufs)
@@ -118,7 +127,8 @@ class Ring:
             raise RuntimeError(f"message of {n_rows} rows exceeds the buffer ({self.max_rows} rows)")
         n = len(slots)
         header[:_FIXED] = (kind, group, n, n_rows)
-        seg = header[_FIXED : _FIXED + _PER_SEG * n].reshape(n, _PER_SEG)
+        header[_FIXED : self._seg_at].reshape(self.totals.shape)[:] = self.totals
+        seg = header[self._seg_at : self._seg_at + _PER_SEG * n].reshape(n, _PER_SEG)
         seg[:, 0], seg[:, 1], seg[:, 2] = slots, starts, lengths
         seg[:, 3] = 0
         seg[sampled, 3] = 1
@@ -143,7 +153,10 @@ class Ring:
                                "connection, or one trip round the ring takes longer than --timeout")
         header = self.recv_views[i][: 8 * self.header_len].view(np.int64)
         kind, group, n, n_rows = (int(x) for x in header[:_FIXED])
-        seg = header[_FIXED : _FIXED + _PER_SEG * n].reshape(n, _PER_SEG).tolist()
+        mine = self.totals[self.rank].copy()
+        self.totals[:] = header[_FIXED : self._seg_at].reshape(self.totals.shape)
+        self.totals[self.rank] = mine
+        seg = header[self._seg_at : self._seg_at + _PER_SEG * n].reshape(n, _PER_SEG).tolist()
         rows = None
         if n_rows:
             start = 8 * self.header_len
@@ -186,9 +199,10 @@ class LocalRing:
 
     size, rank = 1, 0
 
-    def __init__(self) -> None:
+    def __init__(self, n_totals: int = 0) -> None:
         self.queue: deque[LocalMessage] = deque()
         self.bytes_sent = 0
+        self.totals = np.zeros((1, n_totals), dtype=np.int64)
 
     def send(self, group, slots, starts, lengths, sampled, rows, kind=WORK) -> None:
         self.queue.append(LocalMessage(kind, group, rows))

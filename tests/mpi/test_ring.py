@@ -6,14 +6,13 @@ import time
 
 import pytest
 import torch
-from helpers import run_one_process
+from helpers import run_one_process, scheduler
 
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.kernels import default_cache
 from mdi_mpi.pipeline import Recorder, run_first, run_worker, slot_groups
 from mdi_mpi.requests import Request
 from mdi_mpi.sampling import SamplingParams
-from mdi_mpi.scheduler import Scheduler
 from mdi_mpi.stage import Stage
 from mdi_mpi.transport import STOP, Ring
 
@@ -54,7 +53,7 @@ def reference(reqs: list[Request]) -> dict[str, list[int]]:
     full = full_model()
     full.setup_cache(1, MAX_SEQ)
     full.choose_kernels(cache=default_cache())
-    sched = Scheduler(reqs, 1, MAX_SEQ, 1000, CONFIG.eos_token_ids)
+    sched = scheduler(reqs, 1, MAX_SEQ, 1000, CONFIG.eos_token_ids)
     return {r.id: r.tokens for r in run_one_process(full, sched)}
 
 
@@ -66,10 +65,10 @@ def run_ring(comm, reqs, n_slots: int, micro_batch: int, prefill_chunk: int = 8)
     groups = slot_groups(n_slots, micro_batch)
     ring = Ring(comm, len(groups), micro_batch, micro_batch * prefill_chunk, CONFIG.hidden_size, torch.float32)
     if rank == 0:
-        sched = Scheduler(reqs, n_slots, MAX_SEQ, prefill_chunk, CONFIG.eos_token_ids)
+        sched = scheduler(reqs, n_slots, MAX_SEQ, prefill_chunk, CONFIG.eos_token_ids)
         run_first(stage, sched, ring, groups, Recorder())
         assert sched.done
-        return {r.id: r.tokens for r in sched.results}
+        return {r.id: r.tokens for r in sched.listener.results}
     run_worker(stage, ring, Recorder())
     return None
 
