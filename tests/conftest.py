@@ -120,6 +120,19 @@ def run_cli(args: list[str], ranks: int = 1, timeout: float = 120, env: dict | N
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
 
 
+def ranks_of(tag: str) -> dict[int, int]:
+    """PID of each rank whose environment holds ``MDI_TEST_TAG=tag`` (Hydra sets ``PMI_RANK``)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(v.split("=", 1) for v in (proc / "environ").read_text().split("\0") if "=" in v)
+        except (OSError, ValueError):
+            continue
+        if env.get("MDI_TEST_TAG") == tag and "PMI_RANK" in env:
+            found[int(env["PMI_RANK"])] = int(proc.name)
+    return found
+
+
 def pytest_ignore_collect(collection_path, config):
     """tests/mpi needs several ranks: it runs under ``mpirun -np 2`` and is skipped otherwise."""
     if collection_path.name == "mpi" and collection_path.parent == Path(__file__).parent:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, mpiexec, run_cli
+from conftest import REPO, mpiexec, ranks_of, run_cli
 from transformers import AutoModelForCausalLM
 
 FIELDS = {"id", "prompt", "input_ids", "tokens", "text", "finish_reason", "ttft_s", "duration_s"}
@@ -192,19 +192,6 @@ def test_a_failing_rank_ends_the_job_and_keeps_results(models, tmp_path, kind, l
     assert 2 <= len(done) < len(PROMPTS) * 3
 
 
-def _ranks_of(tag: str) -> dict[int, int]:
-    """PID of each rank whose environment holds ``MDI_TEST_TAG=tag`` (Hydra sets ``PMI_RANK``)."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            env = dict(v.split("=", 1) for v in (proc / "environ").read_text().split("\0") if "=" in v)
-        except (OSError, ValueError):
-            continue
-        if env.get("MDI_TEST_TAG") == tag and "PMI_RANK" in env:
-            found[int(env["PMI_RANK"])] = int(proc.name)
-    return found
-
-
 def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str]) -> str:
     """Start a 3-rank job, wait for two finished records, send ``sig`` to rank 1, check that the
     whole job ends with its records intact, and return its stderr."""
@@ -219,17 +206,17 @@ def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str]) -> str:
         deadline = time.time() + 60
         while not (out.is_file() and out.read_text().count("\n") >= 2) and time.time() < deadline:
             time.sleep(0.1)
-        pids = _ranks_of(tag)
+        pids = ranks_of(tag)
         assert set(pids) == {0, 1, 2} and job.poll() is None, (pids, job.poll())
         os.kill(pids[1], sig)
         _, stderr = job.communicate(timeout=30)  # no hang: the other ranks end too
         deadline = time.time() + 10  # the launcher has sent its kills; give them a moment to land
-        while _ranks_of(tag) and time.time() < deadline:
+        while ranks_of(tag) and time.time() < deadline:
             time.sleep(0.1)
-        assert not _ranks_of(tag), "ranks outlived the launcher"
+        assert not ranks_of(tag), "ranks outlived the launcher"
     finally:
         job.kill()
-        for pid in _ranks_of(tag).values():
+        for pid in ranks_of(tag).values():
             os.kill(pid, signal.SIGKILL)
     assert job.returncode != 0
     done = records(out)  # every line written is a whole record

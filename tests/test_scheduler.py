@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import scheduler
 
 from mdi_mpi.requests import Request
 from mdi_mpi.sampling import SamplingParams
-from helpers import scheduler
-
 from mdi_mpi.scheduler import Scheduler
 
 VOCAB = 2048

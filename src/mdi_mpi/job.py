@@ -225,7 +225,6 @@ def start(comm, spec: JobSpec, prepare: Callable[[Any, str, int], Prepared], def
         suggestion,
     )
     from mdi_mpi.split import read_split, shard_dir
-    from mdi_mpi.trace import EVENT_KINDS
     from mdi_mpi.transport import LocalRing, Ring, local_ranks
 
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -315,10 +314,10 @@ def start(comm, spec: JobSpec, prepare: Callable[[Any, str, int], Prepared], def
     load_s = time.perf_counter() - t_load
     kernels = agree(comm, lambda: stage.choose_kernels(None if spec.kernel == "auto" else spec.kernel, kernel_cache))
     ring = (
-        LocalRing(len(EVENT_KINDS))
+        LocalRing()
         if size == 1
         else Ring(comm, max(2, len(groups)), micro, micro * spec.prefill_chunk, cfg.hidden_size, dtype,
-                  timeout_s=spec.timeout or None, n_totals=len(EVENT_KINDS))
+                  timeout_s=spec.timeout or None)
     )
     return Job(comm, rank, size, model_dir, is_demo, cfg, max_seq_len, dtype, dtype_reason, quant, n_slots, micro,
                groups, plan, stage, ring, kernels, threads, t_load - t0, load_s, work)

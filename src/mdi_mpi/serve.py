@@ -49,7 +49,7 @@ def build_parser() -> Parser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only); "
                    "any other address needs --api-key or --no-auth")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0: any free port, printed at start)")
-    s.add_argument("--api-key", metavar="KEY", default=os.environ.get("MDI_MPI_API_KEY"),
+    s.add_argument("--api-key", metavar="KEY", default=os.environ.get("MDI_MPI_API_KEY") or None,
                    help="clients must send 'Authorization: Bearer KEY' (default: $MDI_MPI_API_KEY; unset: no key)")
     s.add_argument("--no-auth", action="store_true", help="allow a non-loopback --host without an API key")
     s.add_argument("--served-model-name", metavar="NAME", help="the model's name in the API (default: the model "

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from mdi_mpi.trace import EVENT_KINDS
+
 WORK, STOP, HEARTBEAT = 1, 2, 3
 _FIXED = 4  # kind, group, n_segments, n_rows
 _PER_SEG = 4  # slot, start, length, sampled
@@ -74,13 +76,12 @@ class Ring:
         dim: int,
         dtype: torch.dtype,
         timeout_s: float | None = None,
-        n_totals: int = 0,
     ):
         self.comm = comm
         self.timeout_s = timeout_s  # longest wait for a message or a send (None: no limit)
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.dest, self.src = (self.rank + 1) % self.size, (self.rank - 1) % self.size
-        self.totals = np.zeros((self.size, n_totals), dtype=np.int64)  # [rank, kind] microseconds
+        self.totals = np.zeros((self.size, len(EVENT_KINDS)), dtype=np.int64)  # [rank, kind] microseconds
         self.header_len = _FIXED + self.totals.size + _PER_SEG * max_segments
         self.dim, self.dtype = dim, dtype
         self.row_bytes = dim * torch.empty((), dtype=dtype).element_size()
@@ -199,10 +200,10 @@ class LocalRing:
 
     size, rank = 1, 0
 
-    def __init__(self, n_totals: int = 0) -> None:
+    def __init__(self) -> None:
         self.queue: deque[LocalMessage] = deque()
         self.bytes_sent = 0
-        self.totals = np.zeros((1, n_totals), dtype=np.int64)
+        self.totals = np.zeros((1, len(EVENT_KINDS)), dtype=np.int64)
 
     def send(self, group, slots, starts, lengths, sampled, rows, kind=WORK) -> None:
         self.queue.append(LocalMessage(kind, group, rows))
