@@ -2,6 +2,7 @@
 # The body of the Slurm jobs (pi-cluster.sbatch, hpc.sbatch): starts one mdi-mpi rank per task.
 # Variables come from the environment (sbatch --export=ALL,NAME=value) or the defaults here.
 # ---- what to run (override any of these with sbatch --export=ALL,NAME=value) -------------------
+COMMAND=${COMMAND:-generate}             # generate (prompts in, records out) or serve (an OpenAI-compatible server)
 MODEL=${MODEL:-}                         # checkpoint dir, or shards from mdi_mpi.split; empty: demo model
 PROMPTS=${PROMPTS:-}                     # prompts file (text lines or JSONL); empty: PROMPT below
 PROMPT=${PROMPT:-Once upon a time}
@@ -12,7 +13,10 @@ STATS=${STATS:-}                         # e.g. stats.json for the run summary a
 DTYPE=${DTYPE:-auto}                     # auto: bfloat16 unless float32 is much faster on these CPUs
 QUANT=${QUANT:-}                         # int8 or int4 to quantize the weights (empty: none)
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}
-EXTRA_ARGS=${EXTRA_ARGS:-}               # any other generate flags, e.g. "--slots 6 --temperature 0.8"
+EXTRA_ARGS=${EXTRA_ARGS:-}               # any other flags, e.g. "--slots 6 --temperature 0.8"
+PORT=${PORT:-8000}                       # serve: rank 0's port, on the first node of the job
+HOST=${HOST:-127.0.0.1}                  # serve: 127.0.0.1 (reach it with ssh -L); another address needs MDI_MPI_API_KEY
+DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-20}       # serve: seconds to finish requests after scancel (below Slurm's KillWait, 30 s)
 VENV=${VENV:-}                           # a virtualenv to activate (scripts/setup.sh makes .venv)
 LAUNCHER=${LAUNCHER:-srun}               # srun (Slurm's PMI) or mpiexec (MPICH's hydra inside the allocation)
 SRUN_MPI=${SRUN_MPI:-pmi2}               # Slurm MPI plugin for srun: pmi2 for MPICH, pmix for some builds
@@ -23,19 +27,26 @@ if [ -n "$VENV" ]; then source "$VENV/bin/activate"; fi
 THREADS=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=$THREADS
 
-args=(--dtype "$DTYPE" --threads "$THREADS" --max-new-tokens "$MAX_NEW_TOKENS" --output "$OUTPUT" --quiet)
+args=(--dtype "$DTYPE" --threads "$THREADS")
 [ -n "$MODEL" ] && args+=(--model "$MODEL")
 [ -n "$QUANT" ] && args+=(--quant "$QUANT")
-[ "$RESUME" = 1 ] && args+=(--resume)
-if [ -n "$PROMPTS" ]; then args+=(--prompts-file "$PROMPTS"); else args+=(--prompt "$PROMPT"); fi
-[ -n "$TRACE" ] && args+=(--trace "$TRACE")
-[ -n "$STATS" ] && args+=(--stats-json "$STATS")
+case "$COMMAND" in
+  generate)
+    args+=(--max-new-tokens "$MAX_NEW_TOKENS" --output "$OUTPUT" --quiet)
+    [ "$RESUME" = 1 ] && args+=(--resume)
+    if [ -n "$PROMPTS" ]; then args+=(--prompts-file "$PROMPTS"); else args+=(--prompt "$PROMPT"); fi
+    [ -n "$TRACE" ] && args+=(--trace "$TRACE")
+    [ -n "$STATS" ] && args+=(--stats-json "$STATS") ;;
+  serve)
+    args+=(--host "$HOST" --port "$PORT" --drain-timeout "$DRAIN_TIMEOUT") ;;
+  *) echo "COMMAND must be generate or serve, got $COMMAND" >&2; exit 2 ;;
+esac
 # shellcheck disable=SC2206
 extra=($EXTRA_ARGS)
 
 echo "mdi-mpi: ${SLURM_NTASKS:-?} ranks on ${SLURM_JOB_NODELIST:-?}, $THREADS threads per rank, launcher $LAUNCHER"
 case "$LAUNCHER" in
-  srun)    srun --kill-on-bad-exit=1 --mpi="$SRUN_MPI" python -m mdi_mpi.generate "${args[@]}" "${extra[@]}" ;;
-  mpiexec) mpiexec -n "${SLURM_NTASKS:-1}" -ppn 1 python -m mdi_mpi.generate "${args[@]}" "${extra[@]}" ;;
+  srun)    srun --kill-on-bad-exit=1 --mpi="$SRUN_MPI" python -m "mdi_mpi.$COMMAND" "${args[@]}" "${extra[@]}" ;;
+  mpiexec) mpiexec -n "${SLURM_NTASKS:-1}" -ppn 1 python -m "mdi_mpi.$COMMAND" "${args[@]}" "${extra[@]}" ;;
   *)       echo "LAUNCHER must be srun or mpiexec, got $LAUNCHER" >&2; exit 2 ;;
 esac

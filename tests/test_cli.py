@@ -112,10 +112,18 @@ def test_a_streamed_stop_string_is_never_printed(demo_dir, tmp_path):
     assert res.stdout == rec["text"] + "\n" and stop not in res.stdout
 
 
-def test_demo_chat_and_streaming(demo_dir):
-    res = run_cli(["--prompt", "What is MPI?", "--chat", "--max-new-tokens", "5"])
+def test_demo_chat_and_streaming(demo_dir, tmp_path):
+    from mdi_mpi.requests import load_tokenizer
+
+    out = tmp_path / "chat.jsonl"
+    res = run_cli(["--prompt", "What is MPI?", "--chat", "--max-new-tokens", "12", "--ignore-eos", "--output", str(out)])
     assert res.returncode == 0, res.stderr
-    assert "---" not in res.stdout  # a single request streams its text, no header
+    rec = records(out)["0"]
+    tok = load_tokenizer(demo_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": "What is MPI?"}], tokenize=False, add_generation_prompt=True)
+    assert rec["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]  # the chat template, no extra BOS
+    assert rec["text"].strip() and len(rec["tokens"]) == 12
+    assert res.stdout == rec["text"] + "\n"  # a single request streams exactly its text, no header
 
 
 def test_help_lists_the_flags():

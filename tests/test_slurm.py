@@ -203,3 +203,43 @@ def test_scaling_sweep_collects_one_summary_per_node_count(cluster, demo_dir, tm
     runs = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["ranks"] for r in runs] == [1, 2, 3]
     assert all(r["generated_tokens"] == 12 for r in runs)
+
+
+@pytest.mark.timeout(300)
+def test_serve_job_answers_then_scancel_drains_it(cluster, demo_dir, tmp_path):
+    """The real ``jobs/serve.sbatch`` on 3 nodes: it answers as a single process would, and
+    ``scancel`` drains it (rank 0 stops the ring and says so) instead of killing it."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    single = tmp_path / "single.jsonl"
+    res = run_cli(["--prompt", "def main(", "--max-new-tokens", "12", "--output", str(single), "--quiet"])
+    assert res.returncode == 0, res.stderr
+    exports = ",".join(["ALL", f"MDI_MPI_HOME={REPO}", f"VENV={Path(sys.executable).parent.parent}", f"PORT={port}",
+                        f"MDI_MPI_CACHE={os.environ['MDI_MPI_CACHE']}", "DRAIN_TIMEOUT=3"])
+    sub = subprocess.run([_exe("sbatch"), "--parsable", "--nodes=3", "--cpus-per-task=1", "--time=5",
+                          f"--output={cluster.tmp}/serve-%j.out", f"--export={exports}", str(REPO / "jobs" / "serve.sbatch")],
+                         env=cluster.env, capture_output=True, text=True, cwd=cluster.tmp, timeout=30)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    log = cluster.tmp / f"serve-{job_id}.out"
+    try:
+        deadline = time.time() + 120
+        while "ready" not in (log.read_text() if log.exists() else "") and time.time() < deadline:
+            time.sleep(0.5)
+        assert "3 ranks" in log.read_text(), log.read_text() + cluster.logs()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"prompt": "def main(", "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == json.loads(single.read_text())["text"]
+    finally:
+        subprocess.run([_exe("scancel"), job_id], env=cluster.env, timeout=30)
+    deadline = time.time() + 60
+    while "stopped after" not in log.read_text() and time.time() < deadline:
+        time.sleep(0.5)
+    text = log.read_text()
+    assert "draining" in text and "stopped after" in text and "rank 1:" not in text, text

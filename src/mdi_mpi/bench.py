@@ -74,18 +74,24 @@ def run_hf(model: str, dtype: str, threads: int, batch: int, prompt_len: int, ne
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro: int, prompt_len: int,
-            new_tokens: int, work: Path, trace: str | None = None, cap: str = "none", quant: str | None = None,
-            prefill_chunk: int = 128) -> dict:
-    """``mpiexec -n ranks python -m mdi_mpi.generate`` on the workload; returns its summary."""
+def workload(model: str, n: int, prompt_len: int) -> list[list[int]]:
+    """``n`` prompts of ``prompt_len`` random token ids (the same for every engine and run)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
-    prompts = work / "prompts.jsonl"
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    return [torch.randint(3, vocab, (prompt_len,), generator=g).tolist() for _ in range(n)]
+
+
+def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro: int, prompt_len: int,
+            new_tokens: int, work: Path, trace: str | None = None, cap: str = "none", quant: str | None = None,
+            prefill_chunk: int = 128, n_requests: int | None = None) -> dict:
+    """``mpiexec -n ranks python -m mdi_mpi.generate`` on the workload (``n_requests`` prompts,
+    default one per slot); returns its summary."""
+    prompts = work / "prompts.jsonl"
     with prompts.open("w") as f:
-        for i in range(slots):
-            f.write(json.dumps({"id": i, "input_ids": torch.randint(3, vocab, (prompt_len,), generator=g).tolist()}) + "\n")
+        for i, ids in enumerate(workload(model, n_requests or slots, prompt_len)):
+            f.write(json.dumps({"id": i, "input_ids": ids}) + "\n")
     stats = work / "stats.json"
     cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mdi_mpi.generate", "--model", model, "--dtype", dtype,
            "--threads", str(threads), "--slots", str(slots), "--micro-batch", str(micro), "--prompts-file", str(prompts),
@@ -118,6 +124,86 @@ def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro:
         "kernel_s": [r["kernels"]["seconds"] for r in per_rank],
         "kernels": per_rank[0]["kernels"]["shapes"],
     }
+
+
+def run_serve(model: str, dtype: str, threads: int, ranks: int, slots: int, clients: list[int], n_requests: int,
+              prompt_len: int, new_tokens: int) -> list[dict]:
+    """Start ``mdi_mpi.serve`` on ``ranks`` ranks and ``slots`` slots; for each client count C, C
+    clients stream ``n_requests`` greedy completions (EOS ignored) between them. Returns per C the
+    aggregate tokens/s and the p50 and p95 of time to first token and inter-token latency, as the
+    clients see them."""
+    import asyncio
+    import re
+    import signal
+    import statistics
+    import time
+
+    try:
+        import httpx
+    except ImportError:
+        raise UserError("bench --serve needs httpx: pip install httpx") from None
+    cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mdi_mpi.serve", "--model", model, "--dtype", dtype,
+           "--threads", str(threads), "--slots", str(slots), "--port", "0", "--max-waiting", str(n_requests),
+           "--max-seq-len", str(prompt_len + new_tokens + 1)]
+    server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=_env(threads, "none"))
+    url, lines = None, []
+    for line in server.stderr:
+        lines.append(line)
+        m = re.search(r"serving \S+ at (http://\S+)/v1 ", line)
+        if m:
+            url = m.group(1)
+            break
+    if url is None:
+        server.wait()
+        raise RuntimeError("the server did not start: " + "".join(lines)[-2000:])
+    prompts = workload(model, n_requests, prompt_len)
+
+    async def one(client, ids: list[int], ttfts: list, gaps: list) -> int:
+        body = {"prompt": ids, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        t0 = time.perf_counter()
+        last, n = None, 0
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    n = chunk["usage"]["completion_tokens"]
+                elif chunk["choices"] and chunk["choices"][0]["text"]:
+                    now = time.perf_counter()
+                    (ttfts.append(now - t0) if last is None else gaps.append(now - last))
+                    last = now
+        return n
+
+    async def load(c: int) -> dict:
+        queue = list(prompts)
+        ttfts, gaps = [], []
+        async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=c)) as client:
+            async def worker() -> int:
+                total = 0
+                while queue:
+                    total += await one(client, queue.pop(), ttfts, gaps)
+                return total
+
+            await one(client, prompts[0], [], [])  # warm-up
+            t0 = time.perf_counter()
+            tokens = sum(await asyncio.gather(*(worker() for _ in range(c))))
+            wall = time.perf_counter() - t0
+
+        def pct(xs: list[float], q: int) -> float:
+            return round(statistics.quantiles(xs, n=100)[q - 1], 4) if len(xs) > 1 else round(xs[0], 4)
+
+        return {"clients": c, "tokens_per_s": round(tokens / wall, 2), "generated_tokens": tokens,
+                "ttft_p50_s": pct(ttfts, 50), "ttft_p95_s": pct(ttfts, 95), "itl_p50_s": pct(gaps, 50),
+                "itl_p95_s": pct(gaps, 95)}
+
+    try:
+        return [asyncio.run(load(c)) for c in clients]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
 
 
 def hot_path(model: str, dtype: str, tokens: int = 64) -> dict:
@@ -224,6 +310,28 @@ def format_row(r: dict) -> str:
     return f"{cfg}{r['tokens_per_s']:>9.2f}{r['tokens_per_s_per_sequence']:>10.2f}{r['ttft_s']:>8.3f}  {rss:<24}{extra}"
 
 
+def serve_table(model: str, dtype: str, threads: int, ranks: int, slots: int, clients: list[int], n_requests: int,
+                prompt_len: int, new_tokens: int, json_path: str | None) -> None:
+    """The serving table: generate on the prompts, then the server under each client count."""
+    print(f"model {model}; {n_requests} requests of {prompt_len} prompt tokens, {new_tokens} new tokens greedy; "
+          f"N = {ranks}, K = {slots}, {threads} thread(s) per rank, {dtype}; {cpu_flags()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = run_mdi(model, dtype, threads, ranks, slots, default_micro_batch(slots, ranks), prompt_len, new_tokens,
+                       Path(tmp), n_requests=n_requests)
+    print(f"generate, K = {slots}: {base['tokens_per_s']:.2f} tokens/s", flush=True)
+    print("clients  tokens/s  vs generate  TTFT p50  TTFT p95  ITL p50  ITL p95", flush=True)
+    rows = run_serve(model, dtype, threads, ranks, slots, clients, n_requests, prompt_len, new_tokens)
+    for r in rows:
+        r["vs_generate"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+        print(f"{r['clients']:>7}  {r['tokens_per_s']:>8.2f}  {r['vs_generate']:>10.2f}x  {r['ttft_p50_s']:>7.3f}s  "
+              f"{r['ttft_p95_s']:>7.3f}s  {r['itl_p50_s']:>6.3f}s  {r['itl_p95_s']:>6.3f}s", flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps({"model": model, "cpu": cpu_flags(), "ranks": ranks, "slots": slots,
+                                               "dtype": dtype, "generate_tokens_per_s": base["tokens_per_s"],
+                                               "requests": n_requests, "prompt_len": prompt_len,
+                                               "new_tokens": new_tokens, "rows": rows}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mdi_mpi.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--json", metavar="FILE", help="write the table as JSON")
     p.add_argument("--hot-path", action="store_true", help="instead of the table: profile what one decode step allocates")
+    p.add_argument("--serve", metavar="C,...", help="instead of the table: load the server (on the first of --ranks "
+                   "and the last of --slots) with C concurrent streaming clients, against generate on the same prompts")
+    p.add_argument("--requests", type=int, default=32, help="--serve: requests per client count (default: 32)")
     args = p.parse_args(argv)
 
     def body() -> None:
@@ -267,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
             return
         ranks = [int(x) for x in args.ranks.split(",")]
         slots = args.slots.split(",")
+        if args.serve:
+            serve_table(model, args.dtypes.split(",")[0], args.threads, ranks[0], _slot_count(slots[-1], ranks[0]),
+                        [int(c) for c in args.serve.split(",")], args.requests, args.prompt_len, args.new_tokens, args.json)
+            return
         hf_batches = [int(x) for x in args.hf_batches.split(",")] if args.hf_batches else None
         configs = configurations(ranks, slots, not args.no_hf, [int(x) for x in args.hf_threads.split(",")],
                                  hf_batches, mb1=not args.no_mb1)

@@ -215,7 +215,7 @@ def _serve(job, http: _HTTPThread, args: argparse.Namespace, timeout: float) -> 
     http.api.open(settings, http_tokenizer, inbox, bridge, metrics)
     if job.is_demo:
         print(demo.DEMO_NOTE, file=sys.stderr)
-    print(f"serving {name} at {http.address()}/v1 ({job.size} ranks, {job.n_slots} slots, micro-batch "
+    print(f"serving {name} at {http.address()}/v1 on {socket.gethostname()} ({job.size} ranks, {job.n_slots} slots, micro-batch "
           f"{job.micro_batch}, {str(job.dtype).removeprefix('torch.')}); ready", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
