@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup-slurm.sh
+bash scripts/setup-browser.sh
 . .venv/bin/activate
 export OMP_NUM_THREADS=1
 python -m pytest -q tests "$@"

@@ -19,28 +19,34 @@ import json
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from mdi_mpi.errors import UserError
 from mdi_mpi.requests import Prompt, Request, Result, build_requests
 from mdi_mpi.sampling import MAX_LOGPROBS, SamplingParams
 from mdi_mpi.scheduler import Inbox, Listener, Step
+from mdi_mpi.trace import BUSY_KINDS, EVENT_KINDS
 
+STATIC = Path(__file__).parent / "static"  # the chat page and the dashboard: plain HTML, CSS and JavaScript
 MAX_BODY_BYTES = 4 << 20  # a request body larger than this is refused (413)
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_N = 16  # choices per prompt
 MAX_STOPS = 16
 KEEPALIVE_S = 5.0  # an SSE comment this often while a stream has nothing to say (long prefills)
 DISCONNECT_POLL_S = 1.0  # how often a non-streaming call checks that its client is still there
+RECENT = 200  # times to first token kept for the status page's percentiles
 REASONS = {"stop": "stop", "length": "length", "context": "length"}  # ours -> OpenAI's finish_reason
 
 
@@ -65,11 +71,10 @@ class Settings:
     """What the API needs to know of the job and the command line."""
 
     model_name: str
-    api_key: str | None
     max_seq_len: int
     vocab_size: int
-    n_ranks: int
     n_slots: int
+    n_groups: int  # micro-batch groups round the ring
 
 
 class Call:
@@ -88,10 +93,27 @@ class Call:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+class Ranks:
+    """Each rank's place in the job (reported once at start-up) and its load (the stats the ranks
+    carry round the ring in the headers of their messages, as rank 0 last saw them)."""
+
+    def __init__(self, info: list[dict], stats):
+        self.info = info  # per rank: rank, host, layers, weight_bytes, kv_cache_bytes
+        self.stats = stats  # the ring's [rank, stat] array, written by the main thread
+
+    def view(self) -> list[dict]:
+        stats = self.stats.copy()
+        busy = [EVENT_KINDS.index(k) for k in BUSY_KINDS]
+        recv, send = EVENT_KINDS.index("recv-wait"), EVENT_KINDS.index("send")
+        return [{**info, "busy_s": 1e-6 * float(st[busy].sum()), "waiting_s": 1e-6 * float(st[recv]),
+                 "sending_s": 1e-6 * float(st[send]), "peak_rss_bytes": 1024 * int(st[len(EVENT_KINDS)])}
+                for info, st in zip(self.info, stats)]
+
+
 class Metrics:
     """The Prometheus metrics of ``/metrics``."""
 
-    def __init__(self, running, waiting, rank_totals):
+    def __init__(self, running, waiting, ranks: Ranks):
         self.registry = CollectorRegistry()
         r = self.registry
         Gauge("mdi_mpi_requests_running", "Sequences holding a slot (each choice counts)", registry=r).set_function(running)
@@ -106,25 +128,25 @@ class Metrics:
                              buckets=(0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5), registry=r)
         self.e2e = Histogram("mdi_mpi_e2e_request_latency_seconds", "From arrival to the last token", buckets=latency,
                              registry=r)
-        r.register(_RankCollector(rank_totals))
+        r.register(_RankCollector(ranks))
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _RankCollector:
-    """Each rank's busy, waiting and sending seconds, from the totals the ranks carry round the ring."""
+    """Each rank's busy, waiting and sending seconds."""
 
-    def __init__(self, totals):
-        self.totals = totals  # () -> {rank: {"busy": s, "waiting": s, "sending": s}}
+    def __init__(self, ranks: Ranks):
+        self.ranks = ranks
 
     def collect(self):
-        per_rank = self.totals()
+        view = self.ranks.view()
         for what, doc in (("busy", "computing or sampling"), ("waiting", "waiting for a message"),
                           ("sending", "sending a message")):
             family = CounterMetricFamily(f"mdi_mpi_rank_{what}_seconds", f"Seconds each rank spent {doc}", labels=["rank"])
-            for rank, t in per_rank.items():
-                family.add_metric([str(rank)], t[what])
+            for r in view:
+                family.add_metric([str(r["rank"])], r[f"{what}_s"])
             yield family
 
 
@@ -135,6 +157,9 @@ class Bridge(Listener):
         self.inbox = inbox
         self.metrics = metrics
         self.calls: dict[Request, Call] = {}  # written by the HTTP thread before submitting
+        self.generated = 0  # tokens, since start
+        self.finished_count = 0  # sequences, since start
+        self.ttfts: deque[float] = deque(maxlen=RECENT)  # the latest times to first token
 
     def admitted(self, request: Request) -> None:
         self.inbox.left_queue()
@@ -148,10 +173,12 @@ class Bridge(Listener):
         last = call.last_token.get(step.request)
         if last is None:
             self.metrics.ttft.observe(now - step.request.arrival)
+            self.ttfts.append(now - step.request.arrival)
         else:
             self.metrics.itl.observe(now - last)
         call.last_token[step.request] = now
         self.metrics.generated_tokens.inc()
+        self.generated += 1
         call.put(("token", step))
 
     def finished(self, request: Request, result: Result) -> None:
@@ -161,6 +188,7 @@ class Bridge(Listener):
         call.last_token.pop(request, None)
         call.admitted.discard(request)
         self.metrics.finished.labels(result.finish_reason).inc()
+        self.finished_count += 1
         if result.finish_reason != "cancelled":
             self.metrics.e2e.observe(result.duration_s)
         call.put(("end", request, result))
@@ -182,25 +210,42 @@ class API:
         self.inbox: Inbox | None = None
         self.bridge: Bridge | None = None
         self.metrics_: Metrics | None = None
+        self.ranks: Ranks | None = None
+        self.running = None  # () -> sequences holding a slot
         self.ready = threading.Event()
         self.created = int(time.time())
+        self.started = time.perf_counter()
 
-    def open(self, settings: Settings, tokenizer, inbox: Inbox, bridge: Bridge, metrics: Metrics) -> None:
+    def open(self, settings: Settings, tokenizer, inbox: Inbox, bridge: Bridge, metrics: Metrics, ranks: Ranks,
+             running) -> None:
         """Every rank has loaded: start answering."""
-        self.settings, self.tokenizer, self.inbox, self.bridge, self.metrics_ = settings, tokenizer, inbox, bridge, metrics
+        self.settings, self.tokenizer, self.inbox, self.bridge = settings, tokenizer, inbox, bridge
+        self.metrics_, self.ranks, self.running = metrics, ranks, running
         self.ready.set()
 
     def app(self) -> Starlette:
         routes = [
+            Route("/", self.page("chat.html")),
+            Route("/dashboard", self.page("dashboard.html")),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
             Route("/health", self.health),
             Route("/metrics", self.metrics),
             Route("/v1/models", self.models),
+            Route("/v1/status", self.status),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
         ]
         return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, APIError: _api_error})
 
     # -- routes --------------------------------------------------------------------------------
+
+    @staticmethod
+    def page(name: str):
+        """A page of ``static/``: public, since it holds no data; what it fetches needs the key."""
+        async def serve_page(request: HTTPRequest) -> Response:
+            return FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
+
+        return serve_page
 
     async def health(self, request: HTTPRequest) -> Response:
         if not self.ready.is_set():
@@ -217,6 +262,23 @@ class API:
         card = {"id": s.model_name, "object": "model", "created": self.created, "owned_by": "mdi-mpi",
                 "max_model_len": s.max_seq_len}
         return JSONResponse({"object": "list", "data": [card]})
+
+    async def status(self, request: HTTPRequest) -> Response:
+        """The dashboard's figures: running totals, which the page turns into rates."""
+        self._check(request)
+        s, b = self.settings, self.bridge
+        ttfts = sorted(b.ttfts)
+
+        def pct(q: float) -> float | None:
+            return round(ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))], 4) if ttfts else None
+
+        return JSONResponse({
+            "model": s.model_name, "uptime_s": round(time.perf_counter() - self.started, 3),
+            "slots": s.n_slots, "groups": s.n_groups, "max_seq_len": s.max_seq_len,
+            "running": self.running(), "waiting": self.inbox.waiting,
+            "generated_tokens": b.generated, "finished_requests": b.finished_count,
+            "ttft_p50_s": pct(0.5), "ttft_p95_s": pct(0.95), "ranks": self.ranks.view(),
+        })
 
     async def chat(self, request: HTTPRequest) -> Response:
         body = await self._body(request)

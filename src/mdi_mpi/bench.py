@@ -142,7 +142,8 @@ def run_serve(model: str, dtype: str, threads: int, ranks: int, slots: int, clie
         import httpx
     except ImportError:
         raise UserError("bench --serve needs httpx: pip install httpx") from None
-    cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mdi_mpi.serve", "--model", model, "--dtype", dtype,
+    served = _with_tokenizer(model, Path(tempfile.mkdtemp(prefix="mdi-bench-serve-")))
+    cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mdi_mpi.serve", "--model", served, "--dtype", dtype,
            "--threads", str(threads), "--slots", str(slots), "--port", "0", "--max-waiting", str(n_requests),
            "--max-seq-len", str(prompt_len + new_tokens + 1)]
     server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -204,6 +205,28 @@ def run_serve(model: str, dtype: str, threads: int, ranks: int, slots: int, clie
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
+        shutil.rmtree(served, ignore_errors=True)
+
+
+def _with_tokenizer(model: str, out: Path) -> str:
+    """``model`` itself if it has a tokenizer; else a directory of links to its files plus a
+    word-level tokenizer of made-up words ``t0``, ``t1``, ... covering its vocabulary (the server
+    needs one to show text; random benchmark checkpoints have none)."""
+    from mdi_mpi.requests import TOKENIZER_FILES
+
+    src = Path(model).resolve()
+    if any((src / f).is_file() for f in TOKENIZER_FILES):
+        return model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    for f in src.iterdir():
+        (out / f.name).symlink_to(f)
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(out)
+    return str(out)
 
 
 def hot_path(model: str, dtype: str, tokens: int = 64) -> dict:

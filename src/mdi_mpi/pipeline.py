@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mdi_mpi.kv_cache import Batch
+from mdi_mpi.plan import peak_rss
 from mdi_mpi.scheduler import Inbox, Scheduler, Work
 from mdi_mpi.stage import Stage
 from mdi_mpi.trace import EVENT_KINDS
@@ -44,6 +45,8 @@ class Recorder:
         self.events: list[tuple[int, int, float, float]] | None = [] if trace else None
         self.steps = 0
         self.wall_s = 0.0
+        self.rss_read_at = -1e9  # when peak_rss_kib was last read
+        self.peak_rss_kib = 0
 
     def add(self, kind: int, group: int, t0: float, t1: float) -> None:
         self.totals[kind] += t1 - t0
@@ -80,8 +83,11 @@ def _send(ring, rec: Recorder, group: int, batch: Batch, sampled: list[int], h: 
 
 
 def _report(ring, rec: Recorder) -> None:
-    """Put this rank's running totals into the ring's header."""
-    ring.totals[ring.rank] = [int(1e6 * t) for t in rec.totals]
+    """Put this rank's running stats into the ring's header (peak RSS read once a second)."""
+    now = time.perf_counter()
+    if now - rec.rss_read_at > 1.0:
+        rec.rss_read_at, rec.peak_rss_kib = now, peak_rss() // 1024
+    ring.stats[ring.rank] = [*(int(1e6 * t) for t in rec.totals), rec.peak_rss_kib]
 
 
 def _signal(ring, rec: Recorder, kind: int) -> None:

@@ -118,9 +118,12 @@ def run(args: argparse.Namespace, comm) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     job = start(comm, spec, _prepare)
+    layers = job.plan.layers[rank]
+    info = comm.gather({"rank": rank, "host": socket.gethostname(), "layers": [layers.start, layers.stop],
+                        "weight_bytes": job.stage.weight_bytes(), "kv_cache_bytes": job.stage.cache_bytes()}, root=0)
     comm.Barrier()
     if rank == 0:
-        _serve(job, http, args, spec.timeout)
+        _serve(job, http, args, spec.timeout, info)
     else:
         run_worker(job.stage, job.ring, Recorder())
 
@@ -169,32 +172,24 @@ class _HTTPThread:
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def _serve(job, http: _HTTPThread, args: argparse.Namespace, timeout: float) -> None:
+def _serve(job, http: _HTTPThread, args: argparse.Namespace, timeout: float, info: list[dict]) -> None:
     """Rank 0: answer requests until a signal drains the server."""
     from mdi_mpi import demo
-    from mdi_mpi.api import Bridge, Metrics, Settings
+    from mdi_mpi.api import Bridge, Metrics, Ranks, Settings
     from mdi_mpi.pipeline import Recorder, run_first
     from mdi_mpi.scheduler import Inbox, Scheduler
-    from mdi_mpi.trace import BUSY_KINDS, EVENT_KINDS
 
     http_tokenizer, eos = job.prepared.items
     rec = Recorder()
     heartbeat = min(HEARTBEAT_S, timeout / 4) if timeout else HEARTBEAT_S
     inbox = Inbox(args.max_waiting, heartbeat)
-    busy = [EVENT_KINDS.index(k) for k in BUSY_KINDS]
-    recv, send = EVENT_KINDS.index("recv-wait"), EVENT_KINDS.index("send")
-
-    def rank_totals() -> dict[int, dict[str, float]]:
-        totals = job.ring.totals.copy()  # [rank, kind] microseconds, as the ranks last reported
-        return {r: {"busy": 1e-6 * float(t[busy].sum()), "waiting": 1e-6 * float(t[recv]), "sending": 1e-6 * float(t[send])}
-                for r, t in enumerate(totals)}
-
+    ranks = Ranks(info, job.ring.stats)
     sched: Scheduler | None = None
-    metrics = Metrics(lambda: sched.running if sched else 0, lambda: inbox.waiting, rank_totals)
+    metrics = Metrics(lambda: sched.running if sched else 0, lambda: inbox.waiting, ranks)
     bridge = Bridge(inbox, metrics)
     sched = Scheduler(job.n_slots, job.max_seq_len, args.prefill_chunk, eos, job.prepared.tokenizer, bridge)
     name = args.served_model_name or ("mdi-mpi-demo" if job.is_demo else os.path.basename(os.path.normpath(job.model_dir)))
-    settings = Settings(name, args.api_key, job.max_seq_len, job.config.vocab_size, job.size, job.n_slots)
+    settings = Settings(name, job.max_seq_len, job.config.vocab_size, job.n_slots, len(job.groups))
     http.on_exit = inbox.close
     draining = threading.Event()
 
@@ -212,7 +207,7 @@ def _serve(job, http: _HTTPThread, args: argparse.Namespace, timeout: float) -> 
 
     signal.signal(signal.SIGINT, drain)
     signal.signal(signal.SIGTERM, drain)
-    http.api.open(settings, http_tokenizer, inbox, bridge, metrics)
+    http.api.open(settings, http_tokenizer, inbox, bridge, metrics, ranks, lambda: sched.running)
     if job.is_demo:
         print(demo.DEMO_NOTE, file=sys.stderr)
     print(f"serving {name} at {http.address()}/v1 on {socket.gethostname()} ({job.size} ranks, {job.n_slots} slots, micro-batch "

@@ -5,10 +5,11 @@ payload in the model dtype (bf16 travels as 2 bytes per value). Per-token traffi
 ``Irecv`` on these buffers, nothing is pickled. Every rank keeps one posted receive per group that
 can be in flight, so a message always finds a receive waiting and no send ever blocks the ring.
 
-Header: ``[kind, group, n_segments, n_rows, then every rank's running totals, then (slot, start,
-length, sampled) per segment]``. Each rank writes its own totals (microseconds per event kind) into
-every message it sends and keeps the others' from every message it receives, so rank 0 knows how
-every rank spends its time, at most one trip round the ring late, at no extra message.
+Header: ``[kind, group, n_segments, n_rows, then every rank's running stats, then (slot, start,
+length, sampled) per segment]``. Each rank writes its own stats (microseconds spent per event kind,
+then its peak RSS in KiB) into every message it sends and keeps the others' from every message it
+receives, so rank 0 knows how every rank spends its time, at most one trip round the ring late, at no
+extra message.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from mpi4py import MPI
 
 from mdi_mpi.trace import EVENT_KINDS
+
+RANK_STATS = len(EVENT_KINDS) + 1  # per rank: microseconds per event kind, then peak RSS in KiB
 
 WORK, STOP, HEARTBEAT = 1, 2, 3
 _FIXED = 4  # kind, group, n_segments, n_rows
@@ -81,8 +84,8 @@ class Ring:
         self.timeout_s = timeout_s  # longest wait for a message or a send (None: no limit)
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.dest, self.src = (self.rank + 1) % self.size, (self.rank - 1) % self.size
-        self.totals = np.zeros((self.size, len(EVENT_KINDS)), dtype=np.int64)  # [rank, kind] microseconds
-        self.header_len = _FIXED + self.totals.size + _PER_SEG * max_segments
+        self.stats = np.zeros((self.size, RANK_STATS), dtype=np.int64)  # [rank, stat], as last reported
+        self.header_len = _FIXED + self.stats.size + _PER_SEG * max_segments
         self.dim, self.dtype = dim, dtype
         self.row_bytes = dim * torch.empty((), dtype=dtype).element_size()
         nbytes = 8 * self.header_len + max_rows * self.row_bytes
@@ -99,7 +102,7 @@ class Ring:
 
     @property
     def _seg_at(self) -> int:
-        return _FIXED + self.totals.size
+        return _FIXED + self.stats.size
 
     def buffer_bytes(self) -> int:
         return sum(b.nbytes for b in self.recv_bufs + self.send_bufs)
@@ -128,7 +131,7 @@ class Ring:
             raise RuntimeError(f"message of {n_rows} rows exceeds the buffer ({self.max_rows} rows)")
         n = len(slots)
         header[:_FIXED] = (kind, group, n, n_rows)
-        header[_FIXED : self._seg_at].reshape(self.totals.shape)[:] = self.totals
+        header[_FIXED : self._seg_at].reshape(self.stats.shape)[:] = self.stats
         seg = header[self._seg_at : self._seg_at + _PER_SEG * n].reshape(n, _PER_SEG)
         seg[:, 0], seg[:, 1], seg[:, 2] = slots, starts, lengths
         seg[:, 3] = 0
@@ -154,9 +157,9 @@ class Ring:
                                "connection, or one trip round the ring takes longer than --timeout")
         header = self.recv_views[i][: 8 * self.header_len].view(np.int64)
         kind, group, n, n_rows = (int(x) for x in header[:_FIXED])
-        mine = self.totals[self.rank].copy()
-        self.totals[:] = header[_FIXED : self._seg_at].reshape(self.totals.shape)
-        self.totals[self.rank] = mine
+        mine = self.stats[self.rank].copy()
+        self.stats[:] = header[_FIXED : self._seg_at].reshape(self.stats.shape)
+        self.stats[self.rank] = mine
         seg = header[self._seg_at : self._seg_at + _PER_SEG * n].reshape(n, _PER_SEG).tolist()
         rows = None
         if n_rows:
@@ -203,7 +206,7 @@ class LocalRing:
     def __init__(self) -> None:
         self.queue: deque[LocalMessage] = deque()
         self.bytes_sent = 0
-        self.totals = np.zeros((1, len(EVENT_KINDS)), dtype=np.int64)
+        self.stats = np.zeros((1, RANK_STATS), dtype=np.int64)
 
     def send(self, group, slots, starts, lengths, sampled, rows, kind=WORK) -> None:
         self.queue.append(LocalMessage(kind, group, rows))

@@ -77,11 +77,11 @@ def test_transport_round_trip(comm):
     rank = comm.Get_rank()
     ring = Ring(comm, 2, 3, 10, 16, torch.bfloat16)
     rows = torch.arange(5 * 16, dtype=torch.float32).view(5, 16).to(torch.bfloat16)
-    ring.totals[rank] = [rank * 10 + k for k in range(5)]  # this rank's running totals, carried in the headers
+    ring.stats[rank] = [rank * 10 + k for k in range(6)]  # this rank's running stats, carried in the headers
     if rank == 0:
         ring.send(1, (2, 0), (7, 0), (1, 4), [1], rows)
         back = ring.recv()
-        assert ring.totals.tolist() == [[r * 10 + k for k in range(5)] for r in range(comm.Get_size())]
+        assert ring.stats.tolist() == [[r * 10 + k for k in range(6)] for r in range(comm.Get_size())]
         assert (back.kind, back.group, back.slots, back.starts, back.lengths, back.sampled) == (1, 1, [2, 0], [7, 0], [1, 4], [1])
         assert torch.equal(back.rows, rows * 2)
         ring.release(back)
@@ -95,8 +95,8 @@ def test_transport_round_trip(comm):
         assert ring.recv().kind == STOP
         ring.send(0, (), (), (), [], None, kind=STOP)
     ring.close()
-    # header int64s (4 fixed, 5 totals per rank, 4 per segment for up to 3 segments) plus 2 bytes per value
-    assert ring.bytes_sent == 2 * 8 * (4 + 5 * comm.Get_size() + 4 * 3) + 5 * 16 * 2
+    # header int64s (4 fixed, 6 stats per rank, 4 per segment for up to 3 segments) plus 2 bytes per value
+    assert ring.bytes_sent == 2 * 8 * (4 + 6 * comm.Get_size() + 4 * 3) + 5 * 16 * 2
 
 
 def test_transport_refuses_oversized_message(comm):
