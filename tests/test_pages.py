@@ -132,6 +132,7 @@ def test_dashboard_shows_every_rank_and_tokens_per_second_under_load(browser, se
         page.wait_for_function("Number(document.getElementById('tps').textContent) > 0", timeout=20_000)
         page.wait_for_function("document.querySelector('#ranks .bars .busy').style.width !== '0.0%'", timeout=10_000)
         assert page.locator("#ring circle").count() == 3  # the ring and its two ranks
+        page.wait_for_function("rates.length >= 8", timeout=20_000)  # some history in the chart
         page.screenshot(path=str(shots(tmp_path) / "dashboard.png"), full_page=True)
     finally:
         stop.set()
