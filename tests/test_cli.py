@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -189,20 +190,23 @@ def test_a_failing_rank_ends_the_job_and_keeps_results(models, tmp_path, kind, l
     """Any exception on one rank, KeyboardInterrupt included, ends every rank at once."""
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 3, max_new_tokens=2)
     out = tmp_path / "out.jsonl"
-    t0 = time.time()
     res = run_cli(["--model", str(models["llama-tied"]), "--prompts-file", prompts, "--slots", "1",
                    "--output", str(out), "--quiet"], ranks=3, timeout=60,
                   env={"MDI_TEST_FAIL": f"1:7:{kind}", "PYTHONPATH": INJECT})
+    ended = time.time()
     assert res.returncode != 0
     assert line in res.stderr, res.stderr
-    assert time.time() - t0 < 30
+    stamp = re.search(r"injected \w+ at ([\d.]+)", res.stderr)
+    assert stamp, "the failure was never injected: " + res.stderr
+    assert ended - float(stamp.group(1)) < 10  # the whole job ended within seconds of the failure
     done = records(out)  # every line written is a whole record
     assert 2 <= len(done) < len(PROMPTS) * 3
 
 
-def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str]) -> str:
+def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str]) -> tuple[str, float]:
     """Start a 3-rank job, wait for two finished records, send ``sig`` to rank 1, check that the
-    whole job ends with its records intact, and return its stderr."""
+    whole job ends with its records intact; return its stderr and the seconds from the signal to the
+    launcher's exit."""
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 20, max_new_tokens=30)
     out = tmp_path / "out.jsonl"
     tag = tmp_path.name
@@ -216,8 +220,10 @@ def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str]) -> str:
             time.sleep(0.1)
         pids = ranks_of(tag)
         assert set(pids) == {0, 1, 2} and job.poll() is None, (pids, job.poll())
+        sent = time.time()
         os.kill(pids[1], sig)
         _, stderr = job.communicate(timeout=30)  # no hang: the other ranks end too
+        took = time.time() - sent
         deadline = time.time() + 10  # the launcher has sent its kills; give them a moment to land
         while ranks_of(tag) and time.time() < deadline:
             time.sleep(0.1)
@@ -229,32 +235,31 @@ def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str]) -> str:
     assert job.returncode != 0
     done = records(out)  # every line written is a whole record
     assert 2 <= len(done) < len(PROMPTS) * 20, stderr
-    return stderr
+    return stderr, took
 
 
 @pytest.mark.timeout(120)
 def test_a_rank_killed_by_a_signal_ends_the_job(models, tmp_path):
     # What the OOM killer does: SIGKILL, no chance to call MPI_Abort. The launcher must end the rest.
-    _start_and_hit_rank_1(models, tmp_path, signal.SIGKILL, [])
+    _, took = _start_and_hit_rank_1(models, tmp_path, signal.SIGKILL, [])
+    assert took < 10
 
 
 @pytest.mark.timeout(120)
 def test_sigint_to_one_rank_ends_the_job(models, tmp_path):
     # Ctrl-C on one node: KeyboardInterrupt in that rank must abort the job, not hang in MPI finalization.
-    t0 = time.time()
-    stderr = _start_and_hit_rank_1(models, tmp_path, signal.SIGINT, [])
+    stderr, took = _start_and_hit_rank_1(models, tmp_path, signal.SIGINT, [])
     assert "rank 1: KeyboardInterrupt" in stderr, stderr
-    assert time.time() - t0 < 60
+    assert took < 10
 
 
 @pytest.mark.timeout(120)
 def test_a_frozen_rank_ends_the_job_after_the_timeout(models, tmp_path):
     # A node that hangs without dying (SIGSTOP here): its neighbours give up after --timeout.
-    t0 = time.time()
-    stderr = _start_and_hit_rank_1(models, tmp_path, signal.SIGSTOP, ["--timeout", "3"])
+    stderr, took = _start_and_hit_rank_1(models, tmp_path, signal.SIGSTOP, ["--timeout", "3"])
     assert "no message from rank 1 for 3 s" in stderr or "rank 1 has not taken a message for 3 s" in stderr, stderr
     assert "Traceback" not in stderr
-    assert time.time() - t0 < 45
+    assert 3 <= took < 15  # the --timeout, not something else, ended it
 
 
 @pytest.mark.timeout(120)

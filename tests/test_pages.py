@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import Server
+from servers import Server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 try:

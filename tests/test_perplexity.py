@@ -46,7 +46,7 @@ def test_scorer_feeds_every_token_once_and_scores_every_next_token():
     sc = Scorer(ws, n_slots=2, prefill_chunk=4)
     vocab = 32
     while not sc.done:
-        work = sc.plan([0, 1])
+        work = sc.next_work([0, 1])
         logits = torch.zeros(work.batch.n_tokens, vocab)  # uniform: every target costs log(vocab)
         sc.complete(work, logits)
     assert sc.n_fed == 11 + 5 + 2 and sc.n_targets == 10 + 4 + 1

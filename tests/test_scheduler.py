@@ -18,13 +18,13 @@ def drive(sched: Scheduler, next_tokens: list[int], max_seq_len: int) -> int:
     ``next_tokens`` (greedy: a one-hot logit); returns the highest position ever fed."""
     highest, i = -1, 0
     while True:
-        work = sched.plan(range(len(sched.active)))
+        work = sched.next_work(range(len(sched.active)))
         if work is None:
             return highest
         highest = max(highest, int(work.batch.positions.max()))
         assert highest < max_seq_len, "a position past the KV cache was fed"
-        logits = torch.full((len(work.sampled), VOCAB), -1e9)
-        for row in range(len(work.sampled)):
+        logits = torch.full((len(work.sampled_segs), VOCAB), -1e9)
+        for row in range(len(work.sampled_segs)):
             logits[row, next_tokens[i % len(next_tokens)]] = 0.0
             i += 1
         sched.complete(work, logits)

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 from conftest import ranks_of, run_cli
-from helpers import Server
+from servers import Server
 
 PROMPTS = ["def main(", "import os\n", "class Foo:", "for i in range(", "return self.", "if __name__ ==",
            "x = [", "try:\n    "]

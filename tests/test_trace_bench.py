@@ -60,6 +60,26 @@ def test_trace_summary_and_plot(trace_file, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_plot_window_draws_only_its_first_seconds(trace_file, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from mdi_mpi.trace import plot
+
+    made = []
+    subplots = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: made.append(subplots(*a, **k)) or made[-1])
+    trace = read_trace(str(trace_file))
+    start = min(float(ev["start"].min()) for ev in trace.events if len(ev))
+    end = max(float(ev["end"].max()) for ev in trace.events if len(ev))
+    plot(trace, str(tmp_path / "all.png"))
+    plot(trace, str(tmp_path / "window.png"), window=(end - start) / 4)
+    assert made[0][1].get_xlim() == pytest.approx((start, end))
+    assert made[1][1].get_xlim() == pytest.approx((start, start + (end - start) / 4))
+    res = subprocess.run([sys.executable, "-m", "mdi_mpi.trace", "plot", str(trace_file), "-o", str(tmp_path / "x.png"),
+                          "--window", "0"], capture_output=True, text=True)
+    assert res.returncode == 2 and "--window must be a positive number of seconds" in res.stderr
+
+
 def test_trace_of_a_non_trace_file(tmp_path):
     bad = tmp_path / "x.h5"
     bad.write_text("nope")

@@ -51,7 +51,7 @@ class Scorer:
     def done(self) -> bool:
         return not self.waiting and all(w is None for w in self.active)
 
-    def plan(self, slots: Sequence[int]) -> Work | None:
+    def next_work(self, slots: Sequence[int]) -> Work | None:
         """The next chunk of each slot's window (admitting waiting windows); None when all are done."""
         segments = []  # (slot, start, length)
         for slot in slots:

@@ -75,11 +75,17 @@ def _recv(ring, rec: Recorder):
     return msg
 
 
-def _send(ring, rec: Recorder, group: int, batch: Batch, sampled: list[int], h: torch.Tensor) -> None:
+def _send(ring, rec: Recorder, group: int, batch: Batch, sampled_segs: list[int], h: torch.Tensor) -> None:
     t0 = time.perf_counter()
     _report(ring, rec)
-    ring.send(group, batch.slots, batch.starts, batch.lengths, sampled, h)
+    ring.send(group, batch.slots, batch.starts, batch.lengths, sampled_segs, h)
     rec.add(SEND, group, t0, time.perf_counter())
+
+
+def _rows_to_return(h: torch.Tensor, batch: Batch, sampled_segs: list[int], all_rows: bool) -> torch.Tensor:
+    """What the last rank sends back to rank 0 from ``h`` [T, D]: the rows of the sampled segments'
+    last tokens [len(sampled_segs), D], or every row with ``all_rows``."""
+    return h if all_rows else h[batch.last[sampled_segs]]
 
 
 def _report(ring, rec: Recorder) -> None:
@@ -112,19 +118,19 @@ def run_first(
     an ``inbox`` the loop ends when the scheduler's requests are done; with one, when the inbox is
     closed and the last request has ended."""
     works: dict[int, Work] = {}
-    last = ring.size == 1
+    is_last_rank = ring.size == 1
 
     def launch(g: int) -> bool:
-        work = sched.plan(groups[g])
+        work = sched.next_work(groups[g])
         if work is None:
             return False
         t0 = time.perf_counter()
         h = stage.forward_layers(stage.embed(work.ids), work.batch)  # [T, D]
-        if last and not all_rows:
-            h = h[work.batch.last[work.sampled]]
+        if is_last_rank:
+            h = _rows_to_return(h, work.batch, work.sampled_segs, all_rows)
         rec.add(_compute_kind(work.batch), g, t0, time.perf_counter())
         works[g] = work
-        _send(ring, rec, g, work.batch, work.sampled, h)
+        _send(ring, rec, g, work.batch, work.sampled_segs, h)
         rec.steps += 1
         return True
 
@@ -145,9 +151,9 @@ def run_first(
             continue
         msg = _recv(ring, rec)
         work = works.pop(msg.group)
-        if work.sampled:
+        if work.sampled_segs:
             t0 = time.perf_counter()
-            logits = stage.head(msg.rows)  # [len(sampled), V]
+            logits = stage.head(msg.rows)  # [len(sampled_segs), V]
             t1 = time.perf_counter()
             rec.add(COMPUTE, msg.group, t0, t1)
             sched.complete(work, logits)
@@ -172,7 +178,7 @@ def _expect(ring, rec: Recorder, kind: int) -> None:
 def run_worker(stage: Stage, ring, rec: Recorder, all_rows: bool = False) -> None:
     """Ranks 1..N-1: run this stage on each message and pass it on, until the stop message. The last
     rank sends back only the rows rank 0 samples from, or every row with ``all_rows``."""
-    last = ring.rank == ring.size - 1
+    is_last_rank = ring.rank == ring.size - 1
     while True:
         msg = _recv(ring, rec)
         if msg.kind != WORK:  # a stop or a heartbeat: pass it on
@@ -185,10 +191,10 @@ def run_worker(stage: Stage, ring, rec: Recorder, all_rows: bool = False) -> Non
         batch = Batch.make(msg.slots, msg.starts, msg.lengths)
         h = stage.forward_layers(msg.rows, batch)  # [T, D]
         ring.release(msg)
-        if last and not all_rows:
-            h = h[batch.last[msg.sampled]]
+        if is_last_rank:
+            h = _rows_to_return(h, batch, msg.sampled_segs, all_rows)
         rec.add(_compute_kind(batch), msg.group, t0, time.perf_counter())
-        _send(ring, rec, msg.group, batch, msg.sampled, h)
+        _send(ring, rec, msg.group, batch, msg.sampled_segs, h)
         rec.steps += 1
     ring.close()
     rec.wall_s = time.perf_counter() - rec.origin

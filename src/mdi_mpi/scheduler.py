@@ -31,7 +31,7 @@ class Work:
 
     batch: Batch
     ids: torch.Tensor  # [T] long: the packed input tokens
-    sampled: list[int]  # indices of the segments whose last token's logits are sampled
+    sampled_segs: list[int]  # indices of the segments whose last token is sampled
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Listener:
         """``request`` ended (finish reason stop, length, context or cancelled) and left its slot."""
 
 
-class _Sequence:
+class _Occupant:
     """A request while it occupies a slot."""
 
     def __init__(self, request: Request, tokenizer):
@@ -90,7 +90,7 @@ class Scheduler:
         if n_slots < 1 or prefill_chunk < 1:
             raise ValueError("n_slots and prefill_chunk must be at least 1")
         self.waiting: deque[Request] = deque()
-        self.active: list[_Sequence | None] = [None] * n_slots
+        self.active: list[_Occupant | None] = [None] * n_slots
         self.max_seq_len = max_seq_len
         self.prefill_chunk = prefill_chunk
         self.eos_ids = frozenset(eos_ids)
@@ -130,7 +130,7 @@ class Scheduler:
         for r in list(self.waiting) + [s.request for s in self.active if s is not None]:
             self.cancel(r)
 
-    def plan(self, slots: Sequence[int]) -> Work | None:
+    def next_work(self, slots: Sequence[int]) -> Work | None:
         """The next forward pass for ``slots``, admitting waiting requests into free ones;
         None when none of them has anything left to do."""
         segments = []  # (slot, start, length, needs sampling)
@@ -140,7 +140,7 @@ class Scheduler:
                 self._finish(slot, seq, "cancelled")
                 seq = None
             if seq is None and self.waiting:
-                seq = self.active[slot] = _Sequence(self.waiting.popleft(), self.tokenizer)
+                seq = self.active[slot] = _Occupant(self.waiting.popleft(), self.tokenizer)
                 self.listener.admitted(seq.request)
             if seq is None:
                 continue
@@ -153,14 +153,14 @@ class Scheduler:
         seg_slots = [seg[0] for seg in segments]
         starts = [seg[1] for seg in segments]
         lengths = [seg[2] for seg in segments]
-        sampled = [i for i, seg in enumerate(segments) if seg[3]]
+        sampled_segs = [i for i, seg in enumerate(segments) if seg[3]]
         chunks = [t for slot, start, n, _ in segments for t in self.active[slot].ids[start : start + n]]
         batch = Batch.make(seg_slots, starts, lengths)
-        return Work(batch, torch.tensor(chunks, dtype=torch.long), sampled)
+        return Work(batch, torch.tensor(chunks, dtype=torch.long), sampled_segs)
 
     def complete(self, work: Work, logits: torch.Tensor) -> None:
-        """Sample a token for every sampled segment of ``work`` from ``logits`` [len(sampled), V]."""
-        for row, seg in enumerate(work.sampled):
+        """Sample a token for every sampled segment of ``work`` from ``logits`` [len(sampled_segs), V]."""
+        for row, seg in enumerate(work.sampled_segs):
             slot = work.batch.slots[seg]
             seq = self.active[slot]
             if seq.cancelled:
@@ -186,7 +186,7 @@ class Scheduler:
             if reason is not None:
                 self._finish(slot, seq, reason)
 
-    def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
+    def _finish_reason(self, seq: _Occupant, token: int) -> str | None:
         """Why ``seq`` ends after ``token``, or None if it goes on."""
         params = seq.request.params
         if seq.text is not None and seq.text.stopped:
@@ -199,7 +199,7 @@ class Scheduler:
             return "context"
         return None
 
-    def _finish(self, slot: int, seq: _Sequence, reason: str) -> None:
+    def _finish(self, slot: int, seq: _Occupant, reason: str) -> None:
         self.active[slot] = None
         text = None if seq.text is None else seq.text.text
         self.listener.finished(seq.request, self._result(seq.request, seq.generated, text, reason, seq.t_first))

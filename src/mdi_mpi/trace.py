@@ -97,7 +97,10 @@ def print_summary(trace: Trace) -> None:
 
 
 def plot(trace: Trace, out: str, window: float | None = None) -> None:
-    """Draw the pipeline as a Gantt chart: a row per rank, busy spans coloured by group."""
+    """Draw the pipeline as a Gantt chart: a row per rank, busy spans coloured by group; with
+    ``window``, only its first ``window`` seconds."""
+    if window is not None and not window > 0:
+        raise UserError(f"--window must be a positive number of seconds, got {window}")
     try:
         import matplotlib
 

@@ -62,7 +62,7 @@ class Message:
     slots: list[int]
     starts: list[int]
     lengths: list[int]
-    sampled: list[int]  # segment indices whose logits rank 0 samples
+    sampled_segs: list[int]  # indices of the segments whose last token rank 0 samples
     rows: torch.Tensor | None  # [n_rows, D]
     buffer: int  # which receive buffer holds it
 
@@ -116,7 +116,7 @@ class Ring:
         slots: tuple[int, ...],
         starts: tuple[int, ...],
         lengths: tuple[int, ...],
-        sampled: list[int],
+        sampled_segs: list[int],
         rows: torch.Tensor | None,
         kind: int = WORK,
     ) -> None:
@@ -135,7 +135,7 @@ class Ring:
         seg = header[self._seg_at : self._seg_at + _PER_SEG * n].reshape(n, _PER_SEG)
         seg[:, 0], seg[:, 1], seg[:, 2] = slots, starts, lengths
         seg[:, 3] = 0
-        seg[sampled, 3] = 1
+        seg[sampled_segs, 3] = 1
         end = 8 * self.header_len
         if n_rows:
             payload = self.send_bufs[buf][end : end + n_rows * self.row_bytes].view(self.dtype).view(n_rows, self.dim)
@@ -208,7 +208,7 @@ class LocalRing:
         self.bytes_sent = 0
         self.stats = np.zeros((1, RANK_STATS), dtype=np.int64)
 
-    def send(self, group, slots, starts, lengths, sampled, rows, kind=WORK) -> None:
+    def send(self, group, slots, starts, lengths, sampled_segs, rows, kind=WORK) -> None:
         self.queue.append(LocalMessage(kind, group, rows))
 
     def recv(self) -> LocalMessage:

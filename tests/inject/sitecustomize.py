@@ -4,6 +4,8 @@ call of ``Stage.forward_layers``, raising ``RuntimeError`` (KIND ``error``, the 
 ``KeyboardInterrupt`` (``interrupt``), as a bug or a Ctrl-C on that node would."""
 
 import os
+import sys
+import time
 
 _spec = os.environ.get("MDI_TEST_FAIL")
 if _spec:
@@ -17,9 +19,19 @@ if _spec:
         def _failing(self, h, batch):
             _calls[0] += 1
             if _calls[0] == int(_step):
-                if _kind and _kind[0] == "interrupt":
+                kind = _kind[0] if _kind else "error"
+                print(f"injected {kind} at {time.time():.3f}", file=sys.stderr, flush=True)  # when, for the tests' timing
+                if kind == "interrupt":
                     raise KeyboardInterrupt
                 raise RuntimeError(f"injected failure at call {_step}")
             return _forward(self, h, batch)
 
         Stage.forward_layers = _failing
+
+# MDI_TEST_SPEED=S0,S1,...: rank R measures its layer speed (for --balance speed) as S_R.
+_speeds = os.environ.get("MDI_TEST_SPEED")
+if _speeds:
+    import mdi_mpi.plan
+
+    _mine = float(_speeds.split(",")[int(os.environ.get("PMI_RANK", "0"))])
+    mdi_mpi.plan.layer_speed = lambda config, dtype, steps=8: _mine
