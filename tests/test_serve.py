@@ -159,6 +159,25 @@ def test_a_closed_stream_frees_its_slot(server, alone):
 
 
 @pytest.mark.timeout(120)
+def test_a_client_that_gives_up_on_a_non_streaming_request_frees_its_slot(server):
+    cancelled = _cancelled(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", timeout=0.3,
+                   json={"prompt": "while True:", "max_tokens": 480, "temperature": 0, "ignore_eos": True})
+    deadline = time.time() + 2  # the server notices at once; the request alone would run on for most of a second
+    while _cancelled(server) == cancelled and time.time() < deadline:
+        time.sleep(0.05)
+    assert _cancelled(server) == cancelled + 1
+    assert server.metric("mdi_mpi_requests_running") == 0
+
+
+def _cancelled(server) -> float:
+    m = re.search(r'^mdi_mpi_request_finished_total\{finish_reason="cancelled"\} (\S+)$',
+                  httpx.get(server.url + "/metrics").text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+@pytest.mark.timeout(120)
 def test_bad_requests_get_openai_errors(server):
     url = server.url
     cases = [

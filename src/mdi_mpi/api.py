@@ -45,7 +45,6 @@ MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_N = 16  # choices per prompt
 MAX_STOPS = 16
 KEEPALIVE_S = 5.0  # an SSE comment this often while a stream has nothing to say (long prefills)
-DISCONNECT_POLL_S = 1.0  # how often a non-streaming call checks that its client is still there
 RECENT = 200  # times to first token kept for the status page's percentiles
 REASONS = {"stop": "stop", "length": "length", "context": "length"}  # ours -> OpenAI's finish_reason
 
@@ -352,15 +351,16 @@ class API:
         """Wait for every choice; a client that goes away has its choices cancelled."""
         choices = {r: _Choice(r.index) for r in call.requests}
         left = len(choices)
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
             while left:
-                try:
-                    event = await asyncio.wait_for(call.events.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        self.inbox.cancel(call.requests)
-                        return Response(status_code=499)
-                    continue
+                get = asyncio.ensure_future(call.events.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    self.inbox.cancel(call.requests)
+                    return Response(status_code=499)  # nobody reads it: the client has gone
+                event = get.result()
                 if event[0] == "fail":
                     raise APIError(500, event[1], "server_error")
                 if event[0] == "token":
@@ -374,6 +374,8 @@ class API:
         except asyncio.CancelledError:
             self.inbox.cancel(call.requests)
             raise
+        finally:
+            gone.cancel()
         done = sorted(choices.values(), key=lambda c: c.index)
         completion_tokens = sum(len(c.tokens) for c in done)
         body = {
@@ -500,6 +502,12 @@ async def _stream(api: API, call: Call, meta: dict, chat: bool, prompt_tokens: i
     finally:
         if not finished:
             api.inbox.cancel(call.requests)
+
+
+async def _disconnected(request: HTTPRequest) -> None:
+    """Return when the client of a request whose body has been read goes away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
