@@ -39,16 +39,18 @@ class Results(Listener):
         self.results.append(result)
 
 
-def scheduler(requests: list[Request], n_slots: int, max_seq_len: int, prefill_chunk: int, eos_ids, tokenizer=None):
+def scheduler(requests: list[Request], n_slots: int, max_seq_len: int, prefill_chunk: int, eos_ids, tokenizer=None,
+              long_rope_after: int | None = None):
     """A scheduler holding ``requests`` whose listener (``sched.listener.results``) keeps the results."""
-    sched = Scheduler(n_slots, max_seq_len, prefill_chunk, eos_ids, tokenizer, Results())
+    sched = Scheduler(n_slots, max_seq_len, prefill_chunk, eos_ids, tokenizer, Results(), long_rope_after)
     sched.add(requests)
     return sched
 
 
 def generate(stage: Stage, prompts: list[list[int]], n_slots: int, prefill_chunk: int = 64, **params) -> dict[str, list[int]]:
     """Tokens generated for each prompt, keyed by request id."""
-    sched = scheduler(make_requests(prompts, **params), n_slots, stage.max_seq_len, prefill_chunk, stage.config.eos_token_ids)
+    sched = scheduler(make_requests(prompts, **params), n_slots, stage.max_seq_len, prefill_chunk, stage.config.eos_token_ids,
+                      long_rope_after=stage.config.long_rope_after)
     return {r.id: r.tokens for r in run_one_process(stage, sched)}
 
 

@@ -204,24 +204,21 @@ class ModelConfig:
         return cls.from_dict(raw)
 
     def default_context(self, cap: int = DEFAULT_CONTEXT) -> int:
-        """The ``--max-seq-len`` default: the model's own maximum, at most ``cap``, and within what
-        ``check_context`` accepts (longrope's original context)."""
-        limits = [self.max_position_embeddings, cap]
-        if self.rope_scaling.get("rope_type") == "longrope":
-            limits.append(self.original_max_position_embeddings)
-        return min(x for x in limits if x)
+        """The ``--max-seq-len`` default: the model's own maximum, at most ``cap``."""
+        return min(x for x in (self.max_position_embeddings, cap) if x)
 
     def check_context(self, max_seq_len: int) -> None:
         """Refuse a context length the model cannot serve exactly."""
         if max_seq_len < 2:
             raise UserError(f"--max-seq-len must be at least 2, got {max_seq_len}")
-        original = self.original_max_position_embeddings
-        if self.rope_scaling.get("rope_type") == "longrope" and original and max_seq_len > original:
-            raise UserError(
-                f"--max-seq-len {max_seq_len} exceeds original_max_position_embeddings {original}: beyond it "
-                "longrope switches to its long factors, which is not implemented; use --max-seq-len <= "
-                f"{original}"
-            )
+
+    @property
+    def long_rope_after(self) -> int | None:
+        """longrope: the original context, past which a sequence is rotated with the long factors
+        (from position 0, as transformers recomputes it); None for other RoPE types."""
+        if self.rope_scaling.get("rope_type") != "longrope":
+            return None
+        return self.original_max_position_embeddings or self.max_position_embeddings
 
     @property
     def rope_attention_factor(self) -> float:
@@ -235,17 +232,18 @@ class ModelConfig:
         factor = self.max_position_embeddings / original if self.original_max_position_embeddings else float(s.get("factor", 1.0))
         return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
-    def inv_freq(self, local: bool = False) -> torch.Tensor:
+    def inv_freq(self, local: bool = False, long: bool = False) -> torch.Tensor:
         """RoPE inverse frequencies [rotary_dim // 2] in float32, with linear, llama3 or longrope
-        (short factors: within the original context) scaling applied; ``local``: gemma3's
-        sliding-window layers (their own base, no scaling)."""
+        (short factors, or ``long`` ones past the original context) scaling applied; ``local``:
+        gemma3's sliding-window layers (their own base, no scaling)."""
         dim = self.rotary_dim or self.head_dim
         base = self.local_rope_theta if local else self.rope_theta
         inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         if local:
             return inv
         if self.rope_scaling.get("rope_type") == "longrope":
-            return inv / torch.tensor(self.rope_scaling["short_factor"], dtype=torch.float32)
+            factors = self.rope_scaling["long_factor" if long else "short_factor"]
+            return inv / torch.tensor(factors, dtype=torch.float32)
         kind = self.rope_scaling.get("rope_type")
         if kind == "linear":
             return inv / float(self.rope_scaling["factor"])

@@ -111,7 +111,8 @@ def run(args: argparse.Namespace, comm) -> dict:
         (requests, eos), tokenizer = job.prepared.items, job.prepared.tokenizer
         out = open(args.output, "a", encoding="utf-8") if args.output else None
         printer = _Printer(len(requests), out, tokenizer is not None, streaming=len(requests) == 1 and not args.quiet, quiet=args.quiet)
-        sched = Scheduler(job.n_slots, job.max_seq_len, args.prefill_chunk, eos, tokenizer, printer)
+        sched = Scheduler(job.n_slots, job.max_seq_len, args.prefill_chunk, eos, tokenizer, printer,
+                          job.config.long_rope_after)
         sched.add(requests)
         try:
             run_first(job.stage, sched, job.ring, job.groups, rec)

@@ -7,6 +7,7 @@ token and many sequences at different positions share one stage.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +26,13 @@ class Batch:
     positions: torch.Tensor  # [T] long: the position of every packed token
     last: torch.Tensor  # [B] long: index of each segment's last token in the packed tokens
     n_single: int  # rows that belong to single-token segments (they come first)
+    long: tuple[bool, ...]  # per segment: rotated with longrope's long factors
+    long_tokens: torch.Tensor | None  # [T] long: 1 for the tokens of long segments; None if there are none
 
     @classmethod
-    def make(cls, slots: list[int], starts: list[int], lengths: list[int]) -> Batch:
-        """Describe segments (slot, start, length); positions are derived, never guessed."""
+    def make(cls, slots: list[int], starts: list[int], lengths: list[int], long: Sequence[bool] = ()) -> Batch:
+        """Describe segments (slot, start, length, and whether each uses longrope's long factors;
+        default: none); positions are derived, never guessed."""
         if not (len(slots) == len(starts) == len(lengths)) or not slots:
             raise ValueError("a batch needs one start and one length per slot, and at least one slot")
         if len(set(slots)) != len(slots):
@@ -43,7 +47,13 @@ class Batch:
         else:
             positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
         last = torch.tensor(lengths, dtype=torch.long).cumsum(0) - 1
-        return cls(tuple(slots), tuple(starts), tuple(lengths), positions, last, n_single)
+        long = tuple(bool(x) for x in long) or (False,) * len(slots)
+        if len(long) != len(slots):
+            raise ValueError("a batch needs one long flag per slot")
+        long_tokens = None
+        if any(long):
+            long_tokens = torch.repeat_interleave(torch.tensor(long, dtype=torch.long), torch.tensor(lengths))
+        return cls(tuple(slots), tuple(starts), tuple(lengths), positions, last, n_single, long, long_tokens)
 
     @property
     def n_tokens(self) -> int:

@@ -83,10 +83,12 @@ class RMSNorm(nn.Module):
 
 def rope_tables(config: ModelConfig, max_seq_len: int, dtype: torch.dtype, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each [max_seq_len, rotary_dim], computed in float32 and cast to ``dtype``
-    (``local``: for gemma3's sliding-window layers)."""
-    inv = config.inv_freq(local)  # [rd/2]
-    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv)  # [L, rd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [L, rd]
+    (``local``: for gemma3's sliding-window layers). With longrope, [2 * max_seq_len, rotary_dim]:
+    the short factors' rows, then the long factors' (row ``max_seq_len + p`` for position p)."""
+    kinds = (False, True) if config.long_rope_after is not None and not local else (False,)
+    positions = torch.arange(max_seq_len, dtype=torch.float32)
+    freqs = torch.cat([torch.outer(positions, config.inv_freq(local, long)) for long in kinds])  # [L or 2L, rd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [L or 2L, rd]
     scale = config.rope_attention_factor
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 

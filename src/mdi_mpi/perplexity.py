@@ -38,11 +38,12 @@ class Scorer:
     the generation ``Scheduler``, fed whole windows, summing the negative log-likelihood of every
     next token (the first token of a window is context only)."""
 
-    def __init__(self, windows: list[list[int]], n_slots: int, prefill_chunk: int):
+    def __init__(self, windows: list[list[int]], n_slots: int, prefill_chunk: int, long_rope_after: int | None = None):
         self.waiting = deque(windows)
         self.active: list[list[int] | None] = [None] * n_slots
         self.pos = [0] * n_slots  # tokens of the slot's window already fed
         self.prefill_chunk = prefill_chunk
+        self.long_rope_after = long_rope_after  # a window longer than this uses longrope's long factors
         self.nll = 0.0  # summed in float64
         self.n_targets = 0
         self.n_fed = 0
@@ -67,7 +68,9 @@ class Scorer:
             return None
         segments.sort(key=lambda seg: seg[2] > 1)  # single-token segments first, as Batch requires
         ids = [t for slot, first, n in segments for t in self.active[slot][first : first + n]]
-        batch = Batch.make([s[0] for s in segments], [s[1] for s in segments], [s[2] for s in segments])
+        after = self.long_rope_after
+        long = [after is not None and len(self.active[s[0]]) > after for s in segments]
+        batch = Batch.make([s[0] for s in segments], [s[1] for s in segments], [s[2] for s in segments], long)
         return Work(batch, torch.tensor(ids, dtype=torch.long), list(range(len(segments))))
 
     def complete(self, work: Work, logits: torch.Tensor) -> None:
@@ -125,7 +128,7 @@ def run(args: argparse.Namespace, comm) -> dict:
         run_worker(job.stage, job.ring, rec, all_rows=True)
         comm.gather(job.rank_stats(rec), root=0)
         return {}
-    scorer = Scorer(job.prepared.items, job.n_slots, args.prefill_chunk)
+    scorer = Scorer(job.prepared.items, job.n_slots, args.prefill_chunk, job.config.long_rope_after)
     t0 = time.perf_counter()
     run_first(job.stage, scorer, job.ring, job.groups, rec, all_rows=True)
     wall = time.perf_counter() - t0

@@ -78,7 +78,7 @@ def _recv(ring, rec: Recorder):
 def _send(ring, rec: Recorder, group: int, batch: Batch, sampled_segs: list[int], h: torch.Tensor) -> None:
     t0 = time.perf_counter()
     _report(ring, rec)
-    ring.send(group, batch.slots, batch.starts, batch.lengths, sampled_segs, h)
+    ring.send(group, batch.slots, batch.starts, batch.lengths, sampled_segs, h, long=batch.long)
     rec.add(SEND, group, t0, time.perf_counter())
 
 
@@ -188,7 +188,7 @@ def run_worker(stage: Stage, ring, rec: Recorder, all_rows: bool = False) -> Non
                 break
             continue
         t0 = time.perf_counter()
-        batch = Batch.make(msg.slots, msg.starts, msg.lengths)
+        batch = Batch.make(msg.slots, msg.starts, msg.lengths, msg.long)
         h = stage.forward_layers(msg.rows, batch)  # [T, D]
         ring.release(msg)
         if is_last_rank:

@@ -5,7 +5,10 @@ most ``prefill_chunk`` at a time), and once the cache has them all its last toke
 sampled. A finished slot is refilled with the next waiting request at once (continuous batching);
 its first segment starts at position 0, which is all the other stages need to know to reuse it.
 Requests may arrive at any time (``add``) and be cancelled at any time (``cancel``); a cancelled
-sequence whose step is in the ring keeps its slot until that step comes back.
+sequence whose step is in the ring keeps its slot until that step comes back. With longrope, a
+sequence longer than the original context is rotated with the long factors from position 0: one whose
+prompt is longer from the start, and one that grows past it, which is fed again from position 0 (as
+transformers recomputes it at that point).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class _Occupant:
         self.text = None if tokenizer is None else TextStream(tokenizer, request.params.stop)
         self.t_first: float | None = None
         self.cancelled = False
+        self.long = False  # rotated with longrope's long factors
 
     @property
     def generated(self) -> list[int]:
@@ -86,9 +90,11 @@ class Scheduler:
         eos_ids: Sequence[int],
         tokenizer=None,
         listener: Listener | None = None,
+        long_rope_after: int | None = None,
     ):
         if n_slots < 1 or prefill_chunk < 1:
             raise ValueError("n_slots and prefill_chunk must be at least 1")
+        self.long_rope_after = long_rope_after  # ModelConfig.long_rope_after
         self.waiting: deque[Request] = deque()
         self.active: list[_Occupant | None] = [None] * n_slots
         self.max_seq_len = max_seq_len
@@ -133,7 +139,7 @@ class Scheduler:
     def next_work(self, slots: Sequence[int]) -> Work | None:
         """The next forward pass for ``slots``, admitting waiting requests into free ones;
         None when none of them has anything left to do."""
-        segments = []  # (slot, start, length, needs sampling)
+        segments = []  # (slot, start, length, needs sampling, long)
         for slot in slots:
             seq = self.active[slot]
             if seq is not None and seq.cancelled:
@@ -144,8 +150,10 @@ class Scheduler:
                 self.listener.admitted(seq.request)
             if seq is None:
                 continue
+            if self.long_rope_after is not None and not seq.long and len(seq.ids) > self.long_rope_after:
+                seq.long, seq.pos = True, 0  # past the original context: everything again, with the long factors
             n = min(self.prefill_chunk, len(seq.ids) - seq.pos)
-            segments.append((slot, seq.pos, n, seq.pos + n == len(seq.ids)))
+            segments.append((slot, seq.pos, n, seq.pos + n == len(seq.ids), seq.long))
             seq.pos += n
         if not segments:
             return None
@@ -154,8 +162,8 @@ class Scheduler:
         starts = [seg[1] for seg in segments]
         lengths = [seg[2] for seg in segments]
         sampled_segs = [i for i, seg in enumerate(segments) if seg[3]]
-        chunks = [t for slot, start, n, _ in segments for t in self.active[slot].ids[start : start + n]]
-        batch = Batch.make(seg_slots, starts, lengths)
+        chunks = [t for slot, start, n, *_ in segments for t in self.active[slot].ids[start : start + n]]
+        batch = Batch.make(seg_slots, starts, lengths, [seg[4] for seg in segments])
         return Work(batch, torch.tensor(chunks, dtype=torch.long), sampled_segs)
 
     def complete(self, work: Work, logits: torch.Tensor) -> None:

@@ -187,7 +187,8 @@ def _serve(job, http: _HTTPThread, args: argparse.Namespace, timeout: float, inf
     sched: Scheduler | None = None
     metrics = Metrics(lambda: sched.running if sched else 0, lambda: inbox.waiting, ranks)
     bridge = Bridge(inbox, metrics)
-    sched = Scheduler(job.n_slots, job.max_seq_len, args.prefill_chunk, eos, job.prepared.tokenizer, bridge)
+    sched = Scheduler(job.n_slots, job.max_seq_len, args.prefill_chunk, eos, job.prepared.tokenizer, bridge,
+                      job.config.long_rope_after)
     name = args.served_model_name or ("mdi-mpi-demo" if job.is_demo else os.path.basename(os.path.normpath(job.model_dir)))
     settings = Settings(name, job.max_seq_len, job.config.vocab_size, job.n_slots, len(job.groups))
     http.on_exit = inbox.close

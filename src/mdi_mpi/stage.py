@@ -31,13 +31,14 @@ class Stage(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in layers})
         self.norm = RMSNorm(d, config.rms_norm_eps, config.gemma) if edges else None
         self.lm_head = Linear(d, vocab, bias=False) if edges and not config.tie_word_embeddings else None
-        self.cos: torch.Tensor | None = None  # [L, rd] RoPE tables
+        self.cos: torch.Tensor | None = None  # [L, rd] RoPE tables ([2L, rd] with longrope: short, then long)
         self.sin: torch.Tensor | None = None
         self.local_cos: torch.Tensor | None = None  # gemma3's sliding-window layers' own tables
         self.local_sin: torch.Tensor | None = None
         self.head_kernels: ShapeKernels | None = None
         self.embed_q: QuantWeight | None = None  # int8 embedding table (quantized stages)
         self.head_q: QuantWeight | None = None  # int8 LM head (the embedding's when tied)
+        self.max_seq_len = 0  # positions per slot, set with the cache
 
     @property
     def has_edges(self) -> bool:
@@ -50,6 +51,7 @@ class Stage(nn.Module):
     def setup_cache(self, n_slots: int, max_seq_len: int) -> None:
         """Allocate the KV caches and RoPE tables once, after the weights are loaded."""
         c = self.config
+        self.max_seq_len = max_seq_len
         for layer in self.layers.values():
             layer.self_attn.kv_cache = KVCache(n_slots, c.n_kv_heads, max_seq_len, c.head_dim, self.dtype)
         self.cos, self.sin = rope_tables(c, max_seq_len, self.dtype)
@@ -102,10 +104,6 @@ class Stage(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    @property
-    def max_seq_len(self) -> int:
-        return self.cos.shape[0]
-
     def cache_bytes(self) -> int:
         return sum(layer.self_attn.kv_cache.nbytes() for layer in self.layers.values())
 
@@ -123,8 +121,9 @@ class Stage(nn.Module):
 
     def forward_layers(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Run this stage's decoder layers on hidden states [T, D], writing the slots' KV caches."""
-        cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, rd]
-        sin = self.sin[batch.positions].unsqueeze(1)  # [T, 1, rd]
+        rows = batch.positions if batch.long_tokens is None else batch.positions + self.max_seq_len * batch.long_tokens
+        cos = self.cos[rows].unsqueeze(1)  # [T, 1, rd]
+        sin = self.sin[rows].unsqueeze(1)  # [T, 1, rd]
         if self.local_cos is not None:
             local = (self.local_cos[batch.positions].unsqueeze(1), self.local_sin[batch.positions].unsqueeze(1))
         for layer in self.layers.values():

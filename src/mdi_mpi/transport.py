@@ -6,7 +6,7 @@ payload in the model dtype (bf16 travels as 2 bytes per value). Per-token traffi
 can be in flight, so a message always finds a receive waiting and no send ever blocks the ring.
 
 Header: ``[kind, group, n_segments, n_rows, then every rank's running stats, then (slot, start,
-length, sampled) per segment]``. Each rank writes its own stats (microseconds spent per event kind,
+length, sampled, long) per segment]``. Each rank writes its own stats (microseconds spent per event kind,
 then its peak RSS in KiB) into every message it sends and keeps the others' from every message it
 receives, so rank 0 knows how every rank spends its time, at most one trip round the ring late, at no
 extra message.
@@ -29,7 +29,7 @@ RANK_STATS = len(EVENT_KINDS) + 1  # per rank: microseconds per event kind, then
 
 WORK, STOP, HEARTBEAT = 1, 2, 3
 _FIXED = 4  # kind, group, n_segments, n_rows
-_PER_SEG = 4  # slot, start, length, sampled
+_PER_SEG = 5  # slot, start, length, sampled, long (longrope's long factors)
 TAG = 7
 ABORT_GRACE_S = 1.0  # time for the launcher to forward a failing rank's last words before the abort
 MAX_NAP_S = 5e-4  # longest sleep between two checks of a pending request
@@ -63,6 +63,7 @@ class Message:
     starts: list[int]
     lengths: list[int]
     sampled_segs: list[int]  # indices of the segments whose last token rank 0 samples
+    long: list[bool]  # per segment: rotated with longrope's long factors
     rows: torch.Tensor | None  # [n_rows, D]
     buffer: int  # which receive buffer holds it
 
@@ -119,6 +120,7 @@ class Ring:
         sampled_segs: list[int],
         rows: torch.Tensor | None,
         kind: int = WORK,
+        long: tuple[bool, ...] = (),
     ) -> None:
         """Send a message to the next rank from group ``group``'s send buffer (waiting for that
         buffer's previous send first). ``rows`` [n_rows, D] is copied into the buffer."""
@@ -136,6 +138,7 @@ class Ring:
         seg[:, 0], seg[:, 1], seg[:, 2] = slots, starts, lengths
         seg[:, 3] = 0
         seg[sampled_segs, 3] = 1
+        seg[:, 4] = long or 0
         end = 8 * self.header_len
         if n_rows:
             payload = self.send_bufs[buf][end : end + n_rows * self.row_bytes].view(self.dtype).view(n_rows, self.dim)
@@ -172,6 +175,7 @@ class Ring:
             [s[1] for s in seg],
             [s[2] for s in seg],
             [j for j, s in enumerate(seg) if s[3]],
+            [bool(s[4]) for s in seg],
             rows,
             i,
         )
@@ -208,7 +212,7 @@ class LocalRing:
         self.bytes_sent = 0
         self.stats = np.zeros((1, RANK_STATS), dtype=np.int64)
 
-    def send(self, group, slots, starts, lengths, sampled_segs, rows, kind=WORK) -> None:
+    def send(self, group, slots, starts, lengths, sampled_segs, rows, kind=WORK, long=()) -> None:
         self.queue.append(LocalMessage(kind, group, rows))
 
     def recv(self) -> LocalMessage:

@@ -77,10 +77,11 @@ def test_transport_round_trip(comm):
     rows = torch.arange(5 * 16, dtype=torch.float32).view(5, 16).to(torch.bfloat16)
     ring.stats[rank] = [rank * 10 + k for k in range(6)]  # this rank's running stats, carried in the headers
     if rank == 0:
-        ring.send(1, (2, 0), (7, 0), (1, 4), [1], rows)
+        ring.send(1, (2, 0), (7, 0), (1, 4), [1], rows, long=(True, False))
         back = ring.recv()
         assert ring.stats.tolist() == [[r * 10 + k for k in range(6)] for r in range(comm.Get_size())]
         assert (back.kind, back.group, back.slots, back.starts, back.lengths, back.sampled_segs) == (1, 1, [2, 0], [7, 0], [1, 4], [1])
+        assert back.long == [True, False]
         assert torch.equal(back.rows, rows * 2)
         ring.release(back)
         ring.send(0, (), (), (), [], None, kind=STOP)
@@ -88,13 +89,14 @@ def test_transport_round_trip(comm):
     else:
         msg = ring.recv()
         assert msg.rows.dtype == torch.bfloat16 and msg.rows.shape == (5, 16)
-        ring.send(msg.group, tuple(msg.slots), tuple(msg.starts), tuple(msg.lengths), msg.sampled_segs, msg.rows * 2)
+        ring.send(msg.group, tuple(msg.slots), tuple(msg.starts), tuple(msg.lengths), msg.sampled_segs, msg.rows * 2,
+                  long=tuple(msg.long))
         ring.release(msg)
         assert ring.recv().kind == STOP
         ring.send(0, (), (), (), [], None, kind=STOP)
     ring.close()
-    # header int64s (4 fixed, 6 stats per rank, 4 per segment for up to 3 segments) plus 2 bytes per value
-    assert ring.bytes_sent == 2 * 8 * (4 + 6 * comm.Get_size() + 4 * 3) + 5 * 16 * 2
+    # header int64s (4 fixed, 6 stats per rank, 5 per segment for up to 3 segments) plus 2 bytes per value
+    assert ring.bytes_sent == 2 * 8 * (4 + 6 * comm.Get_size() + 5 * 3) + 5 * 16 * 2
 
 
 def test_transport_refuses_oversized_message(comm):
