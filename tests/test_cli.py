@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -180,12 +181,13 @@ def test_bad_input_every_rank_exits_2_with_one_message(models, tmp_path):
     assert res.returncode == 2 and res.stderr.count("5 ranks but the model has only 4 layers") == 1, res.stderr
 
 
-INJECT = str(REPO / "tests" / "inject")  # sitecustomize.py: makes a rank fail from outside the product
+INJECT = str(REPO / "tests" / "inject")
+HOST = socket.gethostname()  # failure lines name the rank's host  # sitecustomize.py: makes a rank fail from outside the product
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind, line", [("error", "rank 1: RuntimeError: injected failure at call 7"),
-                                        ("interrupt", "rank 1: KeyboardInterrupt")])
+@pytest.mark.parametrize("kind, line", [("error", f"rank 1 on {HOST}: RuntimeError: injected failure at call 7"),
+                                        ("interrupt", f"rank 1 on {HOST}: KeyboardInterrupt")])
 def test_a_failing_rank_ends_the_job_and_keeps_results(models, tmp_path, kind, line):
     """Any exception on one rank, KeyboardInterrupt included, ends every rank at once."""
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 3, max_new_tokens=2)
@@ -203,10 +205,10 @@ def test_a_failing_rank_ends_the_job_and_keeps_results(models, tmp_path, kind, l
     assert 2 <= len(done) < len(PROMPTS) * 3
 
 
-def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str]) -> tuple[str, float]:
-    """Start a 3-rank job, wait for two finished records, send ``sig`` to rank 1, check that the
-    whole job ends with its records intact; return its stderr and the seconds from the signal to the
-    launcher's exit."""
+def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str], launcher: bool = False) -> tuple[str, float]:
+    """Start a 3-rank job, wait for two finished records, send ``sig`` to rank 1 (or the launcher),
+    check that the whole job ends with its records intact; return its stderr and the seconds from
+    the signal to the launcher's exit."""
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 20, max_new_tokens=30)
     out = tmp_path / "out.jsonl"
     tag = tmp_path.name
@@ -221,7 +223,7 @@ def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str]) -> tuple
         pids = ranks_of(tag)
         assert set(pids) == {0, 1, 2} and job.poll() is None, (pids, job.poll())
         sent = time.time()
-        os.kill(pids[1], sig)
+        os.kill(job.pid if launcher else pids[1], sig)
         _, stderr = job.communicate(timeout=30)  # no hang: the other ranks end too
         took = time.time() - sent
         deadline = time.time() + 10  # the launcher has sent its kills; give them a moment to land
@@ -249,15 +251,23 @@ def test_a_rank_killed_by_a_signal_ends_the_job(models, tmp_path):
 def test_sigint_to_one_rank_ends_the_job(models, tmp_path):
     # Ctrl-C on one node: KeyboardInterrupt in that rank must abort the job, not hang in MPI finalization.
     stderr, took = _start_and_hit_rank_1(models, tmp_path, signal.SIGINT, [])
-    assert "rank 1: KeyboardInterrupt" in stderr, stderr
+    assert f"rank 1 on {HOST}: KeyboardInterrupt" in stderr, stderr
     assert took < 10
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_to_the_launcher_ends_the_job_and_says_so(models, tmp_path):
+    # kill, scancel or a time limit: every rank is told, says so, and the records written are kept.
+    stderr, took = _start_and_hit_rank_1(models, tmp_path, signal.SIGTERM, [], launcher=True)
+    assert f"on {HOST}: Terminated: the job was terminated by SIGTERM" in stderr, stderr
+    assert took < 10 and "Traceback" not in stderr
 
 
 @pytest.mark.timeout(120)
 def test_a_frozen_rank_ends_the_job_after_the_timeout(models, tmp_path):
     # A node that hangs without dying (SIGSTOP here): its neighbours give up after --timeout.
     stderr, took = _start_and_hit_rank_1(models, tmp_path, signal.SIGSTOP, ["--timeout", "3"])
-    assert "no message from rank 1 for 3 s" in stderr or "rank 1 has not taken a message for 3 s" in stderr, stderr
+    assert f"no message from rank 1 on {HOST} for 3 s" in stderr or f"rank 1 on {HOST} has not taken a message for 3 s" in stderr, stderr
     assert "Traceback" not in stderr
     assert 3 <= took < 15  # the --timeout, not something else, ended it
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import time
@@ -354,15 +355,21 @@ def check_launcher(size: int) -> None:
             )
 
 
+def _who(rank: int) -> str:
+    """How a failure line names this rank: ``rank R on HOST``."""
+    return f"rank {rank} on {socket.gethostname()}"
+
+
 def run_command(parser: Parser, body: Callable[[argparse.Namespace, Any], Any], argv: list[str] | None = None) -> int:
     """Entry point of an MPI command: parse on every rank, run ``body(args, comm)``; returns the
     exit code. Bad input: one ``error:`` line from rank 0 and code 2 on every rank. Any other failure
-    on any rank, of any kind (an exception, KeyboardInterrupt, SystemExit), prints ``rank R: ...``
+    on any rank, of any kind (an exception, KeyboardInterrupt, SystemExit), prints ``rank R on HOST: ...``
     and aborts the whole job, so that no rank is left waiting."""
     from mdi_mpi.transport import abort, world
 
     comm = world()
     rank = comm.Get_rank()
+    signal.signal(signal.SIGTERM, _terminated)  # the launcher forwards it; scancel and time limits send it
     try:
         if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv)):
             if rank == 0:
@@ -376,17 +383,26 @@ def run_command(parser: Parser, body: Callable[[argparse.Namespace, Any], Any], 
             print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except UserError as e:  # found by this rank alone, mid-run: the others must be stopped
-        print(f"{'error' if comm.Get_size() == 1 else f'rank {rank}'}: {e}", file=sys.stderr, flush=True)
+        print(f"{'error' if comm.Get_size() == 1 else _who(rank)}: {e}", file=sys.stderr, flush=True)
         if comm.Get_size() > 1:
             abort(comm, EXIT_USAGE)
         return EXIT_USAGE
     except BaseException as e:  # noqa: BLE001 - any failure must end every rank, not hang them
         name = type(e).__name__
-        print(f"rank {rank}: {name}: {e}" if str(e) else f"rank {rank}: {name}", file=sys.stderr, flush=True)
+        print(f"{_who(rank)}: {name}: {e}" if str(e) else f"{_who(rank)}: {name}", file=sys.stderr, flush=True)
         if os.environ.get("MDI_MPI_DEBUG"):
             import traceback
 
             traceback.print_exc()
+        code = 130 if isinstance(e, KeyboardInterrupt) else 143 if isinstance(e, Terminated) else 1
         if comm.Get_size() > 1:
-            abort(comm, 1)
-        return 130 if isinstance(e, KeyboardInterrupt) else 1
+            abort(comm, code)
+        return code
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: the job was cancelled (``scancel``, a time limit, ``kill``)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated("the job was terminated by SIGTERM; records already written are kept")
