@@ -318,7 +318,7 @@ def start(comm, spec: JobSpec, prepare: Callable[[Any, str, int], Prepared], def
         LocalRing()
         if size == 1
         else Ring(comm, max(2, len(groups)), micro, micro * spec.prefill_chunk, cfg.hidden_size, dtype,
-                  timeout_s=spec.timeout or None)
+                  timeout_s=spec.timeout or None, hosts=comm.allgather(socket.gethostname()))
     )
     return Job(comm, rank, size, model_dir, is_demo, cfg, max_seq_len, dtype, dtype_reason, quant, n_slots, micro,
                groups, plan, stage, ring, kernels, threads, t_load - t0, load_s, work)

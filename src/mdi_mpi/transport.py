@@ -14,7 +14,6 @@ extra message.
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 from collections import deque
@@ -81,12 +80,13 @@ class Ring:
         dim: int,
         dtype: torch.dtype,
         timeout_s: float | None = None,
+        hosts: list[str] | None = None,
     ):
         self.comm = comm
         self.timeout_s = timeout_s  # longest wait for a message or a send (None: no limit)
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.dest, self.src = (self.rank + 1) % self.size, (self.rank - 1) % self.size
-        self.hosts = comm.allgather(socket.gethostname())  # to name a neighbour that stops answering
+        self.hosts = hosts  # every rank's host, to name a neighbour that stops answering
         self.stats = np.zeros((self.size, RANK_STATS), dtype=np.int64)  # [rank, stat], as last reported
         self.header_len = _FIXED + self.stats.size + _PER_SEG * max_segments
         self.dim, self.dtype = dim, dtype
@@ -102,6 +102,9 @@ class Ring:
         self.bytes_sent = 0
         for i in range(n_buffers):
             self._post(i)
+
+    def _name(self, rank: int) -> str:
+        return f"rank {rank}" + (f" on {self.hosts[rank]}" if self.hosts else "")
 
     @property
     def _seg_at(self) -> int:
@@ -151,15 +154,15 @@ class Ring:
 
     def _wait_send(self, buf: int) -> None:
         if not wait(self.send_reqs[buf], self.timeout_s):
-            raise TimeoutError(f"rank {self.dest} on {self.hosts[self.dest]} has not taken a message for "
-                               f"{self.timeout_s:g} s: it has hung or lost its connection")
+            raise TimeoutError(f"{self._name(self.dest)} has not taken a message for {self.timeout_s:g} s: it has "
+                               "hung or lost its connection")
 
     def recv(self) -> Message:
         """Wait for the next message from the previous rank."""
         i, req = self.pending.popleft()
         if not wait(req, self.timeout_s):
-            raise TimeoutError(f"no message from rank {self.src} on {self.hosts[self.src]} for {self.timeout_s:g} s: it "
-                               "has hung or lost its connection, or one trip round the ring takes longer than --timeout")
+            raise TimeoutError(f"no message from {self._name(self.src)} for {self.timeout_s:g} s: it has hung or lost "
+                               "its connection, or one trip round the ring takes longer than --timeout")
         header = self.recv_views[i][: 8 * self.header_len].view(np.int64)
         kind, group, n, n_rows = (int(x) for x in header[:_FIXED])
         mine = self.stats[self.rank].copy()
