@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup-slurm.sh
 bash scripts/setup-browser.sh
+bash scripts/setup-network.sh
 . .venv/bin/activate
 export OMP_NUM_THREADS=1
 python -m pytest -q tests "$@"

@@ -14,6 +14,7 @@ extra message.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections import deque
@@ -32,6 +33,7 @@ _FIXED = 4  # kind, group, n_segments, n_rows
 _PER_SEG = 5  # slot, start, length, sampled, long (longrope's long factors)
 TAG = 7
 ABORT_GRACE_S = 1.0  # time for the launcher to forward a failing rank's last words before the abort
+ABORT_DEADLINE_S = 5  # a rank whose abort has not ended it by then ends itself
 MAX_NAP_S = 5e-4  # longest sleep between two checks of a pending request
 
 
@@ -242,9 +244,13 @@ def abort(comm: MPI.Comm, code: int) -> None:
     """End every rank of the job now.
 
     The launcher kills every process as soon as it hears of the abort, and may do so before it has
-    forwarded what this rank just wrote to stderr; a short pause lets the error message get out.
+    forwarded what this rank just wrote to stderr; a short pause lets the error message get out. A
+    rank cut off from the launcher (its network is down) cannot deliver the abort, and MPI_Abort
+    would wait for it forever: an alarm ends this process regardless.
     """
     sys.stderr.flush()
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the kernel ends the process, even inside MPI
+    signal.alarm(ABORT_DEADLINE_S)
     time.sleep(ABORT_GRACE_S)
     comm.Abort(code)
 
