@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Test hosts on one machine, for the network tests and benchmarks (root and iproute2 needed).
 #
-#   testhosts.sh up N [PREFIX]           N hosts: network namespaces PREFIX-h1..hN with eth0 at
+#   testhosts.sh up N [PREFIX [tap]]     N hosts: network namespaces PREFIX-h1..hN with eth0 at
 #                                        10.77.0.I/24, cabled by veth pairs to a bridge in its own
 #                                        namespace PREFIX-sw (no traffic leaves the machine), and an
-#                                        /etc/netns/PREFIX-hI/hosts naming every host h1..hN
+#                                        /etc/netns/PREFIX-hI/hosts naming every host h1..hN; with
+#                                        "tap", eth0 is a TAP device and scripts/linkemu.py is the
+#                                        switch (emulated links where the kernel has no netem)
 #   testhosts.sh exec PREFIX I CMD...    run CMD on host I: its network namespace and its own UTS
 #                                        namespace with hostname hI (exec: the PID is CMD's)
 #   testhosts.sh netem PREFIX PROFILE    shape every host's eth0: gigabit (1 Gbit/s, 0.2 ms),
@@ -23,25 +25,32 @@ hosts_of() { ip netns list | awk '{print $1}' | grep -E "^$1-h[0-9]+$" || true; 
 
 case "$cmd" in
   up)
-    n=${1:?usage: testhosts.sh up N [PREFIX]}
+    n=${1:?usage: testhosts.sh up N [PREFIX [tap]]}
     p=${2:-mdi}
+    kind=${3:-veth}
     "$0" down "$p"
-    ip netns add "$p-sw"
-    ip -n "$p-sw" link add br0 type bridge
-    ip -n "$p-sw" link set br0 up
-    ip -n "$p-sw" link set lo up
+    if [ "$kind" = veth ]; then
+      ip netns add "$p-sw"
+      ip -n "$p-sw" link add br0 type bridge
+      ip -n "$p-sw" link set br0 up
+      ip -n "$p-sw" link set lo up
+    fi
     for i in $(seq 1 "$n"); do
       ns="$p-h$i"
       ip netns add "$ns"
-      ip link add "$p-e$i" type veth peer name "$p-s$i"
-      ip link set "$p-e$i" netns "$ns"
-      ip link set "$p-s$i" netns "$p-sw"
-      ip -n "$ns" link set "$p-e$i" name eth0
+      if [ "$kind" = tap ]; then
+        ip -n "$ns" tuntap add dev eth0 mode tap
+      else
+        ip link add "$p-e$i" type veth peer name "$p-s$i"
+        ip link set "$p-e$i" netns "$ns"
+        ip link set "$p-s$i" netns "$p-sw"
+        ip -n "$ns" link set "$p-e$i" name eth0
+        ip -n "$p-sw" link set "$p-s$i" master br0
+        ip -n "$p-sw" link set "$p-s$i" up
+      fi
       ip -n "$ns" addr add "10.77.0.$i/24" dev eth0
       ip -n "$ns" link set eth0 up
       ip -n "$ns" link set lo up
-      ip -n "$p-sw" link set "$p-s$i" master br0
-      ip -n "$p-sw" link set "$p-s$i" up
       mkdir -p "/etc/netns/$ns"
       { echo "127.0.0.1 localhost"; for j in $(seq 1 "$n"); do echo "10.77.0.$j h$j"; done; } > "/etc/netns/$ns/hosts"
     done
@@ -77,7 +86,7 @@ case "$cmd" in
   down)
     p=${1:-mdi}
     for ns in $(hosts_of "$p") "$p-sw"; do
-      ip netns list | awk '{print $1}' | grep -qx "$ns" || continue
+      ip netns list | awk '{print $1}' | grep -qx -- "$ns" || continue
       pids=$(ip netns pids "$ns" || true)
       [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
       ip netns del "$ns"

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
-HARNESS = str(REPO / "scripts" / "testhosts.sh")
+sys.path.insert(0, str(REPO / "scripts"))
+from hosts import HARNESS, Hosts  # noqa: E402 - the harness lives in scripts/, shared with bench_links.py
+
 PREFIX = "mdit"
-TCP = {"UCX_TLS": "tcp,self"}  # PyPI MPICH's UCX netmod: TCP only (see jobs/README.md)
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="test hosts need root (network and UTS namespaces)"),
     pytest.mark.skipif(not (shutil.which("ip") and Path("/usr/sbin/sshd").exists() and shutil.which("ssh")),
@@ -32,83 +33,9 @@ pytestmark = [
 ]
 
 
-class Hosts:
-    """Three test hosts h1, h2, h3 (10.77.0.1-3), each running sshd."""
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.sshd: list[subprocess.Popen] = []
-        subprocess.run([HARNESS, "up", "3", PREFIX], check=True, capture_output=True)
-        for name in ("hostkey", "id"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / name)], check=True)
-        shutil.copy(tmp / "id.pub", tmp / "authorized_keys")
-        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
-        for i in (1, 2, 3):
-            conf = tmp / f"sshd-{i}.conf"
-            conf.write_text(f"ListenAddress 10.77.0.{i}\nHostKey {tmp}/hostkey\nAuthorizedKeysFile {tmp}/authorized_keys\n"
-                            "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-                            "StrictModes no\nUsePAM no\nPidFile none\n")
-            log = open(tmp / f"sshd-{i}.log", "w")
-            self.sshd.append(subprocess.Popen([HARNESS, "exec", PREFIX, str(i), "/usr/sbin/sshd", "-D", "-e", "-f", str(conf)],
-                                              stdout=log, stderr=subprocess.STDOUT))
-        self.ssh = tmp / "ssh"  # what hydra launches its proxies with: the test key, no host-key prompts
-        self.ssh.write_text(f"#!/bin/sh\nexec ssh -i {tmp}/id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
-                            "-o BatchMode=yes -o LogLevel=ERROR -o ConnectTimeout=5 -o ServerAliveInterval=2 -o ServerAliveCountMax=2 \"$@\"\n")
-        self.ssh.chmod(0o755)
-        self.hostfile = tmp / "hosts.txt"
-        self.hostfile.write_text("h1\nh2\nh3\n")
-        deadline = time.time() + 20
-        while self.exec(1, [str(self.ssh), "h3", "true"]).returncode and time.time() < deadline:
-            time.sleep(0.2)
-
-    def exec(self, i: int, cmd: list[str], **kw) -> subprocess.CompletedProcess:
-        return subprocess.run([HARNESS, "exec", PREFIX, str(i), *cmd], capture_output=True, text=True, **kw)
-
-    def launch(self, args: list[str], env: dict | None = None) -> subprocess.Popen:
-        """``jobs/hostfile-run.sh ARGS`` started on h1, one rank per host."""
-        env = {**os.environ, **TCP, "HYDRA_LAUNCHER_EXEC": str(self.ssh), "HOSTS": str(self.hostfile), "THREADS": "1",
-               **(env or {})}
-        return subprocess.Popen([HARNESS, "exec", PREFIX, "1", "bash", str(REPO / "jobs" / "hostfile-run.sh"), *args],
-                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def tx_bytes(self, i: int) -> int:
-        return int(self.exec(i, ["cat", "/sys/class/net/eth0/statistics/tx_bytes"]).stdout)
-
-    def pids(self, i: int) -> list[int]:
-        out = subprocess.run(["ip", "netns", "pids", f"{PREFIX}-h{i}"], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
-
-    def rank_pid(self, i: int) -> int | None:
-        """The mdi-mpi rank running on host i."""
-        for pid in self.pids(i):
-            try:
-                if b"mdi_mpi." in Path(f"/proc/{pid}/cmdline").read_bytes() and b"PMI_RANK" in Path(f"/proc/{pid}/environ").read_bytes():
-                    return pid
-            except OSError:
-                continue
-        return None
-
-    def left(self) -> list[int]:
-        """What still runs on the hosts but their sshd: ranks, hydra's proxies, ssh sessions."""
-        out = []
-        for i in (1, 2, 3):
-            for pid in self.pids(i):
-                try:
-                    if Path(f"/proc/{pid}/comm").read_text().strip() != "sshd":
-                        out.append(pid)
-                except OSError:
-                    continue
-        return out
-
-    def close(self) -> None:
-        for p in self.sshd:
-            p.kill()
-        subprocess.run([HARNESS, "down", PREFIX], capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    h = Hosts(tmp_path_factory.mktemp("hosts"))
+    h = Hosts(tmp_path_factory.mktemp("hosts"), PREFIX)
     try:
         yield h
     finally:
