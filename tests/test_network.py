@@ -126,3 +126,36 @@ def test_a_pulled_cable_ends_the_job_after_the_timeout(hosts, demo_dir, tmp_path
     finally:
         subprocess.run([HARNESS, "link", PREFIX, "2", "up"], check=True)
     assert re.search(r"rank \d on h\d: TimeoutError: (no message from rank \d on h\d|rank \d on h\d has not taken)", stderr), stderr
+
+
+@pytest.mark.timeout(300)
+def test_emulated_gigabit_links_give_the_same_tokens(demo_dir, tmp_path):
+    """The link emulator (scripts/linkemu.py: netem in user space, for kernels without it) at the
+    gigabit profile, 2 hosts: the tokens of a single process, and the link's delay measurable."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def main(\nimport os\n")
+    single = tmp_path / "single.jsonl"
+    assert run_cli(["--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single), "--quiet"]).returncode == 0
+    h = Hosts(tmp_path / "hosts", "mdig", n=2, profile="gigabit")
+    try:
+        rtt = h.exec(1, [sys.executable, "-c", RTT, "10.77.0.2"])
+        out = tmp_path / "emu.jsonl"
+        job = h.launch(["--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(out), "--quiet"])
+        _, stderr = job.communicate(timeout=200)
+    finally:
+        h.close()
+    assert job.returncode == 0, stderr
+    assert _records(out) == _records(single)
+    assert 0.4e-3 <= float(rtt.stdout) < 5e-3, rtt  # two crossings of a 0.2 ms link, and the emulator's own time
+
+
+RTT = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+t0 = time.perf_counter()
+try:
+    s.connect((sys.argv[1], 9))  # nothing listens: the refusal comes back after one round trip
+except ConnectionRefusedError:
+    pass
+print(time.perf_counter() - t0)
+"""

@@ -243,3 +243,150 @@ def test_serve_job_answers_then_scancel_drains_it(cluster, demo_dir, tmp_path):
         time.sleep(0.5)
     text = log.read_text()
     assert "draining" in text and "stopped after" in text and "rank 1:" not in text, text
+
+
+NET_CONF = """\
+ClusterName=mdinet
+SlurmctldHost=h1
+SlurmctldPort=16818
+SlurmdPort=16819
+AuthType=auth/munge
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={tmp}/state
+SlurmdSpoolDir={tmp}/spool/%n
+SlurmctldPidFile={tmp}/slurmctld.pid
+SlurmdPidFile={tmp}/slurmd-%n.pid
+SlurmctldLogFile={tmp}/slurmctld.log
+SlurmdLogFile={tmp}/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=pmi2
+SlurmdParameters=config_overrides
+ReturnToService=2
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+InactiveLimit=0
+KillWait=5
+MinJobAge=5
+NodeName=h[1-3] CPUs=2 State=UNKNOWN
+PartitionName=debug Nodes=h[1-3] Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+class NetCluster(Cluster):
+    """The same daemons on three test hosts (network and UTS namespaces, ``scripts/testhosts.sh``):
+    slurmctld on h1, one slurmd per host, every rank on its own host and MPI over TCP between them."""
+
+    def __init__(self, tmp: Path, hosts):
+        super().__init__(tmp)
+        self.hosts = hosts
+        self.conf.write_text(NET_CONF.format(tmp=tmp))
+        for i in (1, 2, 3):
+            (tmp / "spool" / f"h{i}").mkdir(parents=True, exist_ok=True)
+
+    def _on(self, i: int, cmd: list[str]) -> list[str]:
+        return [self.hosts_harness, "exec", self.hosts.prefix, str(i), *cmd]
+
+    @property
+    def hosts_harness(self) -> str:
+        return str(REPO / "scripts" / "testhosts.sh")
+
+    def start(self) -> None:
+        self._munge()
+        log = open(self.tmp / "daemons.out", "w")
+        self.procs.append(subprocess.Popen(self._on(1, [_exe("slurmctld"), "-D", "-i", "-f", str(self.conf)]),
+                                           env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        time.sleep(1)
+        for i in (1, 2, 3):
+            self.procs.append(subprocess.Popen(self._on(i, [_exe("slurmd"), "-D", "-N", f"h{i}", "-f", str(self.conf)]),
+                                               env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            out = self.run(["sinfo", "-h", "-o", "%T %D"])
+            if out.stdout.split() == ["idle", "3"]:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"the Slurm nodes did not come up: {out.stdout} {out.stderr}\n{self.logs()}")
+
+    def run(self, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+        """A Slurm command on h1, the login node."""
+        return subprocess.run(self._on(1, [_exe(cmd[0]), *cmd[1:]]), env=self.env, capture_output=True, text=True,
+                              cwd=self.tmp, **kw)
+
+
+@pytest.fixture(scope="module")
+def net_cluster(tmp_path_factory):
+    if not Path("/usr/sbin/sshd").exists() or shutil.which("ip") is None:
+        pytest.skip("the test hosts need iproute2 and openssh-server (scripts/setup-network.sh installs them)")
+    sys.path.insert(0, str(REPO / "scripts"))
+    from hosts import Hosts
+
+    tmp = tmp_path_factory.mktemp("netslurm")
+    hosts = Hosts(tmp / "hosts", "mdis")
+    c = NetCluster(tmp / "slurm", hosts)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        hosts.close()
+
+
+def _submit(cluster: NetCluster, export: dict[str, str]) -> str:
+    exports = ",".join(["ALL", "UCX_TLS=tcp,self", f"MDI_MPI_HOME={REPO}", f"VENV={Path(sys.executable).parent.parent}",
+                        f"MDI_MPI_CACHE={os.environ['MDI_MPI_CACHE']}"] + [f"{k}={v}" for k, v in export.items()])
+    sub = cluster.run(["sbatch", "--parsable", "--nodes=3", "--cpus-per-task=1", "--time=5",
+                       f"--output={cluster.tmp}/net-%j.out", f"--export={exports}", str(REPO / "jobs" / "pi-cluster.sbatch")])
+    assert sub.returncode == 0, sub.stderr
+    return sub.stdout.strip().split(";")[0]
+
+
+def _wait_done(cluster: NetCluster, job_id: str, timeout: float) -> float:
+    """Seconds until the job has left the queue."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if not cluster.run(["squeue", "-h", "-j", job_id]).stdout.strip():
+            return time.time() - t0
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still queued after {timeout} s\n{cluster.logs()}")
+
+
+@pytest.mark.timeout(400)
+def test_pi_cluster_job_on_three_hosts_over_tcp_matches_single_process(net_cluster, demo_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\nThe cluster of Raspberry Pis\nHello, world!\n")
+    single = tmp_path / "single.jsonl"
+    res = run_cli(["--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single), "--quiet"])
+    assert res.returncode == 0, res.stderr
+    out, stats = tmp_path / "net.jsonl", tmp_path / "stats.json"
+    job_id = _submit(net_cluster, {"PROMPTS": str(prompts), "OUTPUT": str(out), "MAX_NEW_TOKENS": "12", "STATS": str(stats)})
+    _wait_done(net_cluster, job_id, 300)
+    log = (net_cluster.tmp / f"net-{job_id}.out").read_text()
+    assert out.exists(), log + net_cluster.logs()
+    assert _tokens(out) == _tokens(single), log
+    assert [r["host"] for r in json.loads(stats.read_text())["per_rank"]] == ["h1", "h2", "h3"]
+
+
+@pytest.mark.timeout(400)
+def test_scancel_ends_the_job_on_every_host_and_keeps_its_records(net_cluster, demo_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def main(\nimport os\nclass Foo:\n" * 40)
+    out = tmp_path / "net.jsonl"
+    job_id = _submit(net_cluster, {"PROMPTS": str(prompts), "OUTPUT": str(out), "MAX_NEW_TOKENS": "16",
+                                   "EXTRA_ARGS": "--slots 1"})
+    deadline = time.time() + 200
+    while not (out.is_file() and out.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    assert out.read_text().count("\n") >= 2, (net_cluster.tmp / f"net-{job_id}.out").read_text()
+    assert net_cluster.run(["scancel", job_id]).returncode == 0
+    took = _wait_done(net_cluster, job_id, 60)
+    assert took < 10, took
+    log = (net_cluster.tmp / f"net-{job_id}.out").read_text()
+    assert "Terminated: the job was terminated by SIGTERM" in log or "CANCELLED" in log, log
+    records = [json.loads(line) for line in out.read_text().splitlines()]  # every line a whole record
+    assert 2 <= len(records) < 120
+    for i in (1, 2, 3):  # no rank left on any host
+        assert net_cluster.hosts.rank_pid(i) is None
