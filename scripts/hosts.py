@@ -23,6 +23,7 @@ class Hosts:
 
     def __init__(self, tmp: Path, prefix: str, n: int = 3, profile: str | None = None):
         self.tmp, self.prefix, self.n = tmp, prefix, n
+        tmp.mkdir(parents=True, exist_ok=True)
         self.sshd: list[subprocess.Popen] = []
         self.emulator: subprocess.Popen | None = None
         subprocess.run([HARNESS, "up", str(n), prefix, *(["tap"] if profile else [])], check=True, capture_output=True)
@@ -63,7 +64,9 @@ class Hosts:
                                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def tx_bytes(self, i: int) -> int:
-        return int(self.exec(i, ["cat", "/sys/class/net/eth0/statistics/tx_bytes"]).stdout)
+        """Bytes host i has sent on its cable (from its /proc/net/dev)."""
+        line = next(x for x in self.exec(i, ["cat", "/proc/net/dev"]).stdout.splitlines() if x.strip().startswith("eth0:"))
+        return int(line.split(":")[1].split()[8])
 
     def pids(self, i: int) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", f"{self.prefix}-h{i}"], capture_output=True, text=True).stdout

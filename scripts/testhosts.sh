@@ -8,7 +8,8 @@
 #                                        "tap", eth0 is a TAP device and scripts/linkemu.py is the
 #                                        switch (emulated links where the kernel has no netem)
 #   testhosts.sh exec PREFIX I CMD...    run CMD on host I: its network namespace and its own UTS
-#                                        namespace with hostname hI (exec: the PID is CMD's)
+#                                        and mount namespaces: hostname hI, /etc/hosts naming the
+#                                        hosts (exec: the PID is CMD's)
 #   testhosts.sh netem PREFIX PROFILE    shape every host's eth0: gigabit (1 Gbit/s, 0.2 ms),
 #                                        fast-ethernet (100 Mbit/s, 1 ms), wifi (50 Mbit/s, 4 ms
 #                                        +- 2 ms, 0.1% loss) or none
@@ -59,7 +60,9 @@ case "$cmd" in
     p=${1:?usage: testhosts.sh exec PREFIX I CMD...}
     i=${2:?usage: testhosts.sh exec PREFIX I CMD...}
     shift 2
-    exec ip netns exec "$p-h$i" unshare --uts sh -c 'hostname "$0" && exec "$@"' "h$i" "$@"
+    # Not ip netns exec: it mounts the namespace's sysfs over /sys, hiding the cgroup tree slurmd needs.
+    exec nsenter --net="/run/netns/$p-h$i" unshare --mount --uts sh -c \
+      'mount --bind "/etc/netns/$1/hosts" /etc/hosts && hostname "$0" && shift && exec "$@"' "h$i" "$p-h$i" "$@"
     ;;
   netem)
     p=${1:?usage: testhosts.sh netem PREFIX PROFILE}
