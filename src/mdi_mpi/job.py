@@ -31,8 +31,7 @@ from typing import Any
 from mdi_mpi.config import DEFAULT_CONTEXT
 from mdi_mpi.errors import UserError
 from mdi_mpi.kernels import ROWS
-from mdi_mpi.plan import add_plan_arguments, positive_int
-from mdi_mpi.quant import QUANTS
+from mdi_mpi.plan import add_layout_arguments, positive_int
 
 EXIT_USAGE = 2
 
@@ -64,25 +63,16 @@ def agree(comm, fn: Callable[[], Any]) -> Any:
 
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
     """The model, rank and scheduling flags every MPI command shares (parsed by ``JobSpec.from_args``)."""
-    m = p.add_argument_group("model and ranks")
+    m = p.add_argument_group("model, ranks and scheduling")
     m.add_argument("--model", metavar="DIR", help="Hugging Face checkpoint directory (safetensors) or split shards; "
                    "default: the built-in demo model (trained on Python's standard library)")
     m.add_argument("--dtype", default="auto", help="weights and activations dtype: auto (default: bfloat16, or float32 "
                    "where this CPU decodes float32 at least 1.25x faster and it fits in memory), bfloat16, float32, float16")
-    m.add_argument("--quant", choices=QUANTS, help="store weights quantized: int8 (per output channel) or int4 (per "
-                   "group of --quant-group input columns); the embedding and LM head are int8 with either; default: none")
-    m.add_argument("--quant-group", type=int, metavar="G", help="int4 group size: 32, 64, 128 (default) or 256")
     m.add_argument("--kernel", default="auto", choices=("auto", *ROWS), help="matmul kernel for every linear layer: "
                    "auto (default: measured per weight shape on each rank's CPU, cached), or one of mv, row, tile2..tile256")
-    m.add_argument("--max-seq-len", type=positive_int, metavar="L", help="positions per sequence in the KV cache; default: min(model's max, 2048)")
     m.add_argument("--threads", type=positive_int, metavar="T", help="torch threads per rank; default: the node's cores divided by its ranks")
-    m.add_argument("--layers", metavar="A,B,...", help="explicit layer counts per rank, e.g. 6,8,8; default: balanced, rank 0 fewer (it also runs the LM head)")
-    add_plan_arguments(m)
-    s = p.add_argument_group("scheduling")
-    s.add_argument("--slots", type=positive_int, metavar="K", help="sequences in flight at once; default: max(N, min(requests, 4N)), or 4N for a server")
-    s.add_argument("--micro-batch", type=positive_int, metavar="M", help="slots that travel together as one message; default: ceil(K / N), so that N groups keep N ranks busy")
-    s.add_argument("--prefill-chunk", type=positive_int, default=128, metavar="C", help="prompt tokens per slot per step (default: 128)")
-    s.add_argument("--timeout", type=float, default=600.0, metavar="S", help="end the job when a rank waits more than S "
+    add_layout_arguments(m)
+    m.add_argument("--timeout", type=float, default=600.0, metavar="S", help="end the job when a rank waits more than S "
                    "seconds for a message, as when a node hangs or drops off the network (default: 600; 0: never)")
 
 

@@ -224,8 +224,22 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    """The memory and balancing flags shared by plan, split and generate."""
+def add_layout_arguments(p) -> None:
+    """The flags that say how a model is laid out over the ranks and what the plan assumes, shared
+    by generate, serve, perplexity, plan and split (one name, type, default and help each)."""
+    p.add_argument("--layers", metavar="A,B,...", help="explicit layer counts per rank, e.g. 6,8,8 (wins over "
+                   "--balance); default: balanced, rank 0 fewer (it also runs the LM head)")
+    p.add_argument("--quant", choices=QUANTS, help="store weights quantized: int8 (per output channel) or int4 (per "
+                   "group of --quant-group input columns); the embedding and LM head are int8 with either; default: none")
+    p.add_argument("--quant-group", type=positive_int, metavar="G", help="int4 group size: 32, 64, 128 (default) or 256")
+    p.add_argument("--max-seq-len", type=positive_int, metavar="L", help="positions per sequence in the KV cache; "
+                   "default: min(model's max, 2048)")
+    p.add_argument("--slots", type=positive_int, metavar="K", help="sequences in flight at once; default: generate "
+                   "max(N, min(requests, 4N)), serve 4N, plan and split N")
+    p.add_argument("--micro-batch", type=positive_int, metavar="M", help="slots that travel together as one message; "
+                   "default: ceil(K / N), so that N groups keep N ranks busy")
+    p.add_argument("--prefill-chunk", type=positive_int, default=128, metavar="C", help="prompt tokens per slot per "
+                   "step (default: 128)")
     p.add_argument("--mem-per-rank", metavar="SIZE", help="memory of every rank, e.g. 4GiB (default for generate: "
                    "the node's available memory divided by its ranks)")
     p.add_argument("--mem", metavar="A,B,...", help="memory of each rank, e.g. 8GiB,4GiB,4GiB")
@@ -259,15 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the demo model)")
     p.add_argument("--ranks", type=positive_int, required=True, metavar="N")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--slots", type=positive_int, metavar="K", help="default: N")
-    p.add_argument("--micro-batch", type=positive_int, metavar="M", help="default: ceil(K / N)")
-    p.add_argument("--max-seq-len", type=positive_int, default=None, metavar="L", help="default: min(model's max, 2048)")
-    p.add_argument("--prefill-chunk", type=positive_int, default=128, metavar="C")
-    p.add_argument("--layers", metavar="A,B,...", help="explicit split")
-    p.add_argument("--quant", choices=QUANTS, help="count weights as stored quantized (int8 or int4), as generate --quant does")
-    p.add_argument("--quant-group", type=int, default=128, metavar="G", help="int4 group size (default: 128)")
-    add_plan_arguments(p)
+    p.add_argument("--dtype", default="bfloat16", help="weights and activations dtype (default: bfloat16)")
+    add_layout_arguments(p)
     args = p.parse_args(argv)
 
     def body() -> None:
@@ -282,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             max_seq_len=args.max_seq_len or config.default_context(),
             micro_batch=args.micro_batch or default_micro_batch(slots, args.ranks),
             prefill_chunk=args.prefill_chunk,
-            quant=quant_of(args.quant, args.quant_group),
+            quant=quant_of(args.quant, args.quant_group or 128),
         )
         if args.balance == "speed":
             raise UserError("--balance speed needs the ranks themselves: use it with generate or split")

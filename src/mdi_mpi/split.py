@@ -29,8 +29,8 @@ from mdi_mpi.checkpoint import Checkpoint, hf_name, layer_quant, load_stage
 from mdi_mpi.config import parse_dtype
 from mdi_mpi.errors import UserError, cli_main
 from mdi_mpi.partition import default_micro_batch, parse_split
-from mdi_mpi.plan import add_plan_arguments, check_fit, make_plan, memory_flags, positive_int, print_plan, quant_of
-from mdi_mpi.quant import QUANTS, Quant, quantize
+from mdi_mpi.plan import add_layout_arguments, check_fit, make_plan, memory_flags, positive_int, print_plan, quant_of
+from mdi_mpi.quant import Quant, quantize
 from mdi_mpi.requests import TOKENIZER_FILES
 
 SPLIT_FILE = "mdi_split.json"
@@ -104,12 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=positive_int, required=True, metavar="N")
     p.add_argument("--out", metavar="DIR", required=True, help="new directory for the shards")
     p.add_argument("--dtype", default="bfloat16", help="dtype the shards store (default: bfloat16)")
-    p.add_argument("--layers", metavar="A,B,...", help="explicit split (wins over --balance)")
-    p.add_argument("--quant", choices=QUANTS, help="store the shards quantized (int8 or int4), as generate --quant would hold them")
-    p.add_argument("--quant-group", type=int, default=128, metavar="G", help="int4 group size: 32, 64, 128 (default) or 256")
-    p.add_argument("--slots", type=positive_int, default=None, metavar="K", help="slots the plan's memory check assumes (default: N)")
-    p.add_argument("--max-seq-len", type=positive_int, metavar="L", help="context the plan's memory check assumes (default: min(model's max, 2048))")
-    add_plan_arguments(p)
+    add_layout_arguments(p)
     args = p.parse_args(argv)
 
     def body() -> None:
@@ -118,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = Checkpoint(args.model)
         dtype = parse_dtype(args.dtype)
         slots = args.slots or args.ranks
-        quant = quant_of(args.quant, args.quant_group)
+        quant = quant_of(args.quant, args.quant_group or 128)
         plan = make_plan(ckpt.config, args.ranks, dtype, slots, args.max_seq_len or ckpt.config.default_context(),
-                         default_micro_batch(slots, args.ranks), 128,
+                         args.micro_batch or default_micro_batch(slots, args.ranks), args.prefill_chunk,
                          split=parse_split(args.layers) if args.layers else None,
                          available=memory_flags(args.mem_per_rank, args.mem, args.ranks), balance=args.balance, quant=quant)
         print_plan(plan, dtype, quant)
