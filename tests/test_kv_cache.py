@@ -31,7 +31,9 @@ def test_reused_slot_is_correct(stage):
     assert reused == fresh
 
 
-def test_chunked_prefill_equals_prefill_at_once(stage):
+def test_chunked_prefill_is_within_1e5_of_prefill_at_once(stage):
+    # Not bit-equal: a chunk's rows go through kernels for their own row count, and attention reduces
+    # over the cache plus the chunk instead of one masked block.
     ids = torch.arange(3, 40)
     at_once = stage(ids, Batch.make([0], [0], [37]), all_logits=True)
     chunks = [stage(ids[a:b], Batch.make([1], [a], [b - a]), all_logits=True) for a, b in ((0, 5), (5, 6), (6, 30), (30, 37))]
@@ -46,7 +48,7 @@ def test_mixed_batch_of_prefill_and_decode(stage):
     ref_b = stage(b[4:], Batch.make([1], [4], [1]))
     stage(b[:4], Batch.make([3], [0], [4]))
     both = stage(torch.cat([b[4:], a]), Batch.make([3, 2], [4, 0], [1, 6]))
-    assert torch.allclose(both, torch.cat([ref_b, ref_a]), atol=1e-5)
+    assert torch.equal(both, torch.cat([ref_b, ref_a]))
 
 
 def test_cache_refuses_gaps_and_overflow():
