@@ -110,3 +110,29 @@ def test_bad_input_is_one_clear_error(models, held_out, tmp_path):
     (tmp_path / "short.txt").write_text("a")
     res = run_ppl(["--text", str(tmp_path / "short.txt")])
     assert res.returncode == 2 and "nothing to score" in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_windows_past_longropes_original_context_score_as_transformers(models):
+    """A window longer than the original context (128 here) is scored with the long factors, as
+    transformers scores it in one forward; a shorter one with the short factors."""
+    from helpers import full_stage
+    from transformers import AutoModelForCausalLM
+
+    from mdi_mpi.pipeline import Recorder, run_first
+    from mdi_mpi.transport import LocalRing
+
+    path = models["phi3-longrope"]
+    stage = full_stage(path, n_slots=2, max_seq_len=256)
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (200, 90)]
+    sc = Scorer(ws, n_slots=2, prefill_chunk=64, long_rope_after=stage.config.long_rope_after)
+    run_first(stage, sc, LocalRing(), [[0, 1]], Recorder(), all_rows=True)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    nll = 0.0
+    for w in ws:
+        with torch.no_grad():
+            logits = hf(torch.tensor([w])).logits[0].double()
+        nll += float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(w[1:]), reduction="sum"))
+    assert sc.n_targets == 199 + 89
+    assert sc.nll == pytest.approx(nll, rel=1e-6)
