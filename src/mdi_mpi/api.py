@@ -208,7 +208,7 @@ class API:
         self.tokenizer = None
         self.inbox: Inbox | None = None
         self.bridge: Bridge | None = None
-        self.metrics_: Metrics | None = None
+        self.prometheus: Metrics | None = None
         self.ranks: Ranks | None = None
         self.running = None  # () -> sequences holding a slot
         self.ready = threading.Event()
@@ -219,7 +219,7 @@ class API:
              running) -> None:
         """Every rank has loaded: start answering."""
         self.settings, self.tokenizer, self.inbox, self.bridge = settings, tokenizer, inbox, bridge
-        self.metrics_, self.ranks, self.running = metrics, ranks, running
+        self.prometheus, self.ranks, self.running = metrics, ranks, running
         self.ready.set()
 
     def app(self) -> Starlette:
@@ -253,7 +253,7 @@ class API:
 
     async def metrics(self, request: HTTPRequest) -> Response:
         self._check(request)
-        return Response(self.metrics_.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(self.prometheus.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self, request: HTTPRequest) -> Response:
         self._check(request)
