@@ -76,7 +76,8 @@ class Hosts:
         """The mdi-mpi rank running on host i."""
         for pid in self.pids(i):
             try:
-                if b"mdi_mpi." in Path(f"/proc/{pid}/cmdline").read_bytes() and b"PMI_RANK" in Path(f"/proc/{pid}/environ").read_bytes():
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if b"python" in argv[0] and b"-m" in argv and any(a.startswith(b"mdi_mpi.") for a in argv):
                     return pid
             except OSError:
                 continue
