@@ -30,9 +30,7 @@ pytestmark = [
 ]
 
 SLURM_CONF = """\
-ClusterName=mditest
-SlurmctldHost=localhost
-SlurmctldPort={ctld_port}
+{where}
 AuthType=auth/munge
 CredType=cred/munge
 SlurmUser=root
@@ -54,9 +52,15 @@ SelectTypeParameters=CR_CPU
 InactiveLimit=0
 KillWait=5
 MinJobAge=5
-NodeName=node[1-3] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17001-17003] CPUs=2 State=UNKNOWN
-PartitionName=debug Nodes=node[1-3] Default=YES MaxTime=INFINITE State=UP
+NodeName={nodes} CPUs=2 State=UNKNOWN
+PartitionName=debug Nodes={nodes_only} Default=YES MaxTime=INFINITE State=UP
 """
+# Three nodes on localhost, told apart by their ports.
+LOCAL = dict(where="ClusterName=mditest\nSlurmctldHost=localhost\nSlurmctldPort=16817",
+             nodes="node[1-3] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17001-17003]", nodes_only="node[1-3]")
+# Three test hosts h1-h3 with their own addresses (scripts/testhosts.sh), the controller on h1.
+HOSTS = dict(where="ClusterName=mdinet\nSlurmctldHost=h1\nSlurmctldPort=16818\nSlurmdPort=16819",
+             nodes="h[1-3]", nodes_only="h[1-3]")
 
 
 def _exe(name: str) -> str:
@@ -73,7 +77,7 @@ class Cluster:
         for i in (1, 2, 3):
             (tmp / "spool" / f"node{i}").mkdir(parents=True)
         self.conf = tmp / "slurm.conf"
-        self.conf.write_text(SLURM_CONF.format(tmp=tmp, ctld_port=16817))
+        self.conf.write_text(SLURM_CONF.format(tmp=tmp, **LOCAL))
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def start(self) -> None:
@@ -246,37 +250,6 @@ def test_serve_job_answers_then_scancel_drains_it(cluster, demo_dir, tmp_path):
     assert "draining" in text and "stopped after" in text and "rank 1:" not in text, text
 
 
-NET_CONF = """\
-ClusterName=mdinet
-SlurmctldHost=h1
-SlurmctldPort=16818
-SlurmdPort=16819
-AuthType=auth/munge
-CredType=cred/munge
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation={tmp}/state
-SlurmdSpoolDir={tmp}/spool/%n
-SlurmctldPidFile={tmp}/slurmctld.pid
-SlurmdPidFile={tmp}/slurmd-%n.pid
-SlurmctldLogFile={tmp}/slurmctld.log
-SlurmdLogFile={tmp}/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=pmi2
-SlurmdParameters=config_overrides
-ReturnToService=2
-SchedulerType=sched/builtin
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-InactiveLimit=0
-KillWait=5
-MinJobAge=5
-NodeName=h[1-3] CPUs=2 State=UNKNOWN
-PartitionName=debug Nodes=h[1-3] Default=YES MaxTime=INFINITE State=UP
-"""
-
-
 class NetCluster(Cluster):
     """The same daemons on three test hosts (network and UTS namespaces, ``scripts/testhosts.sh``):
     slurmctld on h1, one slurmd per host, every rank on its own host and MPI over TCP between them."""
@@ -285,7 +258,7 @@ class NetCluster(Cluster):
         tmp.mkdir()
         super().__init__(tmp)
         self.hosts = hosts
-        self.conf.write_text(NET_CONF.format(tmp=tmp))
+        self.conf.write_text(SLURM_CONF.format(tmp=tmp, **HOSTS))
         for i in (1, 2, 3):
             (tmp / "spool" / f"h{i}").mkdir(parents=True, exist_ok=True)
 
