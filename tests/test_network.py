@@ -51,7 +51,7 @@ def test_hostfile_over_ssh_on_three_hosts_equals_single_process(hosts, demo_dir,
     prompts = tmp_path / "p.txt"
     prompts.write_text("def main(\nimport os\nclass Foo:\n")
     single = tmp_path / "single.jsonl"
-    res = run_cli(["--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single), "--quiet"])
+    res = run_cli(["--threads", "1", "--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single), "--quiet"])
     assert res.returncode == 0, res.stderr
     out, stats = tmp_path / "hosts.jsonl", tmp_path / "stats.json"
     before = hosts.tx_bytes(2)
@@ -135,7 +135,7 @@ def test_emulated_gigabit_links_give_the_same_tokens(demo_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("def main(\nimport os\n")
     single = tmp_path / "single.jsonl"
-    assert run_cli(["--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single), "--quiet"]).returncode == 0
+    assert run_cli(["--threads", "1", "--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single), "--quiet"]).returncode == 0
     h = Hosts(tmp_path / "hosts", "mdig", n=2, profile="gigabit")
     try:
         rtt = h.exec(1, [sys.executable, "-c", RTT, "10.77.0.2"])

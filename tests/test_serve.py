@@ -50,14 +50,14 @@ def test_completion_equals_generate_for_greedy_and_seeded_choices(server, demo_d
     sampled = c.completions.create(model="mdi-mpi-demo", prompt=PROMPTS[1], max_tokens=16, temperature=0.9,
                                    seed=7, n=2)
     out = tmp_path / "g.jsonl"
-    run = run_cli(["--prompt", PROMPTS[0], "--max-new-tokens", "24", "--output", str(out), "--quiet"])
+    run = run_cli(["--threads", "1", "--prompt", PROMPTS[0], "--max-new-tokens", "24", "--output", str(out), "--quiet"])
     assert run.returncode == 0, run.stderr
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert greedy.choices[0].text == record["text"] and greedy.choices[0].text
     assert greedy.usage.completion_tokens == len(record["tokens"]) == 24
     assert greedy.usage.prompt_tokens == len(record["input_ids"])
     out2 = tmp_path / "s.jsonl"
-    run = run_cli(["--prompt", PROMPTS[1], "--max-new-tokens", "16", "--temperature", "0.9", "--seed", "7",
+    run = run_cli(["--threads", "1", "--prompt", PROMPTS[1], "--max-new-tokens", "16", "--temperature", "0.9", "--seed", "7",
                    "--n-samples", "2", "--output", str(out2), "--quiet"], ranks=2)
     assert run.returncode == 0, run.stderr
     texts = {json.loads(line)["id"]: json.loads(line)["text"] for line in out2.read_text().splitlines()}

@@ -168,7 +168,7 @@ def test_pi_cluster_job_on_three_nodes_matches_single_process(cluster, demo_dir,
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Once upon a time\nThe cluster of Raspberry Pis\nHello, world!\n")
     single = tmp_path / "single.jsonl"
-    res = run_cli(["--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single), "--quiet"])
+    res = run_cli(["--threads", "1", "--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single), "--quiet"])
     assert res.returncode == 0, res.stderr
     out = tmp_path / "slurm.jsonl"
     job = cluster.sbatch(REPO / "jobs" / "pi-cluster.sbatch", 3, {
@@ -222,7 +222,7 @@ def test_serve_job_answers_then_scancel_drains_it(cluster, demo_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     single = tmp_path / "single.jsonl"
-    res = run_cli(["--prompt", "def main(", "--max-new-tokens", "12", "--output", str(single), "--quiet"])
+    res = run_cli(["--threads", "1", "--prompt", "def main(", "--max-new-tokens", "12", "--output", str(single), "--quiet"])
     assert res.returncode == 0, res.stderr
     exports = ",".join(["ALL", f"MDI_MPI_HOME={REPO}", f"VENV={Path(sys.executable).parent.parent}", f"PORT={port}",
                         f"MDI_MPI_CACHE={os.environ['MDI_MPI_CACHE']}", "DRAIN_TIMEOUT=3"])
@@ -334,7 +334,7 @@ def test_pi_cluster_job_on_three_hosts_over_tcp_matches_single_process(net_clust
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Once upon a time\nThe cluster of Raspberry Pis\nHello, world!\n")
     single = tmp_path / "single.jsonl"
-    res = run_cli(["--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single), "--quiet"])
+    res = run_cli(["--threads", "1", "--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single), "--quiet"])
     assert res.returncode == 0, res.stderr
     out, stats = tmp_path / "net.jsonl", tmp_path / "stats.json"
     job_id = _submit(net_cluster, {"PROMPTS": str(prompts), "OUTPUT": str(out), "MAX_NEW_TOKENS": "12", "STATS": str(stats)})
