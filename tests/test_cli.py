@@ -298,7 +298,7 @@ def test_invariance_holds_for_each_kernel_and_under_isa_caps(models, tmp_path, k
         out = tmp_path / f"out-{ranks}-{slots}-{micro}.jsonl"
         res = run_cli(["--model", str(models["qwen2"]), "--dtype", "bfloat16", "--kernel", kernel, "--prompts-file", prompts,
                        "--n-samples", "2", "--temperature", "0.9", "--seed", "3", "--max-new-tokens", "10",
-                       "--slots", str(slots), "--micro-batch", str(micro), "--prefill-chunk", "5",
+                       "--slots", str(slots), "--micro-batch", str(micro), "--prefill-chunk", "5", "--threads", "1",
                        "--output", str(out), "--quiet", "--stats-json", str(tmp_path / "stats.json")],
                       ranks=ranks, env=CAPS[cap])
         assert res.returncode == 0, res.stderr
