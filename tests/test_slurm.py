@@ -163,13 +163,18 @@ def _tokens(path: Path) -> dict[str, list[int]]:
     return {r["id"]: r["tokens"] for r in map(json.loads, path.read_text().splitlines())}
 
 
-@pytest.mark.timeout(600)
-def test_pi_cluster_job_on_three_nodes_matches_single_process(cluster, demo_dir, tmp_path):
-    prompts = tmp_path / "prompts.txt"
+def _reference(tmp_path: Path) -> tuple[Path, Path]:
+    """Three prompts, and their 12 greedy tokens from one process at one thread, as the jobs' ranks run."""
+    prompts, single = tmp_path / "prompts.txt", tmp_path / "single.jsonl"
     prompts.write_text("Once upon a time\nThe cluster of Raspberry Pis\nHello, world!\n")
-    single = tmp_path / "single.jsonl"
     res = run_cli(["--threads", "1", "--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single), "--quiet"])
     assert res.returncode == 0, res.stderr
+    return prompts, single
+
+
+@pytest.mark.timeout(600)
+def test_pi_cluster_job_on_three_nodes_matches_single_process(cluster, demo_dir, tmp_path):
+    prompts, single = _reference(tmp_path)
     out = tmp_path / "slurm.jsonl"
     job = cluster.sbatch(REPO / "jobs" / "pi-cluster.sbatch", 3, {
         "MDI_MPI_HOME": str(REPO), "VENV": str(Path(sys.executable).parent.parent), "PROMPTS": str(prompts),
@@ -331,11 +336,7 @@ def _wait_done(cluster: NetCluster, job_id: str, timeout: float) -> float:
 
 @pytest.mark.timeout(400)
 def test_pi_cluster_job_on_three_hosts_over_tcp_matches_single_process(net_cluster, demo_dir, tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("Once upon a time\nThe cluster of Raspberry Pis\nHello, world!\n")
-    single = tmp_path / "single.jsonl"
-    res = run_cli(["--threads", "1", "--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single), "--quiet"])
-    assert res.returncode == 0, res.stderr
+    prompts, single = _reference(tmp_path)
     out, stats = tmp_path / "net.jsonl", tmp_path / "stats.json"
     job_id = _submit(net_cluster, {"PROMPTS": str(prompts), "OUTPUT": str(out), "MAX_NEW_TOKENS": "12", "STATS": str(stats)})
     _wait_done(net_cluster, job_id, 300)
