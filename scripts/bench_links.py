@@ -2,7 +2,8 @@
 """The ring over real TCP links at Pi Ethernet and Wi-Fi speeds: test hosts on this machine
 (``testhosts.sh``), one rank per host launched over SSH by ``jobs/hostfile-run.sh``, the links
 between them either a plain bridge (``bridge``) or emulated by ``linkemu.py`` (``none``: the
-emulator with no shaping, then ``gigabit``, ``fast-ethernet``, ``wifi``). Needs root.
+emulator with no shaping, then ``gigabit``, ``fast-ethernet``, ``wifi``); MPICH's UCX netmod, or
+its OFI one (what ``jobs/run.sh`` uses under srun) with ``--netmods ucx,ofi``. Needs root.
 
 For each profile and N in --ranks: K = N and K = 2N requests of 16 random prompt ids, each
 generating --new-tokens greedy tokens (EOS ignored): decode tokens/s, time to first token, bytes on
@@ -19,19 +20,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hosts import Hosts
+from hosts import NETMODS, Hosts
 
 PROFILES = ("bridge", "none", "gigabit", "fast-ethernet", "wifi")
 
 
-def run(hosts: Hosts, work: Path, model: str, ranks: int, prompts: list[list[int]], new_tokens: int) -> dict:
-    """One generate job on hosts h1..h``ranks``; returns its summary."""
+def run(hosts: Hosts, work: Path, model: str, ranks: int, prompts: list[list[int]], new_tokens: int,
+        netmod: str) -> dict:
+    """One generate job on hosts h1..h``ranks`` with MPICH's ``netmod``; returns its summary."""
     hostfile, file, stats = work / f"hosts-{ranks}.txt", work / "prompts.jsonl", work / "stats.json"
     hostfile.write_text("".join(f"h{i}\n" for i in range(1, ranks + 1)))
     file.write_text("".join(json.dumps({"id": str(i), "input_ids": p}) + "\n" for i, p in enumerate(prompts)))
     job = hosts.launch(["--model", model, "--dtype", "bfloat16", "--prompts-file", str(file), "--slots", str(len(prompts)),
                         "--max-new-tokens", str(new_tokens), "--ignore-eos", "--quiet", "--stats-json", str(stats),
-                        "--max-seq-len", "600"], env={"HOSTS": str(hostfile)})
+                        "--max-seq-len", "600"], env={"HOSTS": str(hostfile), **NETMODS[netmod]})
     _, err = job.communicate(timeout=900)
     if job.returncode:
         raise RuntimeError(f"the job failed:\n{err[-3000:]}")
@@ -43,6 +45,7 @@ def main() -> None:
     p.add_argument("--model", help="checkpoint (default: the TinyLlama-1.1B-shaped random model of mdi_mpi.bench)")
     p.add_argument("--profiles", default=",".join(PROFILES))
     p.add_argument("--ranks", default="2,3")
+    p.add_argument("--netmods", default="ucx", help="ucx, ofi or both (ucx,ofi)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args()
@@ -58,22 +61,23 @@ def main() -> None:
     long = [torch.randint(3, vocab, (512,), generator=g).tolist()]
     ranks = [int(n) for n in args.ranks.split(",")]
     print(f"model {model}; {cpu_flags()}; 1 thread per rank; prompts of 16 ids, {args.new_tokens} new tokens", flush=True)
-    print("profile        N   K  tokens/s  TTFT 16   TTFT 512  bytes/token", flush=True)
+    print("profile        netmod  N   K  tokens/s  TTFT 16   TTFT 512  bytes/token", flush=True)
     rows = []
     for profile in args.profiles.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             hosts = Hosts(Path(tmp), "mdib", max(ranks), None if profile == "bridge" else profile)
             try:
-                for n in ranks:
-                    ttft512 = run(hosts, Path(tmp), model, n, long, 1)["mean_ttft_s"]
-                    for k in (n, 2 * n):
-                        s = run(hosts, Path(tmp), model, n, short[:k], args.new_tokens)
-                        row = {"profile": profile, "ranks": n, "slots": k, "tokens_per_s": s["tokens_per_s"],
-                               "ttft16_s": s["mean_ttft_s"], "ttft512_s": ttft512,
-                               "bytes_per_token": s["bytes_sent_per_token"]}
-                        rows.append(row)
-                        print(f"{profile:<13} {n:>2} {k:>3} {row['tokens_per_s']:>9.2f} {row['ttft16_s']:>8.3f}s "
-                              f"{ttft512:>8.3f}s {row['bytes_per_token']:>11.0f}", flush=True)
+                for netmod in args.netmods.split(","):
+                    for n in ranks:
+                        ttft512 = run(hosts, Path(tmp), model, n, long, 1, netmod)["mean_ttft_s"]
+                        for k in (n, 2 * n):
+                            s = run(hosts, Path(tmp), model, n, short[:k], args.new_tokens, netmod)
+                            row = {"profile": profile, "netmod": netmod, "ranks": n, "slots": k,
+                                   "tokens_per_s": s["tokens_per_s"], "ttft16_s": s["mean_ttft_s"], "ttft512_s": ttft512,
+                                   "bytes_per_token": s["bytes_sent_per_token"]}
+                            rows.append(row)
+                            print(f"{profile:<14} {netmod:<6} {n:>2} {k:>3} {row['tokens_per_s']:>9.2f} "
+                                  f"{row['ttft16_s']:>8.3f}s {ttft512:>8.3f}s {row['bytes_per_token']:>11.0f}", flush=True)
             finally:
                 hosts.close()
     if args.json:

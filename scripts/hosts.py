@@ -14,7 +14,8 @@ from pathlib import Path
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
 HARNESS = str(SCRIPTS / "testhosts.sh")
-TCP = {"UCX_TLS": "tcp,self"}  # PyPI MPICH's UCX netmod: TCP only (see jobs/README.md)
+# PyPI MPICH's netmods, each forced onto TCP (see jobs/README.md); UCX is hydra's default.
+NETMODS = {"ucx": {"UCX_TLS": "tcp,self"}, "ofi": {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp"}}
 
 
 class Hosts:
@@ -58,7 +59,7 @@ class Hosts:
 
     def launch(self, args: list[str], env: dict | None = None) -> subprocess.Popen:
         """``jobs/hostfile-run.sh ARGS`` started on h1, one rank per host."""
-        env = {**os.environ, **TCP, "HYDRA_LAUNCHER_EXEC": str(self.ssh), "HOSTS": str(self.hostfile), "THREADS": "1",
+        env = {**os.environ, **NETMODS["ucx"], "HYDRA_LAUNCHER_EXEC": str(self.ssh), "HOSTS": str(self.hostfile), "THREADS": "1",
                **(env or {})}
         return subprocess.Popen([HARNESS, "exec", self.prefix, "1", "bash", str(REPO / "jobs" / "hostfile-run.sh"), *args],
                                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
