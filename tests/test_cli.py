@@ -82,6 +82,68 @@ def test_sampled_output_is_identical_across_ranks_slots_and_micro_batches(models
         assert tokens == first, key
 
 
+PENALTIES = [  # per-request overrides, one per prompt of PROMPTS
+    {"frequency_penalty": 0.7, "presence_penalty": 0.3},
+    {"presence_penalty": 1.5},
+    {"frequency_penalty": -0.4, "logit_bias": {"9": 0.8}},
+    {"logit_bias": {"11": 100}},
+    {"frequency_penalty": 2.0, "logit_bias": {"3": -100, "4": 1.25}},
+    {},
+]
+
+
+class OpenAIPenalties:
+    """A transformers logits processor with OpenAI's formula, written out once more for the reference:
+    logit[j] - count[j] * frequency - (count[j] > 0) * presence + bias[j], counting generated tokens."""
+
+    def __init__(self, prompt_len: int, overrides: dict):
+        self.prompt_len = prompt_len
+        self.presence = overrides.get("presence_penalty", 0.0)
+        self.frequency = overrides.get("frequency_penalty", 0.0)
+        self.bias = {int(k): v for k, v in overrides.get("logit_bias", {}).items()}
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        generated = input_ids[0, self.prompt_len:].tolist()
+        for token in set(generated):
+            scores[0, token] -= generated.count(token) * self.frequency + self.presence
+        for token, bias in self.bias.items():
+            scores[0, token] += bias
+        return scores
+
+
+@pytest.mark.timeout(300)
+def test_penalties_and_logit_bias_equal_transformers_with_the_same_formula(models, greedy_reference, tmp_path):
+    from transformers import LogitsProcessorList
+
+    path = models["llama-gqa-llama3"]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ref = {}
+    for i, (p, overrides) in enumerate(zip(PROMPTS, PENALTIES)):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, pad_token_id=0,
+                              logits_processor=LogitsProcessorList([OpenAIPenalties(len(p), overrides)]))
+        ref[f"p{i}"] = out[0, len(p):].tolist()
+    assert ref["p3"] == [11] * 20
+    assert sum(ref[k] != greedy_reference[k] for k in ref) >= 4  # the penalties change what greedy picks
+    file = tmp_path / "p.jsonl"
+    file.write_text("".join(json.dumps({"id": f"p{i}", "input_ids": p, **o}) + "\n"
+                            for i, (p, o) in enumerate(zip(PROMPTS, PENALTIES))))
+    for ranks, slots in [(1, 1), (3, 6)]:
+        out = tmp_path / f"out-{ranks}.jsonl"
+        res = run_cli(["--model", str(path), "--dtype", "float32", "--threads", "1", "--prompts-file", str(file),
+                       "--max-new-tokens", "20", "--slots", str(slots), "--output", str(out), "--quiet"], ranks=ranks)
+        assert res.returncode == 0, res.stderr
+        assert {k: r["tokens"] for k, r in records(out).items()} == ref, (ranks, slots)
+    # The flags set the default for every request.
+    out = tmp_path / "flags.jsonl"
+    res = run_cli(["--model", str(path), "--dtype", "float32", "--threads", "1",
+                   "--prompts-file", write_prompts(tmp_path / "plain.jsonl", PROMPTS[1:2]), "--presence-penalty", "1.5",
+                   "--max-new-tokens", "20", "--output", str(out), "--quiet"])
+    assert res.returncode == 0, res.stderr
+    assert records(out)["p0"]["tokens"] == ref["p1"]
+
+
 def test_demo_model_single_process(demo_dir, tmp_path):
     out = tmp_path / "out.jsonl"
     res = run_cli(["--prompt", "Once upon a time", "--prompt", "Hello", "--max-new-tokens", "8",

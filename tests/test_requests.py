@@ -26,6 +26,8 @@ def test_plain_and_jsonl_lines():
         ('{"input_ids": []}', "f line 2: 'input_ids' must be a non-empty list"),
         ('{"input_ids": [1, "a"]}', "f line 2: 'input_ids' must be a non-empty list"),
         ('{"prompt": "x", "colour": 1}', "f line 2: unknown key"),
+        ('{"prompt": "x", "logit_bias": {"a": 1}}', "f line 2: logit_bias keys must be token ids"),
+        ('{"prompt": "x", "logit_bias": [3]}', "f line 2: logit_bias must be an object"),
     ],
 )
 def test_malformed_lines_name_their_line(line, message):
@@ -52,3 +54,9 @@ def test_build_requests_ids_samples_and_limits():
         build_requests([Prompt(None, "text", None)], SamplingParams(), None, 10, 8)
     with pytest.raises(UserError, match="temperature"):
         build_requests([Prompt(None, None, [1], {"temperature": -1})], SamplingParams(), None, 10, 8)
+    with pytest.raises(UserError, match="presence_penalty must be a number from -2 to 2"):
+        build_requests([Prompt(None, None, [1], {"presence_penalty": 3})], SamplingParams(), None, 10, 8)
+    with pytest.raises(UserError, match=r"prompt 0: logit_bias token ids must lie in \[0, 10\)"):
+        build_requests([Prompt(None, None, [1], {"logit_bias": ((2, 1.0), (10, 1.0))})], SamplingParams(), None, 10, 8)
+    (biased,) = parse_prompt_lines(['{"input_ids": [1], "logit_bias": {"9": -5, "2": 1}}'], "f")
+    assert build_requests([biased], SamplingParams(), None, 10, 8)[0].params.logit_bias == ((2, 1.0), (9, -5.0))

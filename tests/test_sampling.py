@@ -1,11 +1,19 @@
-"""Sampler: greedy, top-k, top-p, seeded determinism, argument checks."""
+"""Sampler: penalties and logit bias, greedy, top-k, top-p, seeded determinism, argument checks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mdi_mpi.sampling import SamplingParams, filter_logits, request_generator, sample, shown_length
+from mdi_mpi.sampling import (
+    SamplingParams,
+    adjust_logits,
+    filter_logits,
+    parse_logit_bias,
+    request_generator,
+    sample,
+    shown_length,
+)
 
 LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, 2.5, -1.0])
 
@@ -61,11 +69,71 @@ def test_sampling_respects_filters():
         dict(top_p=1.5),
         dict(max_new_tokens=0),
         dict(seed=-3),
+        dict(presence_penalty=2.5),
+        dict(frequency_penalty=-2.01),
+        dict(frequency_penalty=float("nan")),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "presence, frequency, bias, generated, expected",
+    [
+        (0.0, 0.0, (), [1, 1, 2], [1.0, 3.0, 2.0, 0.5, 2.5, -1.0]),  # nothing asked: unchanged
+        (0.5, 0.0, (), [1, 1, 2], [1.0, 2.5, 1.5, 0.5, 2.5, -1.0]),  # once per token seen
+        (0.0, 0.5, (), [1, 1, 2], [1.0, 2.0, 1.5, 0.5, 2.5, -1.0]),  # once per time seen
+        (0.5, 1.0, (), [1, 1, 2], [1.0, 0.5, 0.5, 0.5, 2.5, -1.0]),
+        (-1.0, 0.0, (), [5], [1.0, 3.0, 2.0, 0.5, 2.5, 0.0]),  # a negative penalty favours repeats
+        (1.0, 1.0, (), [], [1.0, 3.0, 2.0, 0.5, 2.5, -1.0]),  # nothing generated yet: unchanged
+        (0.0, 0.0, ((0, 100.0), (3, -2.5)), [], [101.0, 3.0, 2.0, -2.0, 2.5, -1.0]),
+        (0.5, 0.0, ((1, 1.0),), [1], [1.0, 3.5, 2.0, 0.5, 2.5, -1.0]),  # both
+    ],
+)
+def test_adjust_logits_is_openais_formula(presence, frequency, bias, generated, expected):
+    params = SamplingParams(presence_penalty=presence, frequency_penalty=frequency, logit_bias=bias)
+    before = LOGITS.clone()
+    assert adjust_logits(LOGITS, params, generated).tolist() == expected
+    assert torch.equal(LOGITS, before)  # the caller's logits are left alone
+
+
+def test_greedy_follows_the_bias_and_the_penalties():
+    g = request_generator(0, 0)
+    assert sample(LOGITS, SamplingParams(logit_bias=((5, 100.0),)), g) == 5
+    assert sample(LOGITS, SamplingParams(logit_bias=((1, -100.0),)), g) == 4
+    assert sample(LOGITS, SamplingParams(frequency_penalty=1.0), g, [1]) == 4  # 3 - 1 < 2.5
+    assert sample(LOGITS, SamplingParams(frequency_penalty=0.2), g, [1]) == 1  # 3 - 0.2 > 2.5
+
+
+@pytest.mark.parametrize(
+    "obj, pairs",
+    [
+        ({}, ()),
+        ({"7": 1, "2": -100, "30": 100}, ((2, -100.0), (7, 1.0), (30, 100.0))),
+        ({5: 0.5}, ((5, 0.5),)),
+    ],
+)
+def test_parse_logit_bias(obj, pairs):
+    assert parse_logit_bias(obj) == pairs
+
+
+@pytest.mark.parametrize(
+    "obj, says",
+    [
+        ([1, 2], "must be an object"),
+        ({"x": 1}, "keys must be token ids"),
+        ({"-1": 1}, "keys must be token ids >= 0"),
+        ({"1": 101}, "values must be numbers from -100 to 100"),
+        ({"1": "5"}, "values must be numbers"),
+        ({"1": True}, "values must be numbers"),
+        ({str(i): 1 for i in range(301)}, "at most 300"),
+    ],
+)
+def test_parse_logit_bias_refuses(obj, says):
+    with pytest.raises(ValueError, match=says):
+        parse_logit_bias(obj)
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,25 @@ def test_completion_equals_generate_for_greedy_and_seeded_choices(server, demo_d
     assert texts["0-0"] != texts["0-1"]  # choice i samples from its own generator, seeded with (seed, i)
 
 
+@pytest.mark.timeout(180)
+def test_penalties_and_logit_bias_equal_generate(server, alone, tmp_path):
+    def generate(line: dict) -> dict:
+        file, out = tmp_path / "p.jsonl", tmp_path / "g.jsonl"
+        file.write_text(json.dumps(line) + "\n")
+        out.unlink(missing_ok=True)
+        run = run_cli(["--threads", "1", "--prompts-file", str(file), "--max-new-tokens", "24", "--output", str(out), "--quiet"])
+        assert run.returncode == 0, run.stderr
+        return json.loads(out.read_text())
+
+    first = generate({"prompt": PROMPTS[2]})["tokens"][0]  # what greedy picks first, unbiased
+    asks = {"frequency_penalty": 0.8, "presence_penalty": 0.4, "logit_bias": {str(first): -100, "30": 3.0}}
+    got = server.client().completions.create(model="mdi-mpi-demo", prompt=PROMPTS[2], max_tokens=24, temperature=0, **asks)
+    assert got.choices[0].text != alone[PROMPTS[2]]
+    record = generate({"prompt": PROMPTS[2], **asks})
+    assert got.choices[0].text == record["text"]
+    assert first not in record["tokens"]
+
+
 @pytest.mark.timeout(120)
 def test_chat_streaming_equals_non_streaming_with_usage(server, demo_dir):
     c = server.client()
@@ -187,6 +206,9 @@ def test_bad_requests_get_openai_errors(server):
         ("/v1/completions", json.dumps({"prompt": "x " * 3000}).encode(), 400),  # longer than the context
         ("/v1/completions", json.dumps({"prompt": [1.5]}).encode(), 400),
         ("/v1/completions", json.dumps({"prompt": "x", "logprobs": 21}).encode(), 400),
+        ("/v1/completions", json.dumps({"prompt": "x", "presence_penalty": 2.5}).encode(), 400),
+        ("/v1/completions", json.dumps({"prompt": "x", "logit_bias": {"5": 101}}).encode(), 400),
+        ("/v1/completions", json.dumps({"prompt": "x", "logit_bias": {"99999999": 1}}).encode(), 400),  # past the vocabulary
         ("/v1/chat/completions", json.dumps({"messages": "hi"}).encode(), 400),
         ("/v1/completions", json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404),
         ("/v1/nowhere", b"{}", 404),

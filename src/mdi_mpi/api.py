@@ -35,7 +35,7 @@ from starlette.staticfiles import StaticFiles
 
 from mdi_mpi.errors import UserError
 from mdi_mpi.requests import Prompt, Request, Result, build_requests
-from mdi_mpi.sampling import MAX_LOGPROBS, SamplingParams
+from mdi_mpi.sampling import MAX_LOGPROBS, SamplingParams, parse_logit_bias
 from mdi_mpi.scheduler import Inbox, Listener, Step
 from mdi_mpi.trace import BUSY_KINDS, EVENT_KINDS
 
@@ -321,6 +321,9 @@ class API:
                 stop=_stops(body.get("stop")),
                 ignore_eos=_bool(body, "ignore_eos"),
                 logprobs=logprobs,
+                presence_penalty=_number(body, "presence_penalty", 0.0),
+                frequency_penalty=_number(body, "frequency_penalty", 0.0),
+                logit_bias=parse_logit_bias(body["logit_bias"]) if body.get("logit_bias") is not None else (),
             )
             requests = build_requests(prompts, params, self.tokenizer, s.vocab_size, s.max_seq_len, chat=chat, n_samples=n)
         except (ValueError, UserError) as e:

@@ -23,8 +23,9 @@ examples:
       --prompts-file prompts.jsonl --n-samples 4 --temperature 0.8 --output out.jsonl
 
 prompts file: plain text (one prompt per line) or JSONL with "id", "prompt" or "input_ids", and
-optional per-request "max_new_tokens", "temperature", "top_k", "top_p", "seed". Use
-"--prompts-file -" to read standard input (rank 0's).
+optional per-request "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+"presence_penalty", "frequency_penalty" and "logit_bias" ({"token id": bias from -100 to 100}).
+Use "--prompts-file -" to read standard input (rank 0's).
 """
 
 
@@ -49,6 +50,10 @@ def build_parser() -> Parser:
     g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass; 1: all (default)")
     g.add_argument("--seed", type=int, default=0, help="base seed; request i samples from a generator seeded with (seed, i)")
     g.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, metavar="P",
+                   help="subtract P (-2 to 2) from the logit of every token generated so far (default: 0)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
+                   help="subtract F (-2 to 2) from a token's logit per time it was generated (default: 0)")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token (for benchmarks)")
     o = p.add_argument_group("output")
     o.add_argument("--output", metavar="FILE.jsonl", help="append one JSON record per finished request, as it finishes")
@@ -75,7 +80,8 @@ def run(args: argparse.Namespace, comm) -> dict:
             raise UserError("--resume needs --output: the file whose finished requests are skipped")
         try:
             return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                                  tuple(args.stop), args.ignore_eos)
+                                  tuple(args.stop), args.ignore_eos, presence_penalty=args.presence_penalty,
+                                  frequency_penalty=args.frequency_penalty)
         except ValueError as e:
             raise UserError(str(e)) from None
 

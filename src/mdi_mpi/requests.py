@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from mdi_mpi.errors import UserError
-from mdi_mpi.sampling import SamplingParams
+from mdi_mpi.sampling import SamplingParams, parse_logit_bias
 
-PER_REQUEST_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed")
+PER_REQUEST_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "presence_penalty",
+                    "frequency_penalty", "logit_bias")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -66,6 +67,11 @@ def parse_prompt_lines(lines: list[str], source: str) -> list[Prompt]:
         ):
             raise UserError(f"{where}: 'input_ids' must be a non-empty list of integers")
         overrides = {k: obj[k] for k in PER_REQUEST_KEYS if k in obj}
+        if "logit_bias" in overrides:
+            try:
+                overrides["logit_bias"] = parse_logit_bias(overrides["logit_bias"])
+            except ValueError as e:
+                raise UserError(f"{where}: {e}") from None
         ident = obj.get("id")
         prompts.append(Prompt(None if ident is None else str(ident), text, ids, overrides))
     if not prompts:
@@ -146,6 +152,8 @@ def build_requests(
             params = replace(defaults, **p.overrides)
         except (ValueError, TypeError) as e:
             raise UserError(f"prompt {label}: {e}") from None
+        if params.logit_bias and params.logit_bias[-1][0] >= vocab_size:
+            raise UserError(f"prompt {label}: logit_bias token ids must lie in [0, {vocab_size})")
         for k in range(n_samples):
             ident = label if n_samples == 1 else f"{label}-{k}"
             requests.append(Request(ident, len(requests), p.text, ids, params))

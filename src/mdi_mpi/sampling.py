@@ -1,4 +1,4 @@
-"""Token sampling (pure functions): greedy, temperature, top-k, top-p.
+"""Token sampling (pure functions): penalties and logit bias, greedy, temperature, top-k, top-p.
 
 Each request owns a generator seeded from (seed, request index), so its output does not depend on
 how many ranks or slots run it, nor on the order in which requests are scheduled.
@@ -14,6 +14,9 @@ import numpy as np
 import torch
 
 MAX_LOGPROBS = 20
+MAX_PENALTY = 2.0  # OpenAI's range for presence and frequency penalties: [-2, 2]
+MAX_BIAS = 100.0  # and for a logit bias: [-100, 100]
+MAX_BIASED_TOKENS = 300  # OpenAI's limit on the entries of one logit_bias
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, matched on the decoded text
     ignore_eos: bool = False  # go on past the end-of-sequence tokens (for benchmarks)
     logprobs: int | None = None  # report each token's log-probability and this many top ones; None: none
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # subtracted from a token's logit once per time it was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), ids in increasing order
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -42,6 +48,31 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"top logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and -MAX_PENALTY <= value <= MAX_PENALTY):
+                raise ValueError(f"{name} must be a number from {-MAX_PENALTY:g} to {MAX_PENALTY:g}, got {value!r}")
+
+
+def parse_logit_bias(obj: object) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` (an object from token ids, as strings or integers, to a bias from
+    -100 to 100) as sorted (id, bias) pairs; ValueError when it is not one."""
+    if not isinstance(obj, dict):
+        raise ValueError("logit_bias must be an object from token ids to numbers")
+    if len(obj) > MAX_BIASED_TOKENS:
+        raise ValueError(f"logit_bias may hold at most {MAX_BIASED_TOKENS} tokens, got {len(obj)}")
+    pairs = {}
+    for key, bias in obj.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        if token < 0:
+            raise ValueError(f"logit_bias keys must be token ids >= 0, got {key!r}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -MAX_BIAS <= bias <= MAX_BIAS:
+            raise ValueError(f"logit_bias values must be numbers from {-MAX_BIAS:g} to {MAX_BIAS:g}, got {bias!r}")
+        pairs[token] = float(bias)
+    return tuple(sorted(pairs.items()))
 
 
 def request_generator(seed: int, index: int) -> torch.Generator:
@@ -65,8 +96,26 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Pick the next token from float32 ``logits`` [V]."""
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, generated: Sequence[int]) -> torch.Tensor:
+    """``logits`` [V] with OpenAI's penalties and bias, given the tokens generated so far:
+    logit[j] - count[j] * frequency_penalty - (count[j] > 0) * presence_penalty + bias[j]."""
+    penalised = generated and (params.presence_penalty or params.frequency_penalty)
+    if not (penalised or params.logit_bias):
+        return logits
+    logits = logits.clone()
+    if penalised:
+        tokens, counts = torch.unique(torch.tensor(generated), return_counts=True)  # [U], [U]
+        logits[tokens] -= counts.to(logits.dtype) * params.frequency_penalty + params.presence_penalty
+    if params.logit_bias:
+        tokens, biases = zip(*params.logit_bias)
+        logits[list(tokens)] += torch.tensor(biases, dtype=logits.dtype)
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, generated: Sequence[int] = ()) -> int:
+    """Pick the next token from float32 ``logits`` [V], after the penalties for ``generated`` (the
+    tokens this sequence has generated so far) and the logit bias."""
+    logits = adjust_logits(logits, params, generated)
     if params.temperature == 0:
         return int(torch.argmax(logits))
     filtered = filter_logits(logits / params.temperature, params.top_k, params.top_p)

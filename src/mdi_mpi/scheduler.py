@@ -175,7 +175,7 @@ class Scheduler:
                 self._finish(slot, seq, "cancelled")
                 continue
             params = seq.request.params
-            token = sample(logits[row], params, seq.generator)
+            token = sample(logits[row], params, seq.generator, seq.generated)
             seq.ids.append(token)
             if seq.t_first is None:
                 seq.t_first = time.perf_counter()
