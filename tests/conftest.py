@@ -121,14 +121,16 @@ def run_cli(args: list[str], ranks: int = 1, timeout: float = 120, env: dict | N
 
 
 def ranks_of(tag: str) -> dict[int, int]:
-    """PID of each rank whose environment holds ``MDI_TEST_TAG=tag`` (Hydra sets ``PMI_RANK``)."""
+    """PID of each rank whose environment holds ``MDI_TEST_TAG=tag`` (Hydra sets ``PMI_RANK``): the
+    process running the ``mdi_mpi`` module, not its watcher (``watch.py``, which ends with it)."""
     found = {}
     for proc in Path("/proc").iterdir():
         try:
             env = dict(v.split("=", 1) for v in (proc / "environ").read_text().split("\0") if "=" in v)
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        if env.get("MDI_TEST_TAG") == tag and "PMI_RANK" in env:
+        if env.get("MDI_TEST_TAG") == tag and "PMI_RANK" in env and b"-m" in argv:
             found[int(env["PMI_RANK"])] = int(proc.name)
     return found
 

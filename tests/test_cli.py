@@ -249,9 +249,10 @@ HOST = socket.gethostname()  # failure lines name the rank's host  # sitecustomi
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kind, line", [("error", f"rank 1 on {HOST}: RuntimeError: injected failure at call 7"),
-                                        ("interrupt", f"rank 1 on {HOST}: KeyboardInterrupt")])
+                                        ("interrupt", f"rank 1 on {HOST}: KeyboardInterrupt"),
+                                        ("segfault", f"rank 1 on {HOST}: killed by SIGSEGV (a crash in native code)")])
 def test_a_failing_rank_ends_the_job_and_keeps_results(models, tmp_path, kind, line):
-    """Any exception on one rank, KeyboardInterrupt included, ends every rank at once."""
+    """Any exception on one rank, KeyboardInterrupt included, or a crash ends every rank at once."""
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 3, max_new_tokens=2)
     out = tmp_path / "out.jsonl"
     res = run_cli(["--model", str(models["llama-tied"]), "--prompts-file", prompts, "--slots", "1",
@@ -260,6 +261,7 @@ def test_a_failing_rank_ends_the_job_and_keeps_results(models, tmp_path, kind, l
     ended = time.time()
     assert res.returncode != 0
     assert line in res.stderr, res.stderr
+    assert res.stderr.count("killed by") == (kind == "segfault"), res.stderr  # no watcher speaks for the others
     stamp = re.search(r"injected \w+ at ([\d.]+)", res.stderr)
     assert stamp, "the failure was never injected: " + res.stderr
     assert ended - float(stamp.group(1)) < 10  # the whole job ended within seconds of the failure
@@ -304,9 +306,11 @@ def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str], launcher
 
 @pytest.mark.timeout(120)
 def test_a_rank_killed_by_a_signal_ends_the_job(models, tmp_path):
-    # What the OOM killer does: SIGKILL, no chance to call MPI_Abort. The launcher must end the rest.
-    _, took = _start_and_hit_rank_1(models, tmp_path, signal.SIGKILL, [])
+    # What the OOM killer does: SIGKILL, no chance to call MPI_Abort. The launcher must end the rest,
+    # and the rank's watcher says what happened.
+    stderr, took = _start_and_hit_rank_1(models, tmp_path, signal.SIGKILL, [])
     assert took < 10
+    assert stderr.count(f"rank 1 on {HOST}: killed by SIGKILL (sent by the kernel's out-of-memory killer") == 1, stderr
 
 
 @pytest.mark.timeout(120)

@@ -104,7 +104,8 @@ def _ended(hosts, job: subprocess.Popen, out: Path, within: float) -> str:
 def test_a_rank_killed_on_a_remote_host_ends_the_job(hosts, demo_dir, tmp_path):
     job, out = _start_long_job(hosts, tmp_path, [])
     os.kill(hosts.rank_pid(3), 9)  # the OOM killer on h3
-    _ended(hosts, job, out, within=10)
+    stderr = _ended(hosts, job, out, within=10)
+    assert "rank 2 on h3: killed by SIGKILL (sent by the kernel's out-of-memory killer" in stderr, stderr
 
 
 @pytest.mark.timeout(300)

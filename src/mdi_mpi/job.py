@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mdi_mpi.config import DEFAULT_CONTEXT
@@ -345,9 +346,45 @@ def check_launcher(size: int) -> None:
             )
 
 
-def _who(rank: int) -> str:
+def _who(rank: int | str) -> str:
     """How a failure line names this rank: ``rank R on HOST``."""
     return f"rank {rank} on {socket.gethostname()}"
+
+
+_reported_fd: int | None = None  # where this rank tells its watcher that it has printed why it failed
+
+
+def watch_rank() -> None:
+    """In a job of several ranks (on Linux), fork before MPI starts: the child returns and runs this
+    rank; this process, the one the launcher started and signals, becomes ``watch.py``, which says
+    when the child is killed by a signal it could not report itself (the out-of-memory killer's
+    SIGKILL, a crash in native code). The child dies with it (``PR_SET_PDEATHSIG``)."""
+    global _reported_fd
+    rank = os.environ.get("PMI_RANK") or os.environ.get("OMPI_COMM_WORLD_RANK")
+    size = os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
+    if sys.platform != "linux" or rank is None or not size.isdigit() or int(size) < 2:
+        return
+    import ctypes
+
+    read_end, write_end = os.pipe()
+    parent = os.getpid()
+    child = os.fork()
+    if child:
+        os.close(write_end)
+        os.set_inheritable(read_end, True)
+        watcher = str(Path(__file__).with_name("watch.py"))
+        os.execv(sys.executable, [sys.executable, "-S", "-E", watcher, str(child), str(read_end), _who(rank)])
+    os.close(read_end)
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the watcher
+    if os.getppid() != parent:  # the watcher died before that took effect
+        os._exit(1)
+    _reported_fd = write_end
+
+
+def _reported() -> None:
+    """Tell the watcher (if any) that this rank has printed why it failed."""
+    if _reported_fd is not None:
+        os.write(_reported_fd, b"x")
 
 
 def run_command(parser: Parser, body: Callable[[argparse.Namespace, Any], Any], argv: list[str] | None = None) -> int:
@@ -355,11 +392,13 @@ def run_command(parser: Parser, body: Callable[[argparse.Namespace, Any], Any], 
     exit code. Bad input: one ``error:`` line from rank 0 and code 2 on every rank. Any other failure
     on any rank, of any kind (an exception, KeyboardInterrupt, SystemExit), prints ``rank R on HOST: ...``
     and aborts the whole job, so that no rank is left waiting."""
+    watch_rank()
     from mdi_mpi.transport import abort, world
 
     comm = world()
     rank = comm.Get_rank()
     signal.signal(signal.SIGTERM, _terminated)  # the launcher forwards it; scancel and time limits send it
+    signal.signal(signal.SIGINT, _interrupted)
     try:
         if any(a in ("-h", "--help") for a in (sys.argv[1:] if argv is None else argv)):
             if rank == 0:
@@ -374,12 +413,14 @@ def run_command(parser: Parser, body: Callable[[argparse.Namespace, Any], Any], 
         return EXIT_USAGE
     except UserError as e:  # found by this rank alone, mid-run: the others must be stopped
         print(f"{'error' if comm.Get_size() == 1 else _who(rank)}: {e}", file=sys.stderr, flush=True)
+        _reported()
         if comm.Get_size() > 1:
             abort(comm, EXIT_USAGE)
         return EXIT_USAGE
     except BaseException as e:  # noqa: BLE001 - any failure must end every rank, not hang them
         name = type(e).__name__
         print(f"{_who(rank)}: {name}: {e}" if str(e) else f"{_who(rank)}: {name}", file=sys.stderr, flush=True)
+        _reported()
         if os.environ.get("MDI_MPI_DEBUG"):
             import traceback
 
@@ -395,4 +436,10 @@ class Terminated(BaseException):
 
 
 def _terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: Slurm signals the watcher and this rank alike
     raise Terminated("the job was terminated by SIGTERM; records already written are kept")
+
+
+def _interrupted(signum, frame) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # once, as for SIGTERM
+    raise KeyboardInterrupt

@@ -1,7 +1,8 @@
 """Failure injection for tests, from outside the product: a test puts this folder on PYTHONPATH and
 sets ``MDI_TEST_FAIL=R:S[:KIND]``, and rank R (``PMI_RANK``; 0 in a one-process job) fails at its S-th
 call of ``Stage.forward_layers``, raising ``RuntimeError`` (KIND ``error``, the default) or
-``KeyboardInterrupt`` (``interrupt``), as a bug or a Ctrl-C on that node would."""
+``KeyboardInterrupt`` (``interrupt``), as a bug or a Ctrl-C on that node would, or crashing with
+SIGSEGV (``segfault``), as a bug in native code would."""
 
 import os
 import sys
@@ -23,6 +24,11 @@ if _spec:
                 print(f"injected {kind} at {time.time():.3f}", file=sys.stderr, flush=True)  # when, for the tests' timing
                 if kind == "interrupt":
                     raise KeyboardInterrupt
+                if kind == "segfault":
+                    import signal
+
+                    signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+                    os.kill(os.getpid(), signal.SIGSEGV)
                 raise RuntimeError(f"injected failure at call {_step}")
             return _forward(self, h, batch)
 
