@@ -11,6 +11,7 @@ exits as it did, or dies of the same signal. When the child dies of a signal wit
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 
@@ -39,6 +40,8 @@ def watch(child: int, reported_fd: int, label: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: os.kill(child, signum))
     _, status = os.waitpid(child, 0)  # retried after each signal handler (PEP 475)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the child's pid is free again: never signal it now
+        signal.signal(sig, signal.SIG_IGN)
     os.set_blocking(reported_fd, False)
     try:
         reported = os.read(reported_fd, 1) != b""  # the child wrote a byte once it had printed why it failed
@@ -49,6 +52,7 @@ def watch(child: int, reported_fd: int, label: str) -> int:
         print(text, file=sys.stderr, flush=True)
     code = os.waitstatus_to_exitcode(status)
     if code < 0:  # end as the child did, so that the launcher sees that death and ends the job
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # but leave no core file of this watcher
         if -code != signal.SIGKILL:  # whose action cannot be changed
             signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
