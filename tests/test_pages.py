@@ -53,15 +53,21 @@ def shots(tmp_path) -> Path:
     return out
 
 
+def send(page, text: str, max_tokens: int, temperature: float | None = None) -> None:
+    """Type ``text`` into the chat page with these settings and send it."""
+    if temperature is not None:
+        page.fill("#temperature", str(temperature))
+    page.fill("#max-tokens", str(max_tokens))
+    page.fill("#input", text)
+    page.click("#send")
+
+
 @pytest.mark.timeout(120)
 def test_chat_page_streams_the_reply_the_api_gives(browser, server, tmp_path):
     page = browser.new_page()
     page.goto(server.url + "/")
     expect(page.locator("#model")).to_have_text("mdi-mpi-demo")
-    page.fill("#temperature", "0")
-    page.fill("#max-tokens", "24")
-    page.fill("#input", "def read_config(path):")
-    page.click("#send")
+    send(page, "def read_config(path):", 24, temperature=0)
     reply = page.locator(".msg.assistant").last
     expect(reply).not_to_have_class("msg assistant streaming", timeout=60_000)
     expect(page.locator("#send")).to_be_enabled()
@@ -77,9 +83,7 @@ def test_chat_page_streams_the_reply_the_api_gives(browser, server, tmp_path):
 def test_model_text_is_inserted_as_text_not_html(browser, server):
     page = browser.new_page()
     page.goto(server.url + "/")
-    page.fill("#max-tokens", "1")
-    page.fill("#input", "<b id=injected>bold</b>")
-    page.click("#send")
+    send(page, "<b id=injected>bold</b>", 1)
     expect(page.locator("#send")).to_be_enabled(timeout=60_000)
     assert page.locator("#injected").count() == 0
     assert page.locator(".msg.user").last.text_content() == "<b id=injected>bold</b>"
@@ -90,10 +94,7 @@ def test_model_text_is_inserted_as_text_not_html(browser, server):
 def test_stop_ends_the_stream_and_frees_the_slot(browser, server):
     page = browser.new_page()
     page.goto(server.url + "/")
-    page.fill("#temperature", "0")
-    page.fill("#max-tokens", "480")
-    page.fill("#input", "while True:")
-    page.click("#send")
+    send(page, "while True:", 480, temperature=0)
     reply = page.locator(".msg.assistant").last
     expect(reply).not_to_have_text("", timeout=30_000)
     assert server.metric("mdi_mpi_requests_running") == 1
