@@ -15,7 +15,7 @@ from mdi_mpi.config import ModelConfig
 from mdi_mpi.demo import TINYLLAMA_CONFIG
 from mdi_mpi.errors import UserError
 from mdi_mpi.partition import parse_bytes
-from mdi_mpi.plan import check_fit, make_plan, pick_dtype, suggestion
+from mdi_mpi.layout import check_fit, make_plan, pick_dtype, suggestion
 
 TINYLLAMA = ModelConfig.from_dict({**TINYLLAMA_CONFIG, "model_type": "llama"})
 KW = dict(n_slots=3, max_seq_len=2048, micro_batch=1, prefill_chunk=128)

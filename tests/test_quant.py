@@ -149,7 +149,7 @@ def test_bad_quant_flags_exit_2(models):
 def test_plan_counts_quantized_bytes_and_suggests_a_quant():
     from mdi_mpi.config import ModelConfig
     from mdi_mpi.demo import TINYLLAMA_CONFIG
-    from mdi_mpi.plan import make_plan, suggestion
+    from mdi_mpi.layout import make_plan, suggestion
 
     cfg = ModelConfig.from_dict({**TINYLLAMA_CONFIG, "model_type": "llama"})
     kw = dict(n_slots=1, max_seq_len=512, micro_batch=1, prefill_chunk=128)

@@ -10,12 +10,13 @@ directory: their text is meaningless, their speed and memory are those of the re
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from mdi_mpi.probes import cache_dir
 
 DEMO_NOTE = ("note: the demo model is a 3.7M-parameter Llama trained for a few minutes on Python's standard "
              "library source: expect Python-like text, not answers")
@@ -83,13 +84,6 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    """Where built checkpoints live: ``$MDI_MPI_CACHE``, else ``$XDG_CACHE_HOME/mdi-mpi``, else ``~/.cache/mdi-mpi``."""
-    if os.environ.get("MDI_MPI_CACHE"):
-        return Path(os.environ["MDI_MPI_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mdi-mpi"
 
 
 def build_tokenizer(vocab_size: int):

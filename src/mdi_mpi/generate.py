@@ -11,10 +11,12 @@ import json
 import sys
 import time
 
+from mdi_mpi.cli import Parser, add_job_arguments, positive_int
 from mdi_mpi.errors import UserError
-from mdi_mpi.job import Job, JobSpec, Parser, Prepared, add_job_arguments, agree, run_command, start
-from mdi_mpi.plan import positive_int
+from mdi_mpi.job import Job, JobSpec, Prepared, start
+from mdi_mpi.process import run_command
 from mdi_mpi.scheduler import Listener
+from mdi_mpi.transport import Comm
 
 EXAMPLES = """\
 examples:
@@ -65,7 +67,7 @@ def build_parser() -> Parser:
     return p
 
 
-def run(args: argparse.Namespace, comm) -> dict:
+def run(args: argparse.Namespace, spec: JobSpec, comm: Comm) -> dict:
     """Run the generation job described by ``args`` on this rank; rank 0 returns the run summary."""
     from mdi_mpi import demo
     from mdi_mpi.pipeline import Recorder, run_first, run_worker
@@ -85,8 +87,6 @@ def run(args: argparse.Namespace, comm) -> dict:
         except ValueError as e:
             raise UserError(str(e)) from None
 
-    defaults = agree(comm, check)
-
     def prepare(config, tokenizer_dir: str, max_seq_len: int) -> Prepared:
         tokenizer = load_tokenizer(tokenizer_dir)
         prompts = [Prompt(None, text, None) for text in args.prompt]
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace, comm) -> dict:
             prompts += read_prompts_file(args.prompts_file)
         if args.stop and tokenizer is None:
             raise UserError("--stop needs a tokenizer, and this checkpoint has none")
-        reqs = build_requests(prompts, defaults, tokenizer, config.vocab_size, max_seq_len, chat=args.chat,
+        reqs = build_requests(prompts, check(), tokenizer, config.vocab_size, max_seq_len, chat=args.chat,
                               n_samples=args.n_samples)
         if args.resume:
             seen: set[str] = set()
@@ -108,9 +108,9 @@ def run(args: argparse.Namespace, comm) -> dict:
                   file=sys.stderr, flush=True)
         return Prepared((reqs, stop_token_ids(config.eos_token_ids, tokenizer_dir, tokenizer)), len(reqs), tokenizer)
 
-    job = start(comm, JobSpec.from_args(args), prepare)
-    comm.Barrier()
-    rec = Recorder(trace=bool(args.trace))  # origin: just after the barrier, shared by all ranks
+    job = start(comm, spec, prepare, check=check)
+    job.ready()
+    rec = Recorder(trace=spec.trace)  # origin: just after the barrier, shared by all ranks
     if job.rank == 0:
         if job.is_demo:
             print(demo.DEMO_NOTE, file=sys.stderr, flush=True)
@@ -134,8 +134,8 @@ def _summarize(job: Job, rec, printer: _Printer | None, args: argparse.Namespace
     """Gather every rank's figures; rank 0 prints the summary and writes the stats and the trace."""
     from mdi_mpi.trace import write_trace
 
-    ranks = job.comm.gather(job.rank_stats(rec), root=0)
-    events = job.comm.gather(rec.event_array(), root=0) if args.trace else None
+    ranks = job.gather(job.rank_stats(rec))
+    events = job.gather(rec.event_array()) if args.trace else None
     if job.rank != 0:
         return {}
     n_done, n_tokens = printer.n_done, printer.n_tokens
@@ -205,7 +205,7 @@ class _Printer(Listener):
 
 def print_summary(s: dict) -> None:
     """The run summary on stderr: throughput, then each rank's layers, memory and time split."""
-    from mdi_mpi.plan import gib
+    from mdi_mpi.layout import gib
 
     err = sys.stderr
     print(

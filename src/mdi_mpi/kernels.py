@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mdi_mpi.probes import cache_dir
+
 ROWS: dict[str, int] = {"mv": 1, "row": 1, **{f"tile{t}": t for t in (2, 4, 8, 16, 32, 64, 128, 256)}}
 DECODE_KERNELS = ("mv", "row", "tile2", "tile4", "tile8", "tile16")  # a head or decode rows never need more
 DECODE_COUNTS = (1, 2, 4, 8)  # decode rows per call that rank the families
@@ -49,8 +51,6 @@ _PROBE_ROWS = 17  # rows of the bit-for-bit probe: one more than the largest dec
 
 def default_cache() -> Path:
     """``kernels.json`` in mdi-mpi's cache directory (``$MDI_MPI_CACHE``, else ``~/.cache/mdi-mpi``)."""
-    from mdi_mpi.demo import cache_dir
-
     return cache_dir() / "kernels.json"
 
 

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from mdi_mpi.cli import Parser, add_job_arguments
 from mdi_mpi.errors import UserError
-from mdi_mpi.job import JobSpec, Parser, Prepared, add_job_arguments, run_command, start
-from mdi_mpi.kv_cache import Batch
-from mdi_mpi.scheduler import Work
+from mdi_mpi.job import JobSpec, Prepared, start
+from mdi_mpi.process import run_command
+from mdi_mpi.scheduler import Segment, Work, pack
+from mdi_mpi.transport import Comm
 
 
 def windows(ids: Sequence[int], length: int, max_tokens: int | None = None) -> list[list[int]]:
@@ -54,7 +56,8 @@ class Scorer:
 
     def next_work(self, slots: Sequence[int]) -> Work | None:
         """The next chunk of each slot's window (admitting waiting windows); None when all are done."""
-        segments = []  # (slot, start, length)
+        segments = []
+        after = self.long_rope_after
         for slot in slots:
             if self.active[slot] is None and self.waiting:
                 self.active[slot], self.pos[slot] = self.waiting.popleft(), 0
@@ -62,16 +65,9 @@ class Scorer:
             if window is None:
                 continue
             n = min(self.prefill_chunk, len(window) - self.pos[slot])
-            segments.append((slot, self.pos[slot], n))
+            segments.append(Segment(slot, self.pos[slot], n, True, after is not None and len(window) > after))
             self.pos[slot] += n
-        if not segments:
-            return None
-        segments.sort(key=lambda seg: seg[2] > 1)  # single-token segments first, as Batch requires
-        ids = [t for slot, first, n in segments for t in self.active[slot][first : first + n]]
-        after = self.long_rope_after
-        long = [after is not None and len(self.active[s[0]]) > after for s in segments]
-        batch = Batch.make([s[0] for s in segments], [s[1] for s in segments], [s[2] for s in segments], long)
-        return Work(batch, torch.tensor(ids, dtype=torch.long), list(range(len(segments))))
+        return pack(segments, lambda slot: self.active[slot])
 
     def complete(self, work: Work, logits: torch.Tensor) -> None:
         """Score ``logits`` [T, V] (every row of ``work``) against each position's next token."""
@@ -101,7 +97,7 @@ def build_parser() -> Parser:
     return p
 
 
-def run(args: argparse.Namespace, comm) -> dict:
+def run(args: argparse.Namespace, spec: JobSpec, comm: Comm) -> dict:
     """Score ``args.text`` on this rank's part of the model; rank 0 returns the result."""
     from mdi_mpi.pipeline import Recorder, run_first, run_worker
     from mdi_mpi.requests import load_tokenizer
@@ -121,18 +117,18 @@ def run(args: argparse.Namespace, comm) -> dict:
             raise UserError(f"{args.text} has fewer than 2 tokens: nothing to score")
         return Prepared(ws, len(ws), tokenizer)
 
-    job = start(comm, JobSpec.from_args(args), prepare, default_max_seq_len=512)
-    comm.Barrier()
+    job = start(comm, spec, prepare, default_max_seq_len=512)
+    job.ready()
     rec = Recorder()
     if job.rank != 0:
         run_worker(job.stage, job.ring, rec, all_rows=True)
-        comm.gather(job.rank_stats(rec), root=0)
+        job.gather(job.rank_stats(rec))
         return {}
     scorer = Scorer(job.prepared.items, job.n_slots, args.prefill_chunk, job.config.long_rope_after)
     t0 = time.perf_counter()
     run_first(job.stage, scorer, job.ring, job.groups, rec, all_rows=True)
     wall = time.perf_counter() - t0
-    ranks = comm.gather(job.rank_stats(rec), root=0)
+    ranks = job.gather(job.rank_stats(rec))
     result = {
         **job.describe(),
         "text": args.text,

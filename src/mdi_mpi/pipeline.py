@@ -19,13 +19,11 @@ import numpy as np
 import torch
 
 from mdi_mpi.kv_cache import Batch
-from mdi_mpi.plan import peak_rss
-from mdi_mpi.scheduler import Inbox, Scheduler, Work
+from mdi_mpi.probes import peak_rss
+from mdi_mpi.scheduler import Inbox, Planner, Work
 from mdi_mpi.stage import Stage
-from mdi_mpi.trace import EVENT_KINDS
-from mdi_mpi.transport import HEARTBEAT, STOP, WORK
-
-RECV, COMPUTE, PREFILL, SEND, SAMPLE = range(len(EVENT_KINDS))
+from mdi_mpi.stats import COMPUTE, EVENT_KINDS, PREFILL, RECV, SAMPLE, SEND, to_row
+from mdi_mpi.transport import HEARTBEAT, STOP, WORK, Link, Packet, signal_packet
 
 
 def slot_groups(n_slots: int, micro_batch: int) -> list[list[int]]:
@@ -68,17 +66,17 @@ def _compute_kind(batch: Batch) -> int:
     return PREFILL if batch.n_tokens > len(batch.slots) else COMPUTE
 
 
-def _recv(ring, rec: Recorder):
+def _recv(ring: Link, rec: Recorder) -> Packet:
     t0 = time.perf_counter()
     msg = ring.recv()
     rec.add(RECV, msg.group, t0, time.perf_counter())
     return msg
 
 
-def _send(ring, rec: Recorder, group: int, batch: Batch, sampled_segs: list[int], h: torch.Tensor) -> None:
+def _send(ring: Link, rec: Recorder, group: int, batch: Batch, sampled_segs: list[int], h: torch.Tensor) -> None:
     t0 = time.perf_counter()
     _report(ring, rec)
-    ring.send(group, batch.slots, batch.starts, batch.lengths, sampled_segs, h, long=batch.long)
+    ring.send(Packet(WORK, group, batch, sampled_segs, h))
     rec.add(SEND, group, t0, time.perf_counter())
 
 
@@ -88,25 +86,25 @@ def _rows_to_return(h: torch.Tensor, batch: Batch, sampled_segs: list[int], all_
     return h if all_rows else h[batch.last[sampled_segs]]
 
 
-def _report(ring, rec: Recorder) -> None:
+def _report(ring: Link, rec: Recorder) -> None:
     """Put this rank's running stats into the ring's header (peak RSS read once a second)."""
     now = time.perf_counter()
     if now - rec.rss_read_at > 1.0:
         rec.rss_read_at, rec.peak_rss_kib = now, peak_rss() // 1024
-    ring.stats[ring.rank] = [*(int(1e6 * t) for t in rec.totals), rec.peak_rss_kib]
+    ring.stats[ring.rank] = to_row(rec.totals, rec.peak_rss_kib)
 
 
-def _signal(ring, rec: Recorder, kind: int) -> None:
+def _signal(ring: Link, rec: Recorder, kind: int) -> None:
     """Send a message with no work (a stop or a heartbeat) to the next rank."""
     _report(ring, rec)
-    ring.send(0, (), (), (), [], None, kind=kind)
+    ring.send(signal_packet(kind))
 
 
 @torch.inference_mode()
 def run_first(
     stage: Stage,
-    sched: Scheduler,
-    ring,
+    sched: Planner,
+    ring: Link,
     groups: list[list[int]],
     rec: Recorder,
     all_rows: bool = False,
@@ -166,7 +164,7 @@ def run_first(
     rec.wall_s = time.perf_counter() - rec.origin
 
 
-def _expect(ring, rec: Recorder, kind: int) -> None:
+def _expect(ring: Link, rec: Recorder, kind: int) -> None:
     """Receive the message rank 0 sent round the ring with no work, which must come back next."""
     msg = _recv(ring, rec)
     if msg.kind != kind:
@@ -175,7 +173,7 @@ def _expect(ring, rec: Recorder, kind: int) -> None:
 
 
 @torch.inference_mode()
-def run_worker(stage: Stage, ring, rec: Recorder, all_rows: bool = False) -> None:
+def run_worker(stage: Stage, ring: Link, rec: Recorder, all_rows: bool = False) -> None:
     """Ranks 1..N-1: run this stage on each message and pass it on, until the stop message. The last
     rank sends back only the rows rank 0 samples from, or every row with ``all_rows``."""
     is_last_rank = ring.rank == ring.size - 1
@@ -188,7 +186,7 @@ def run_worker(stage: Stage, ring, rec: Recorder, all_rows: bool = False) -> Non
                 break
             continue
         t0 = time.perf_counter()
-        batch = Batch.make(msg.slots, msg.starts, msg.lengths, msg.long)
+        batch = msg.batch
         h = stage.forward_layers(msg.rows, batch)  # [T, D]
         ring.release(msg)
         if is_last_rank:

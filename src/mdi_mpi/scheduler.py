@@ -17,8 +17,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -35,6 +36,40 @@ class Work:
     batch: Batch
     ids: torch.Tensor  # [T] long: the packed input tokens
     sampled_segs: list[int]  # indices of the segments whose last token is sampled
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The tokens ``start .. start + length - 1`` of the sequence in ``slot``, fed in one step."""
+
+    slot: int
+    start: int
+    length: int
+    sampled: bool  # its last token's logits are sampled (or scored)
+    long: bool = False  # rotated with longrope's long factors
+
+
+def pack(segments: list[Segment], tokens: Callable[[int], Sequence[int]]) -> Work | None:
+    """One step's ``Work`` from its segments (None if there are none): decode segments first (a
+    stable sort), as ``Batch`` requires, each segment's tokens taken from ``tokens(slot)``."""
+    if not segments:
+        return None
+    segments = sorted(segments, key=lambda seg: seg.length > 1)
+    ids = [t for seg in segments for t in tokens(seg.slot)[seg.start : seg.start + seg.length]]
+    batch = Batch.make([s.slot for s in segments], [s.start for s in segments], [s.length for s in segments],
+                       [s.long for s in segments])
+    return Work(batch, torch.tensor(ids, dtype=torch.long), [i for i, s in enumerate(segments) if s.sampled])
+
+
+class Planner(Protocol):
+    """What rank 0's loop asks of its bookkeeping (a ``Scheduler``, or perplexity's ``Scorer``)."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def next_work(self, slots: Sequence[int]) -> Work | None: ...
+
+    def complete(self, work: Work, logits: torch.Tensor) -> None: ...
 
 
 @dataclass
@@ -139,7 +174,7 @@ class Scheduler:
     def next_work(self, slots: Sequence[int]) -> Work | None:
         """The next forward pass for ``slots``, admitting waiting requests into free ones;
         None when none of them has anything left to do."""
-        segments = []  # (slot, start, length, needs sampling, long)
+        segments = []
         for slot in slots:
             seq = self.active[slot]
             if seq is not None and seq.cancelled:
@@ -153,18 +188,9 @@ class Scheduler:
             if self.long_rope_after is not None and not seq.long and len(seq.ids) > self.long_rope_after:
                 seq.long, seq.pos = True, 0  # past the original context: everything again, with the long factors
             n = min(self.prefill_chunk, len(seq.ids) - seq.pos)
-            segments.append((slot, seq.pos, n, seq.pos + n == len(seq.ids), seq.long))
+            segments.append(Segment(slot, seq.pos, n, seq.pos + n == len(seq.ids), seq.long))
             seq.pos += n
-        if not segments:
-            return None
-        segments.sort(key=lambda seg: seg[2] > 1)  # decode segments first (stable), as Batch requires
-        seg_slots = [seg[0] for seg in segments]
-        starts = [seg[1] for seg in segments]
-        lengths = [seg[2] for seg in segments]
-        sampled_segs = [i for i, seg in enumerate(segments) if seg[3]]
-        chunks = [t for slot, start, n, *_ in segments for t in self.active[slot].ids[start : start + n]]
-        batch = Batch.make(seg_slots, starts, lengths, [seg[4] for seg in segments])
-        return Work(batch, torch.tensor(chunks, dtype=torch.long), sampled_segs)
+        return pack(segments, lambda slot: self.active[slot].ids)
 
     def complete(self, work: Work, logits: torch.Tensor) -> None:
         """Sample a token for every sampled segment of ``work`` from ``logits`` [len(sampled_segs), V]."""

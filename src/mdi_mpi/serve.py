@@ -18,8 +18,11 @@ import sys
 import threading
 import time
 
+from mdi_mpi.cli import Parser, add_job_arguments
 from mdi_mpi.errors import UserError
-from mdi_mpi.job import JobSpec, Parser, Prepared, add_job_arguments, agree, run_command, start
+from mdi_mpi.job import Job, JobSpec, Prepared, start
+from mdi_mpi.process import run_command
+from mdi_mpi.transport import Comm
 
 HEARTBEAT_S = 5.0  # a quiet ring carries a heartbeat this often (or 4 per --timeout, if that is shorter)
 LOOPBACK = ("localhost",)
@@ -98,32 +101,28 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(args: argparse.Namespace, comm) -> None:
+def run(args: argparse.Namespace, spec: JobSpec, comm: Comm) -> None:
     """Serve on this rank until drained."""
     from mdi_mpi.pipeline import Recorder, run_worker
 
-    rank = comm.Get_rank()
-    spec = JobSpec.from_args(args)
-
-    def check() -> socket.socket | None:
+    def check() -> _HTTPThread | None:
+        """Every rank checks the server flags; rank 0 binds and answers ``/health`` with 503 while
+        the model loads."""
         check_server_flags(args.host, args.port, args.api_key, args.no_auth, args.max_waiting, args.drain_timeout)
-        return _bind(args.host, args.port) if rank == 0 else None
-
-    sock = agree(comm, check)
-    http = None
-    if rank == 0:
-        http = _HTTPThread(sock, args.api_key, args.drain_timeout)
+        if comm.rank != 0:
+            return None
+        http = _HTTPThread(_bind(args.host, args.port), args.api_key, args.drain_timeout)
         http.start()
-    else:  # the launcher forwards SIGINT/SIGTERM to every rank; only rank 0 drains, then stops the ring
+        return http
+
+    if comm.rank != 0:  # the launcher forwards SIGINT/SIGTERM to every rank; only rank 0 drains, then stops the ring
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    job = start(comm, spec, _prepare)
-    layers = job.plan.layers[rank]
-    info = comm.gather({"rank": rank, "host": socket.gethostname(), "layers": [layers.start, layers.stop],
-                        "weight_bytes": job.stage.weight_bytes(), "kv_cache_bytes": job.stage.cache_bytes()}, root=0)
-    comm.Barrier()
-    if rank == 0:
-        _serve(job, http, args, spec.timeout, info)
+    job = start(comm, spec, _prepare, check=check)
+    placements = job.gather(job.placement())
+    job.ready()
+    if job.rank == 0:
+        _serve(job, job.checked, args, spec.timeout_s, placements)
     else:
         run_worker(job.stage, job.ring, Recorder())
 
@@ -172,7 +171,7 @@ class _HTTPThread:
         return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
-def _serve(job, http: _HTTPThread, args: argparse.Namespace, timeout: float, info: list[dict]) -> None:
+def _serve(job: Job, http: _HTTPThread, args: argparse.Namespace, timeout: float | None, info: list[dict]) -> None:
     """Rank 0: answer requests until a signal drains the server."""
     from mdi_mpi import demo
     from mdi_mpi.api import Bridge, Metrics, Ranks, Settings

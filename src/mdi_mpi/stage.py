@@ -146,3 +146,28 @@ class Stage(nn.Module):
         (or of every token [T, V] with ``all_logits``)."""
         h = self.forward_layers(self.embed(ids), batch)
         return self.head(h if all_logits else h[batch.last])
+
+
+def layer_speed(config: ModelConfig, dtype: torch.dtype, steps: int = 8) -> float:
+    """Decode steps per second of one decoder layer on this rank (random weights): the rank's
+    relative speed for ``--balance speed``."""
+    import time
+
+    from mdi_mpi.kernels import default_cache
+
+    with torch.device("meta"):
+        layer = DecoderLayer(config, 0)
+    layer = layer.to_empty(device="cpu").to(dtype).requires_grad_(False)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(0))
+    length = steps + 2
+    pick_kernels(layer, None, default_cache())
+    layer.self_attn.kv_cache = KVCache(1, config.n_kv_heads, length, config.head_dim, dtype)
+    cos, sin = rope_tables(config, length, dtype)
+    x = torch.randn(1, config.hidden_size).to(dtype)
+    with torch.inference_mode():
+        for pos in range(length):
+            if pos == 2:
+                t0 = time.perf_counter()
+            layer(x, Batch.make([0], [pos], [1]), cos[pos : pos + 1, None], sin[pos : pos + 1, None])
+    return steps / (time.perf_counter() - t0)

@@ -22,10 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mdi_mpi.errors import UserError, cli_main
-
-EVENT_KINDS = ("recv-wait", "compute", "prefill", "send", "sample")  # what a rank's time is spent on
-
-BUSY_KINDS = ("compute", "prefill", "sample")
+from mdi_mpi.stats import BUSY_KINDS, EVENT_KINDS
 
 
 def write_trace(path: str, summary: dict, groups: list[list[int]], events: list[np.ndarray]) -> None:

@@ -1,32 +1,43 @@
-"""The ring transport: the only module that imports mpi4py.
+"""The transport layer: the only module that imports mpi4py. Every MPI call of the program is here.
 
-Each message is one preallocated byte buffer: a fixed header of int64s followed by the activation
-payload in the model dtype (bf16 travels as 2 bytes per value). Per-token traffic uses ``Isend`` and
-``Irecv`` on these buffers, nothing is pickled. Every rank keeps one posted receive per group that
-can be in flight, so a message always finds a receive waiting and no send ever blocks the ring.
+- ``Comm``: the job's communicator with the few collectives the job set-up and the commands need
+  (an agreed check, gathers and broadcasts of small values, a barrier, the abort) and ``split`` for a
+  sub-communicator, so that a pipeline stage can be held by a group of ranks of its own.
+- ``Link``: what the pipeline loops need of a ring. ``Ring`` (neighbour links over MPI) and
+  ``LocalRing`` (one rank: what it sends comes straight back) implement it.
+- ``Packet``: one message round the ring: kind, group, the ``Batch`` it carries, which segments rank 0
+  samples, and the activation rows.
 
-Header: ``[kind, group, n_segments, n_rows, then every rank's running stats, then (slot, start,
-length, sampled, long) per segment]``. Each rank writes its own stats (microseconds spent per event kind,
-then its peak RSS in KiB) into every message it sends and keeps the others' from every message it
-receives, so rank 0 knows how every rank spends its time, at most one trip round the ring late, at no
-extra message.
+Each ring message is one preallocated byte buffer: a fixed header of int64s followed by the
+activation payload in the model dtype (bf16 travels as 2 bytes per value). Per-token traffic uses
+``Isend`` and ``Irecv`` on these buffers, nothing is pickled. Every rank keeps one posted receive per
+group that can be in flight, so a message always finds a receive waiting and no send ever blocks
+the ring.
+
+Header: ``[kind, group, n_segments, n_rows, then every rank's stats row (stats.FIELDS), then (slot,
+start, length, sampled, long) per segment]``. Each rank writes its own stats into every message it
+sends and keeps the others' from every message it receives, so rank 0 knows how every rank spends
+its time, at most one trip round the ring late, at no extra message.
 """
 
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from mdi_mpi.trace import EVENT_KINDS
-
-RANK_STATS = len(EVENT_KINDS) + 1  # per rank: microseconds per event kind, then peak RSS in KiB
+from mdi_mpi.errors import AgreedError, UserError
+from mdi_mpi.kv_cache import Batch
+from mdi_mpi.stats import FIELDS
 
 WORK, STOP, HEARTBEAT = 1, 2, 3
 _FIXED = 4  # kind, group, n_segments, n_rows
@@ -35,6 +46,90 @@ TAG = 7
 ABORT_GRACE_S = 1.0  # time for the launcher to forward a failing rank's last words before the abort
 ABORT_DEADLINE_S = 5  # a rank whose abort has not ended it by then ends itself
 MAX_NAP_S = 5e-4  # longest sleep between two checks of a pending request
+
+T = TypeVar("T")
+
+
+class Comm:
+    """A communicator of the job (the world, or a group split from it) and its collectives.
+
+    Collectives move small Python values (pickled by mpi4py between our own ranks, never from a file
+    or the network's other users); the ring's per-token traffic goes through ``Ring``."""
+
+    def __init__(self, mpi: MPI.Comm):
+        self.mpi = mpi
+        self.rank: int = mpi.Get_rank()
+        self.size: int = mpi.Get_size()
+
+    def agree(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on every rank and return its local value; if it raises ``UserError`` on any
+        rank, raise ``AgreedError`` on all (naming the rank if not 0), so each can exit on its own."""
+        try:
+            value, err = fn(), None
+        except UserError as e:
+            value, err = None, str(e)
+        errors = self.allgather(err)
+        for r, e in enumerate(errors):
+            if e:
+                raise AgreedError(e if r == 0 else f"rank {r}: {e}")
+        return value
+
+    def allgather(self, value: T) -> list[T]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        return self.mpi.allgather(value) if self.size > 1 else [value]
+
+    def gather(self, value: T, root: int = 0) -> list[T] | None:
+        """Every rank's ``value`` on ``root`` (None elsewhere)."""
+        return self.mpi.gather(value, root=root) if self.size > 1 else [value]
+
+    def bcast(self, value: T, root: int = 0) -> T:
+        """``root``'s ``value`` on every rank."""
+        return self.mpi.bcast(value, root=root) if self.size > 1 else value
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.mpi.Barrier()
+
+    def split(self, color: int, key: int | None = None) -> Comm:
+        """The sub-communicator of the ranks that give the same ``color`` (ordered by ``key``, default
+        this rank): a stage held by a group of ranks talks within its group through it."""
+        return Comm(self.mpi.Split(color, self.rank if key is None else key))
+
+    def local_ranks(self) -> int:
+        """How many ranks of this communicator share this rank's node."""
+        node = self.mpi.Split_type(MPI.COMM_TYPE_SHARED)
+        n = node.Get_size()
+        node.Free()
+        return n
+
+    def hosts(self) -> list[str]:
+        """Every rank's host name, in rank order."""
+        return self.allgather(socket.gethostname())
+
+    def abort(self, code: int) -> None:
+        """End every rank of the job now.
+
+        The launcher kills every process as soon as it hears of the abort, and may do so before it
+        has forwarded what this rank just wrote to stderr; a short pause lets the error message get
+        out. A rank cut off from the launcher (its network is down) cannot deliver the abort, and
+        MPI_Abort would wait for it forever: an alarm ends this process regardless."""
+        sys.stderr.flush()
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the kernel ends the process, even inside MPI
+        signal.alarm(ABORT_DEADLINE_S)
+        time.sleep(ABORT_GRACE_S)
+        self.mpi.Abort(code)
+
+    def ring(self, n_buffers: int, max_segments: int, max_rows: int, dim: int, dtype: torch.dtype,
+             timeout_s: float | None = None) -> Link:
+        """This rank's link in the ring of all the communicator's ranks (a ``LocalRing`` for one)."""
+        if self.size == 1:
+            return LocalRing()
+        return Ring(self, n_buffers, max_segments, max_rows, dim, dtype, timeout_s, self.hosts())
+
+
+def world() -> Comm:
+    """The job's communicator (MPI starts here, on the first call)."""
+    return Comm(MPI.COMM_WORLD)
 
 
 def wait(req: MPI.Request, timeout_s: float | None = None) -> bool:
@@ -56,18 +151,40 @@ def wait(req: MPI.Request, timeout_s: float | None = None) -> bool:
 
 
 @dataclass
-class Message:
-    """A received message; ``rows`` views the receive buffer and is valid until it is released."""
+class Packet:
+    """One message round the ring. Received, ``rows`` views the receive buffer and is valid until
+    the packet is released."""
 
     kind: int
     group: int
-    slots: list[int]
-    starts: list[int]
-    lengths: list[int]
-    sampled_segs: list[int]  # indices of the segments whose last token rank 0 samples
-    long: list[bool]  # per segment: rotated with longrope's long factors
-    rows: torch.Tensor | None  # [n_rows, D]
-    buffer: int  # which receive buffer holds it
+    batch: Batch | None = None  # None for a message with no work (a stop or a heartbeat)
+    sampled_segs: list[int] = field(default_factory=list)  # segments whose last token rank 0 samples
+    rows: torch.Tensor | None = None  # [n_rows, D]
+    buffer: int = 0  # which receive buffer holds it
+
+
+def signal_packet(kind: int) -> Packet:
+    """A message with no work: a stop or a heartbeat."""
+    return Packet(kind, 0)
+
+
+class Link(Protocol):
+    """One rank's place in the ring, as the pipeline loops use it."""
+
+    rank: int
+    size: int
+    stats: np.ndarray  # [rank, len(stats.FIELDS)] int64: every rank's stats, as last reported
+    bytes_sent: int
+
+    def send(self, packet: Packet) -> None: ...
+
+    def recv(self) -> Packet: ...
+
+    def release(self, packet: Packet) -> None: ...
+
+    def close(self) -> None: ...
+
+    def buffer_bytes(self) -> int: ...
 
 
 class Ring:
@@ -75,7 +192,7 @@ class Ring:
 
     def __init__(
         self,
-        comm: MPI.Comm,
+        comm: Comm,
         n_buffers: int,
         max_segments: int,
         max_rows: int,
@@ -84,12 +201,12 @@ class Ring:
         timeout_s: float | None = None,
         hosts: list[str] | None = None,
     ):
-        self.comm = comm
+        self.mpi = comm.mpi
         self.timeout_s = timeout_s  # longest wait for a message or a send (None: no limit)
-        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.rank, self.size = comm.rank, comm.size
         self.dest, self.src = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         self.hosts = hosts  # every rank's host, to name a neighbour that stops answering
-        self.stats = np.zeros((self.size, RANK_STATS), dtype=np.int64)  # [rank, stat], as last reported
+        self.stats = np.zeros((self.size, len(FIELDS)), dtype=np.int64)
         self.header_len = _FIXED + self.stats.size + _PER_SEG * max_segments
         self.dim, self.dtype = dim, dtype
         self.row_bytes = dim * torch.empty((), dtype=dtype).element_size()
@@ -116,42 +233,33 @@ class Ring:
         return sum(b.nbytes for b in self.recv_bufs + self.send_bufs)
 
     def _post(self, i: int) -> None:
-        self.pending.append((i, self.comm.Irecv([self.recv_views[i], MPI.BYTE], source=self.src, tag=TAG)))
+        self.pending.append((i, self.mpi.Irecv([self.recv_views[i], MPI.BYTE], source=self.src, tag=TAG)))
 
-    def send(
-        self,
-        group: int,
-        slots: tuple[int, ...],
-        starts: tuple[int, ...],
-        lengths: tuple[int, ...],
-        sampled_segs: list[int],
-        rows: torch.Tensor | None,
-        kind: int = WORK,
-        long: tuple[bool, ...] = (),
-    ) -> None:
-        """Send a message to the next rank from group ``group``'s send buffer (waiting for that
-        buffer's previous send first). ``rows`` [n_rows, D] is copied into the buffer."""
-        buf = group
+    def send(self, packet: Packet) -> None:
+        """Send ``packet`` to the next rank from its group's send buffer (waiting for that buffer's
+        previous send first); its rows [n_rows, D] are copied into the buffer."""
+        buf, batch, rows = packet.group, packet.batch, packet.rows
         self._wait_send(buf)
         view = self.send_views[buf]
         header = view[: 8 * self.header_len].view(np.int64)
         n_rows = 0 if rows is None else rows.shape[0]
         if n_rows > self.max_rows:
             raise RuntimeError(f"message of {n_rows} rows exceeds the buffer ({self.max_rows} rows)")
-        n = len(slots)
-        header[:_FIXED] = (kind, group, n, n_rows)
+        n = 0 if batch is None else len(batch.slots)
+        header[:_FIXED] = (packet.kind, packet.group, n, n_rows)
         header[_FIXED : self._seg_at].reshape(self.stats.shape)[:] = self.stats
-        seg = header[self._seg_at : self._seg_at + _PER_SEG * n].reshape(n, _PER_SEG)
-        seg[:, 0], seg[:, 1], seg[:, 2] = slots, starts, lengths
-        seg[:, 3] = 0
-        seg[sampled_segs, 3] = 1
-        seg[:, 4] = long or 0
+        if n:
+            seg = header[self._seg_at : self._seg_at + _PER_SEG * n].reshape(n, _PER_SEG)
+            seg[:, 0], seg[:, 1], seg[:, 2] = batch.slots, batch.starts, batch.lengths
+            seg[:, 3] = 0
+            seg[packet.sampled_segs, 3] = 1
+            seg[:, 4] = batch.long
         end = 8 * self.header_len
         if n_rows:
             payload = self.send_bufs[buf][end : end + n_rows * self.row_bytes].view(self.dtype).view(n_rows, self.dim)
             payload.copy_(rows)
             end += n_rows * self.row_bytes
-        self.send_reqs[buf] = self.comm.Isend([view[:end], MPI.BYTE], dest=self.dest, tag=TAG)
+        self.send_reqs[buf] = self.mpi.Isend([view[:end], MPI.BYTE], dest=self.dest, tag=TAG)
         self.bytes_sent += end
 
     def _wait_send(self, buf: int) -> None:
@@ -159,7 +267,7 @@ class Ring:
             raise TimeoutError(f"{self._name(self.dest)} has not taken a message for {self.timeout_s:g} s: it has "
                                "hung or lost its connection")
 
-    def recv(self) -> Message:
+    def recv(self) -> Packet:
         """Wait for the next message from the previous rank."""
         i, req = self.pending.popleft()
         if not wait(req, self.timeout_s):
@@ -170,26 +278,20 @@ class Ring:
         mine = self.stats[self.rank].copy()
         self.stats[:] = header[_FIXED : self._seg_at].reshape(self.stats.shape)
         self.stats[self.rank] = mine
-        seg = header[self._seg_at : self._seg_at + _PER_SEG * n].reshape(n, _PER_SEG).tolist()
+        batch, sampled = None, []
+        if n:
+            seg = header[self._seg_at : self._seg_at + _PER_SEG * n].reshape(n, _PER_SEG).tolist()
+            batch = Batch.make([s[0] for s in seg], [s[1] for s in seg], [s[2] for s in seg], [bool(s[4]) for s in seg])
+            sampled = [j for j, s in enumerate(seg) if s[3]]
         rows = None
         if n_rows:
             start = 8 * self.header_len
             rows = self.recv_bufs[i][start : start + n_rows * self.row_bytes].view(self.dtype).view(n_rows, self.dim)
-        return Message(
-            kind,
-            group,
-            [s[0] for s in seg],
-            [s[1] for s in seg],
-            [s[2] for s in seg],
-            [j for j, s in enumerate(seg) if s[3]],
-            [bool(s[4]) for s in seg],
-            rows,
-            i,
-        )
+        return Packet(kind, group, batch, sampled, rows, i)
 
-    def release(self, msg: Message) -> None:
-        """Hand a message's buffer back to MPI for the next receive."""
-        self._post(msg.buffer)
+    def release(self, packet: Packet) -> None:
+        """Hand a packet's buffer back to MPI for the next receive."""
+        self._post(packet.buffer)
 
     def close(self) -> None:
         """Finish outstanding sends and cancel the receives still posted."""
@@ -201,31 +303,22 @@ class Ring:
         self.pending.clear()
 
 
-@dataclass
-class LocalMessage:
-    kind: int
-    group: int
-    rows: torch.Tensor | None
-    buffer: int = 0
-
-
 class LocalRing:
     """The ring of one rank: what rank 0 sends comes straight back to it."""
 
-    size, rank = 1, 0
-
     def __init__(self) -> None:
-        self.queue: deque[LocalMessage] = deque()
+        self.rank, self.size = 0, 1
+        self.queue: deque[Packet] = deque()
         self.bytes_sent = 0
-        self.stats = np.zeros((1, RANK_STATS), dtype=np.int64)
+        self.stats = np.zeros((1, len(FIELDS)), dtype=np.int64)
 
-    def send(self, group, slots, starts, lengths, sampled_segs, rows, kind=WORK, long=()) -> None:
-        self.queue.append(LocalMessage(kind, group, rows))
+    def send(self, packet: Packet) -> None:
+        self.queue.append(packet)
 
-    def recv(self) -> LocalMessage:
+    def recv(self) -> Packet:
         return self.queue.popleft()
 
-    def release(self, msg) -> None:
+    def release(self, packet: Packet) -> None:
         pass
 
     def close(self) -> None:
@@ -233,31 +326,3 @@ class LocalRing:
 
     def buffer_bytes(self) -> int:
         return 0
-
-
-def world() -> MPI.Comm:
-    """The job's communicator."""
-    return MPI.COMM_WORLD
-
-
-def abort(comm: MPI.Comm, code: int) -> None:
-    """End every rank of the job now.
-
-    The launcher kills every process as soon as it hears of the abort, and may do so before it has
-    forwarded what this rank just wrote to stderr; a short pause lets the error message get out. A
-    rank cut off from the launcher (its network is down) cannot deliver the abort, and MPI_Abort
-    would wait for it forever: an alarm ends this process regardless.
-    """
-    sys.stderr.flush()
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the kernel ends the process, even inside MPI
-    signal.alarm(ABORT_DEADLINE_S)
-    time.sleep(ABORT_GRACE_S)
-    comm.Abort(code)
-
-
-def local_ranks(comm: MPI.Comm) -> int:
-    """How many ranks of the job share this rank's node."""
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    n = node.Get_size()
-    node.Free()
-    return n

@@ -37,7 +37,7 @@ if _spec:
 # MDI_TEST_SPEED=S0,S1,...: rank R measures its layer speed (for --balance speed) as S_R.
 _speeds = os.environ.get("MDI_TEST_SPEED")
 if _speeds:
-    import mdi_mpi.plan
+    import mdi_mpi.job
 
     _mine = float(_speeds.split(",")[int(os.environ.get("PMI_RANK", "0"))])
-    mdi_mpi.plan.layer_speed = lambda config, dtype, steps=8: _mine
+    mdi_mpi.job.layer_speed = lambda config, dtype, steps=8: _mine

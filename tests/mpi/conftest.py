@@ -24,7 +24,9 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture
 def comm():
-    c = MPI.COMM_WORLD.Dup()
+    from mdi_mpi.transport import Comm
+
+    c = Comm(MPI.COMM_WORLD.Dup())
     yield c
-    c.Barrier()
-    c.Free()
+    c.mpi.Barrier()
+    c.mpi.Free()

@@ -14,7 +14,9 @@ from mdi_mpi.pipeline import Recorder, run_first, run_worker, slot_groups
 from mdi_mpi.requests import Request
 from mdi_mpi.sampling import SamplingParams
 from mdi_mpi.stage import Stage
-from mdi_mpi.transport import STOP, Ring
+from mdi_mpi.kv_cache import Batch
+from mdi_mpi.stats import FIELDS
+from mdi_mpi.transport import STOP, WORK, Comm, Packet, Ring, signal_packet
 
 CONFIG = ModelConfig.from_dict(dict(
     model_type="llama", vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -57,8 +59,8 @@ def reference(reqs: list[Request]) -> dict[str, list[int]]:
     return {r.id: r.tokens for r in run_one_process(full, sched)}
 
 
-def run_ring(comm, reqs, n_slots: int, micro_batch: int, prefill_chunk: int = 8) -> dict[str, list[int]] | None:
-    rank, size = comm.Get_rank(), comm.Get_size()
+def run_ring(comm: Comm, reqs, n_slots: int, micro_batch: int, prefill_chunk: int = 8) -> dict[str, list[int]] | None:
+    rank, size = comm.rank, comm.size
     stage = my_stage(full_model(), rank, size)
     stage.setup_cache(n_slots, MAX_SEQ)
     stage.choose_kernels(cache=default_cache())
@@ -74,55 +76,76 @@ def run_ring(comm, reqs, n_slots: int, micro_batch: int, prefill_chunk: int = 8)
 
 
 def test_transport_round_trip(comm):
-    rank = comm.Get_rank()
+    rank, n_stats = comm.rank, len(FIELDS)
     ring = Ring(comm, 2, 3, 10, 16, torch.bfloat16)
     rows = torch.arange(5 * 16, dtype=torch.float32).view(5, 16).to(torch.bfloat16)
-    ring.stats[rank] = [rank * 10 + k for k in range(6)]  # this rank's running stats, carried in the headers
+    ring.stats[rank] = [rank * 10 + k for k in range(n_stats)]  # this rank's running stats, carried in the headers
     if rank == 0:
-        ring.send(1, (2, 0), (7, 0), (1, 4), [1], rows, long=(True, False))
+        ring.send(Packet(WORK, 1, Batch.make([2, 0], [7, 0], [1, 4], [True, False]), [1], rows))
         back = ring.recv()
-        assert ring.stats.tolist() == [[r * 10 + k for k in range(6)] for r in range(comm.Get_size())]
-        assert (back.kind, back.group, back.slots, back.starts, back.lengths, back.sampled_segs) == (1, 1, [2, 0], [7, 0], [1, 4], [1])
-        assert back.long == [True, False]
+        assert ring.stats.tolist() == [[r * 10 + k for k in range(n_stats)] for r in range(comm.size)]
+        b = back.batch
+        assert (back.kind, back.group, b.slots, b.starts, b.lengths, back.sampled_segs) == (1, 1, (2, 0), (7, 0), (1, 4), [1])
+        assert b.long == (True, False)
         assert torch.equal(back.rows, rows * 2)
         ring.release(back)
-        ring.send(0, (), (), (), [], None, kind=STOP)
+        ring.send(signal_packet(STOP))
         assert ring.recv().kind == STOP
     else:
         msg = ring.recv()
         assert msg.rows.dtype == torch.bfloat16 and msg.rows.shape == (5, 16)
-        ring.send(msg.group, tuple(msg.slots), tuple(msg.starts), tuple(msg.lengths), msg.sampled_segs, msg.rows * 2,
-                  long=tuple(msg.long))
+        ring.send(Packet(WORK, msg.group, msg.batch, msg.sampled_segs, msg.rows * 2))
         ring.release(msg)
         assert ring.recv().kind == STOP
-        ring.send(0, (), (), (), [], None, kind=STOP)
+        ring.send(signal_packet(STOP))
     ring.close()
-    # header int64s (4 fixed, 6 stats per rank, 5 per segment for up to 3 segments) plus 2 bytes per value
-    assert ring.bytes_sent == 2 * 8 * (4 + 6 * comm.Get_size() + 5 * 3) + 5 * 16 * 2
+    # header int64s (4 fixed, one stats row per rank, 5 per segment for up to 3 segments) plus 2 bytes per value
+    assert ring.bytes_sent == 2 * 8 * (4 + n_stats * comm.size + 5 * 3) + 5 * 16 * 2
 
 
 def test_transport_refuses_oversized_message(comm):
     ring = Ring(comm, 1, 1, 2, 8, torch.float32)
-    if comm.Get_rank() == 0:
+    if comm.rank == 0:
         with pytest.raises(RuntimeError, match="exceeds the buffer"):
-            ring.send(0, (0,), (0,), (3,), [0], torch.zeros(3, 8))
+            ring.send(Packet(WORK, 0, Batch.make([0], [0], [3]), [0], torch.zeros(3, 8)))
     ring.close()
 
 
 def test_a_receive_that_never_comes_times_out(comm):
-    ring = Ring(comm, 1, 1, 1, 8, torch.float32, timeout_s=0.3, hosts=comm.allgather(socket.gethostname()))
-    if comm.Get_rank() == 0:
+    ring = Ring(comm, 1, 1, 1, 8, torch.float32, timeout_s=0.3, hosts=comm.hosts())
+    if comm.rank == 0:
         with pytest.raises(TimeoutError, match=f"no message from rank 1 on {socket.gethostname()} for 0.3 s"):
             ring.recv()
-    comm.Barrier()
+    comm.barrier()
     ring.close()
+
+
+def test_agree_raises_on_every_rank_naming_the_rank(comm):
+    from mdi_mpi.errors import AgreedError, UserError
+
+    def fail_on_last() -> int:
+        if comm.rank == comm.size - 1:
+            raise UserError("bad input")
+        return comm.rank
+
+    with pytest.raises(AgreedError, match=f"rank {comm.size - 1}: bad input"):
+        comm.agree(fail_on_last)
+    assert comm.agree(lambda: comm.rank) == comm.rank
+
+
+def test_split_gives_a_group_communicator(comm):
+    """A stage held by a group of ranks talks within its group (here: one group per rank parity)."""
+    group = comm.split(comm.rank % 2)
+    assert group.size == len(range(comm.rank % 2, comm.size, 2))
+    assert group.allgather(comm.rank) == list(range(comm.rank % 2, comm.size, 2))
+    group.mpi.Free()
 
 
 @pytest.mark.parametrize("n_slots, micro_batch", [(1, 1), (2, 1), (2, 2), (5, 1), (5, 2), (5, 3)])
 def test_ring_greedy_equals_single_process(comm, n_slots, micro_batch):
     reqs = requests(9)
     got = run_ring(comm, reqs, n_slots, micro_batch)
-    if comm.Get_rank() == 0:
+    if comm.rank == 0:
         assert got == reference(reqs)
         eos = set(CONFIG.eos_token_ids)  # a sequence is cut short only by its EOS token
         assert len(got) == 9
@@ -133,7 +156,7 @@ def test_ring_sampled_is_schedule_independent(comm):
     reqs = requests(7, temperature=1.0)
     a = run_ring(comm, reqs, 5, 2, prefill_chunk=4)
     b = run_ring(comm, reqs, 2, 1, prefill_chunk=16)
-    if comm.Get_rank() == 0:
+    if comm.rank == 0:
         assert a == b == reference(reqs)
 
 
@@ -143,7 +166,7 @@ def test_slot_refill_with_long_and_short_requests(comm):
     for r, n in zip(reqs, [1, 11, 2, 9, 1, 1, 7, 3, 11, 1, 5, 2]):
         r.params = SamplingParams(max_new_tokens=n)
     got = run_ring(comm, reqs, 2, 1)
-    if comm.Get_rank() == 0:
+    if comm.rank == 0:
         eos = set(CONFIG.eos_token_ids)
         assert all(len(got[str(i)]) == n or got[str(i)][-1] in eos for i, n in enumerate([1, 11, 2, 9, 1, 1, 7, 3, 11, 1, 5, 2]))
         assert got == reference(reqs)
@@ -152,7 +175,7 @@ def test_slot_refill_with_long_and_short_requests(comm):
 def test_stop_with_fewer_requests_than_groups(comm):
     reqs = requests(1)
     got = run_ring(comm, reqs, 4, 1)
-    if comm.Get_rank() == 0:
+    if comm.rank == 0:
         assert got == reference(reqs)
 
 
@@ -171,7 +194,7 @@ def test_per_token_path_pickles_nothing(comm):
         calls.append("loads")
         return pickle.loads(data, *args)
 
-    comm.Barrier()
+    comm.barrier()
     MPI.pickle.__init__(dumps, loads)
     try:
         comm.bcast("the counter works", root=0)
@@ -181,5 +204,5 @@ def test_per_token_path_pickles_nothing(comm):
         assert calls == [], f"the pipeline pickled: {calls}"
     finally:
         MPI.pickle.__init__(pickle.dumps, pickle.loads)
-    if comm.Get_rank() == 0:
+    if comm.rank == 0:
         assert len(got) == 5
