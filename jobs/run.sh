@@ -46,11 +46,8 @@ extra=($EXTRA_ARGS)
 
 echo "mdi-mpi: ${SLURM_NTASKS:-?} ranks on ${SLURM_JOB_NODELIST:-?}, $THREADS threads per rank, launcher $LAUNCHER"
 case "$LAUNCHER" in
-  # PyPI's MPICH speaks PMI-1 to Slurm's pmi2 plugin, which reads each request in one 1024-byte
-  # read. UCX's 4.5 KB address goes out in ~1 KB segments that can overflow it, and MPI_Init then
-  # fails or hangs. The OFI netmod's address is 25 bytes: one short request.
-  srun)    export MPIR_CVAR_CH4_NETMOD=${MPIR_CVAR_CH4_NETMOD:-ofi}
-           srun --kill-on-bad-exit=1 --mpi="$SRUN_MPI" python -m "mdi_mpi.$COMMAND" "${args[@]}" "${extra[@]}" ;;
+  # Under srun --mpi=pmi2 the program itself picks MPICH's OFI netmod (see process.choose_netmod).
+  srun)    srun --kill-on-bad-exit=1 --mpi="$SRUN_MPI" python -m "mdi_mpi.$COMMAND" "${args[@]}" "${extra[@]}" ;;
   mpiexec) mpiexec -n "${SLURM_NTASKS:-1}" -ppn 1 python -m "mdi_mpi.$COMMAND" "${args[@]}" "${extra[@]}" ;;
   *)       echo "LAUNCHER must be srun or mpiexec, got $LAUNCHER" >&2; exit 2 ;;
 esac

@@ -8,7 +8,8 @@ import torch
 
 from mdi_mpi.checkpoint import Checkpoint, load_stage
 from mdi_mpi.kernels import default_cache
-from mdi_mpi.pipeline import Recorder, run_first, slot_groups
+from mdi_mpi.partition import slot_groups
+from mdi_mpi.pipeline import Recorder, run_first
 from mdi_mpi.requests import Request
 from mdi_mpi.sampling import SamplingParams
 from mdi_mpi.scheduler import Listener, Scheduler

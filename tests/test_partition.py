@@ -67,3 +67,27 @@ def test_bad_split_text():
 def test_tinyllama_head_costs_more_than_a_layer():
     cost = edge_cost(ModelConfig.from_dict({**TINYLLAMA_CONFIG, "model_type": "llama"}))
     assert 1.4 < cost < 1.6
+
+
+@pytest.mark.parametrize("n_slots, micro, groups", [
+    (1, 1, [[0]]),
+    (4, 2, [[0, 1], [2, 3]]),
+    (5, 2, [[0, 1], [2, 3], [4]]),
+    (3, 8, [[0, 1, 2]]),
+])
+def test_slot_groups(n_slots, micro, groups):
+    from mdi_mpi.partition import slot_groups
+
+    assert slot_groups(n_slots, micro) == groups
+
+
+def test_importing_a_command_does_not_start_mpi():
+    """MPI must start only after the watcher's fork and the netmod choice (``process.run_command``):
+    a command module, the job set-up and the flags import no mpi4py."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mdi_mpi.generate, mdi_mpi.serve, mdi_mpi.perplexity, mdi_mpi.process, mdi_mpi.job, "
+            "mdi_mpi.cli; assert 'mpi4py.MPI' not in sys.modules, 'MPI started at import'")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

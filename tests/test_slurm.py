@@ -363,3 +363,25 @@ def test_scancel_ends_the_job_on_every_host_and_keeps_its_records(net_cluster, d
     assert 2 <= len(records) < 120
     for i in (1, 2, 3):  # no rank left on any host
         assert net_cluster.hosts.rank_pid(i) is None
+
+
+@pytest.mark.timeout(300)
+def test_plain_srun_with_pypi_mpich_works_on_the_first_try(cluster, demo_dir, tmp_path):
+    """A user's own job script: exactly ``srun --mpi=pmi2 python -m mdi_mpi.generate`` with PyPI's
+    MPICH and no netmod set. The program picks the OFI netmod itself (UCX's addresses can overflow
+    Slurm's 1024-byte PMI reads and hang MPI_Init) and says so in one line."""
+    prompts, single = _reference(tmp_path)
+    out = tmp_path / "srun.jsonl"
+    script = tmp_path / "own.sbatch"
+    script.write_text(f"""#!/bin/bash
+unset MPIR_CVAR_CH4_NETMOD
+source {Path(sys.executable).parent}/activate
+export OMP_NUM_THREADS=1
+srun --mpi=pmi2 python -m mdi_mpi.generate --threads 1 --prompts-file {prompts} --max-new-tokens 12 --output {out} --quiet
+""")
+    job = cluster.sbatch(script, 3, {"MDI_MPI_CACHE": os.environ["MDI_MPI_CACHE"]})
+    log = cluster.job_output(job)
+    assert job.returncode == 0, f"{job.stdout}{job.stderr}\n{log}\n{cluster.logs()}"
+    assert log.count("MPIR_CVAR_CH4_NETMOD=ofi") == 1, log  # one line, from rank 0
+    assert "3 ranks" in log, log
+    assert _tokens(out) == _tokens(single)

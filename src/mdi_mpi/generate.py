@@ -10,13 +10,16 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from mdi_mpi.cli import Parser, add_job_arguments, positive_int
 from mdi_mpi.errors import UserError
 from mdi_mpi.job import Job, JobSpec, Prepared, start
 from mdi_mpi.process import run_command
 from mdi_mpi.scheduler import Listener
-from mdi_mpi.transport import Comm
+
+if TYPE_CHECKING:
+    from mdi_mpi.transport import Comm
 
 EXAMPLES = """\
 examples:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,13 +36,14 @@ from mdi_mpi.config import DEFAULT_CONTEXT, ModelConfig
 from mdi_mpi.errors import UserError
 from mdi_mpi.kernels import Selection, decode_row_ms, default_cache
 from mdi_mpi.layout import Layout, Plan, Sizes, fits, make_plan, pick_dtype, plan_layout
-from mdi_mpi.partition import default_micro_batch, split_layers
-from mdi_mpi.pipeline import slot_groups
+from mdi_mpi.partition import default_micro_batch, slot_groups, split_layers
 from mdi_mpi.probes import available_memory, peak_rss
 from mdi_mpi.quant import Quant
 from mdi_mpi.shards import read_split, shard_dir, shards_quant
 from mdi_mpi.stage import Stage, layer_speed
-from mdi_mpi.transport import Comm, Link
+
+if TYPE_CHECKING:  # MPI starts when transport is imported: after the watcher's fork and the netmod choice
+    from mdi_mpi.transport import Comm, Link
 
 
 @dataclass(frozen=True)

@@ -139,3 +139,10 @@ def stage_memory(
     activations = rows * (4 * config.hidden_size + 3 * config.intermediate_size) * 4
     peak = RUNTIME_BYTES + weights + kv + buffers + largest + activations  # largest: a cast while loading
     return {"weight_bytes": weights, "kv_cache_bytes": kv, "buffer_bytes": buffers, "peak_bytes": peak}
+
+
+def slot_groups(n_slots: int, micro_batch: int) -> list[list[int]]:
+    """Split slots 0..n_slots-1 into consecutive groups (micro-batches) of at most ``micro_batch``."""
+    if n_slots < 1 or micro_batch < 1:
+        raise ValueError("n_slots and micro_batch must be at least 1")
+    return [list(range(a, min(a + micro_batch, n_slots))) for a in range(0, n_slots, micro_batch)]

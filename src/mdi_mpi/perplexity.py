@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,7 +25,9 @@ from mdi_mpi.errors import UserError
 from mdi_mpi.job import JobSpec, Prepared, start
 from mdi_mpi.process import run_command
 from mdi_mpi.scheduler import Segment, Work, pack
-from mdi_mpi.transport import Comm
+
+if TYPE_CHECKING:
+    from mdi_mpi.transport import Comm
 
 
 def windows(ids: Sequence[int], length: int, max_tokens: int | None = None) -> list[list[int]]:

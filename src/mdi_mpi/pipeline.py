@@ -26,13 +26,6 @@ from mdi_mpi.stats import COMPUTE, EVENT_KINDS, PREFILL, RECV, SAMPLE, SEND, to_
 from mdi_mpi.transport import HEARTBEAT, STOP, WORK, Link, Packet, signal_packet
 
 
-def slot_groups(n_slots: int, micro_batch: int) -> list[list[int]]:
-    """Split slots 0..n_slots-1 into consecutive groups of at most ``micro_batch``."""
-    if n_slots < 1 or micro_batch < 1:
-        raise ValueError("n_slots and micro_batch must be at least 1")
-    return [list(range(a, min(a + micro_batch, n_slots))) for a in range(0, n_slots, micro_batch)]
-
-
 class Recorder:
     """Where one rank's time goes: totals per event kind, and with ``trace`` the whole timeline
     (kind, group, start, end; seconds since ``origin``, a moment all ranks share)."""

@@ -17,12 +17,15 @@ import socket
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from mdi_mpi.cli import Parser, add_job_arguments
 from mdi_mpi.errors import UserError
 from mdi_mpi.job import Job, JobSpec, Prepared, start
 from mdi_mpi.process import run_command
-from mdi_mpi.transport import Comm
+
+if TYPE_CHECKING:
+    from mdi_mpi.transport import Comm
 
 HEARTBEAT_S = 5.0  # a quiet ring carries a heartbeat this often (or 4 per --timeout, if that is shorter)
 LOOPBACK = ("localhost",)

@@ -10,7 +10,8 @@ from helpers import run_one_process, scheduler
 
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.kernels import default_cache
-from mdi_mpi.pipeline import Recorder, run_first, run_worker, slot_groups
+from mdi_mpi.partition import slot_groups
+from mdi_mpi.pipeline import Recorder, run_first, run_worker
 from mdi_mpi.requests import Request
 from mdi_mpi.sampling import SamplingParams
 from mdi_mpi.stage import Stage
