@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mdi_mpi.errors import UserError
@@ -28,6 +30,11 @@ def test_plain_and_jsonl_lines():
         ('{"prompt": "x", "colour": 1}', "f line 2: unknown key"),
         ('{"prompt": "x", "logit_bias": {"a": 1}}', "f line 2: logit_bias keys must be token ids"),
         ('{"prompt": "x", "logit_bias": [3]}', "f line 2: logit_bias must be an object"),
+        ('{"prompt": "x", "temperature": -1}', "f line 2: temperature must be >= 0"),
+        ('{"prompt": "x", "temperature": "hot"}', "f line 2: temperature must be a number"),
+        ('{"prompt": "x", "max_new_tokens": 2.5}', "f line 2: max_new_tokens must be an integer"),
+        ('{"prompt": "x", "seed": true}', "f line 2: seed must be an integer"),
+        ('{"prompt": "x", "top_p": 0}', r"f line 2: top_p must be in \(0, 1\]"),
     ],
 )
 def test_malformed_lines_name_their_line(line, message):
@@ -57,6 +64,23 @@ def test_build_requests_ids_samples_and_limits():
     with pytest.raises(UserError, match="presence_penalty must be a number from -2 to 2"):
         build_requests([Prompt(None, None, [1], {"presence_penalty": 3})], SamplingParams(), None, 10, 8)
     with pytest.raises(UserError, match=r"prompt 0: logit_bias token ids must lie in \[0, 10\)"):
-        build_requests([Prompt(None, None, [1], {"logit_bias": ((2, 1.0), (10, 1.0))})], SamplingParams(), None, 10, 8)
+        build_requests([Prompt(None, None, [1], {"logit_bias": {"2": 1, "10": 1}})], SamplingParams(), None, 10, 8)
     (biased,) = parse_prompt_lines(['{"input_ids": [1], "logit_bias": {"9": -5, "2": 1}}'], "f")
     assert build_requests([biased], SamplingParams(), None, 10, 8)[0].params.logit_bias == ((2, 1.0), (9, -5.0))
+
+
+@pytest.mark.parametrize(
+    "overrides, field, value",
+    [
+        ({}, "temperature", 0.7),  # the run's default
+        ({"temperature": 0}, "temperature", 0.0),
+        ({"temperature": None}, "temperature", 0.7),  # null keeps the default
+        ({"max_new_tokens": 3}, "max_new_tokens", 3),
+        ({"seed": 9}, "seed", 9),
+        ({"logit_bias": {"3": -1}}, "logit_bias", ((3, -1.0),)),
+    ],
+)
+def test_jsonl_overrides_apply_over_the_run_defaults(overrides, field, value):
+    (prompt,) = parse_prompt_lines([json.dumps({"input_ids": [1], **overrides})], "f")
+    (request,) = build_requests([prompt], SamplingParams(temperature=0.7, seed=1), None, 10, 8)
+    assert getattr(request.params, field) == value

@@ -13,6 +13,7 @@ from mdi_mpi.sampling import (
     request_generator,
     sample,
     shown_length,
+    to_sampling_params,
 )
 
 LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, 2.5, -1.0])
@@ -150,3 +151,54 @@ def test_parse_logit_bias_refuses(obj, says):
 )
 def test_shown_length_never_shows_a_stop_string(text, stops, shown):
     assert shown_length(text, stops) == shown
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ({}, SamplingParams()),
+        ({"temperature": None, "seed": None}, SamplingParams()),  # None keeps the default
+        ({"temperature": 1}, SamplingParams(temperature=1.0)),  # an integer is a number
+        ({"max_new_tokens": 5, "top_k": 3, "top_p": 0.5}, SamplingParams(max_new_tokens=5, top_k=3, top_p=0.5)),
+        ({"stop": "x"}, SamplingParams(stop=("x",))),
+        ({"stop": ["x", "yz"]}, SamplingParams(stop=("x", "yz"))),
+        ({"stop": []}, SamplingParams()),
+        ({"ignore_eos": True, "logprobs": 0}, SamplingParams(ignore_eos=True, logprobs=0)),
+        ({"presence_penalty": -2, "frequency_penalty": 1.5}, SamplingParams(presence_penalty=-2.0, frequency_penalty=1.5)),
+        ({"logit_bias": {"7": 1, 2: -100}}, SamplingParams(logit_bias=((2, -100.0), (7, 1.0)))),
+    ],
+)
+def test_to_sampling_params_applies_fields(given, expected):
+    assert to_sampling_params(**given) == expected
+
+
+def test_to_sampling_params_keeps_the_defaults_it_is_not_given():
+    defaults = SamplingParams(max_new_tokens=9, temperature=0.5, seed=4, stop=("a",))
+    got = to_sampling_params(defaults, temperature=None, seed=5)
+    assert got == SamplingParams(max_new_tokens=9, temperature=0.5, seed=5, stop=("a",))
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"temperature": "hot"}, "temperature must be a number"),
+        ({"temperature": True}, "temperature must be a number"),
+        ({"temperature": -1}, "temperature must be >= 0"),
+        ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+        ({"max_new_tokens": 2.0}, "max_new_tokens must be an integer"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"seed": False}, "seed must be an integer"),
+        ({"logprobs": 21}, "top logprobs must be an integer from 0 to 20"),
+        ({"ignore_eos": 1}, "ignore_eos must be a boolean"),
+        ({"stop": ""}, "stop must be a non-empty string or a list of them"),
+        ({"stop": ["a", 3]}, "stop must be a non-empty string or a list of them"),
+        ({"presence_penalty": 2.5}, "presence_penalty must be a number from -2 to 2"),
+        ({"logit_bias": [1]}, "logit_bias must be an object"),
+        ({"logit_bias": {"x": 1}}, "logit_bias keys must be token ids"),
+        ({"colour": 1}, "colour is not a sampling parameter"),
+    ],
+)
+def test_to_sampling_params_names_the_bad_field(given, message):
+    with pytest.raises(ValueError, match=message):
+        to_sampling_params(**given)

@@ -19,6 +19,7 @@ from mdi_mpi.process import run_command
 from mdi_mpi.scheduler import Listener
 
 if TYPE_CHECKING:
+    from mdi_mpi.pipeline import Recorder
     from mdi_mpi.transport import Comm
 
 EXAMPLES = """\
@@ -73,10 +74,8 @@ def build_parser() -> Parser:
 def run(args: argparse.Namespace, spec: JobSpec, comm: Comm) -> dict:
     """Run the generation job described by ``args`` on this rank; rank 0 returns the run summary."""
     from mdi_mpi import demo
-    from mdi_mpi.pipeline import Recorder, run_first, run_worker
     from mdi_mpi.requests import Prompt, build_requests, finished_ids, load_tokenizer, read_prompts_file, stop_token_ids
-    from mdi_mpi.sampling import SamplingParams
-    from mdi_mpi.scheduler import Scheduler
+    from mdi_mpi.sampling import SamplingParams, to_sampling_params
 
     def check() -> SamplingParams:
         if not args.prompt and not args.prompts_file:
@@ -84,9 +83,10 @@ def run(args: argparse.Namespace, spec: JobSpec, comm: Comm) -> dict:
         if args.resume and not args.output:
             raise UserError("--resume needs --output: the file whose finished requests are skipped")
         try:
-            return SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                                  tuple(args.stop), args.ignore_eos, presence_penalty=args.presence_penalty,
-                                  frequency_penalty=args.frequency_penalty)
+            return to_sampling_params(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                                      ignore_eos=args.ignore_eos, presence_penalty=args.presence_penalty,
+                                      frequency_penalty=args.frequency_penalty)
         except ValueError as e:
             raise UserError(str(e)) from None
 
@@ -112,28 +112,25 @@ def run(args: argparse.Namespace, spec: JobSpec, comm: Comm) -> dict:
         return Prepared((reqs, stop_token_ids(config.eos_token_ids, tokenizer_dir, tokenizer)), len(reqs), tokenizer)
 
     job = start(comm, spec, prepare, check=check)
-    job.ready()
-    rec = Recorder(trace=spec.trace)  # origin: just after the barrier, shared by all ranks
-    if job.rank == 0:
-        if job.is_demo:
-            print(demo.DEMO_NOTE, file=sys.stderr, flush=True)
-        (requests, eos), tokenizer = job.prepared.items, job.prepared.tokenizer
-        out = open(args.output, "a", encoding="utf-8") if args.output else None
-        printer = _Printer(len(requests), out, tokenizer is not None, streaming=len(requests) == 1 and not args.quiet, quiet=args.quiet)
-        sched = Scheduler(job.n_slots, job.max_seq_len, args.prefill_chunk, eos, tokenizer, printer,
-                          job.config.long_rope_after)
-        sched.add(requests)
-        try:
-            run_first(job.stage, sched, job.ring, job.groups, rec)
-        finally:
-            if out is not None:
-                out.close()
-    else:
-        run_worker(job.stage, job.ring, rec)
-    return _summarize(job, rec, printer if job.rank == 0 else None, args)
+    if job.rank != 0:
+        return _summarize(job, job.run(trace=spec.trace), None, args)
+    if job.is_demo:
+        print(demo.DEMO_NOTE, file=sys.stderr, flush=True)
+    (requests, eos), tokenizer = job.prepared.items, job.prepared.tokenizer
+    out = open(args.output, "a", encoding="utf-8") if args.output else None
+    printer = _Printer(len(requests), out, tokenizer is not None, streaming=len(requests) == 1 and not args.quiet,
+                       quiet=args.quiet)
+    sched = job.scheduler(eos, tokenizer, printer)
+    sched.add(requests)
+    try:
+        rec = job.run(sched, trace=spec.trace)
+    finally:
+        if out is not None:
+            out.close()
+    return _summarize(job, rec, printer, args)
 
 
-def _summarize(job: Job, rec, printer: _Printer | None, args: argparse.Namespace) -> dict:
+def _summarize(job: Job, rec: Recorder, printer: _Printer | None, args: argparse.Namespace) -> dict:
     """Gather every rank's figures; rank 0 prints the summary and writes the stats and the trace."""
     from mdi_mpi.trace import write_trace
 

@@ -37,13 +37,16 @@ from mdi_mpi.errors import UserError
 from mdi_mpi.kernels import Selection, decode_row_ms, default_cache
 from mdi_mpi.layout import Layout, Plan, Sizes, fits, make_plan, pick_dtype, plan_layout
 from mdi_mpi.partition import default_micro_batch, slot_groups, split_layers
+from mdi_mpi.pipeline import Recorder, run_first, run_worker
 from mdi_mpi.probes import available_memory, peak_rss
 from mdi_mpi.quant import Quant
+from mdi_mpi.scheduler import Inbox, Listener, Planner, Scheduler
 from mdi_mpi.shards import read_split, shard_dir, shards_quant
 from mdi_mpi.stage import Stage, layer_speed
 
 if TYPE_CHECKING:  # MPI starts when transport is imported: after the watcher's fork and the netmod choice
-    from mdi_mpi.transport import Comm, Link
+    from mdi_mpi.ring import Link
+    from mdi_mpi.transport import Comm
 
 
 @dataclass(frozen=True)
@@ -122,9 +125,24 @@ class Job:
     def max_seq_len(self) -> int:
         return self.sizes.max_seq_len
 
-    def ready(self) -> None:
-        """Wait until every rank has started (the moment the run's clocks share)."""
+    def scheduler(self, eos_ids: list[int], tokenizer, listener: Listener) -> Scheduler:
+        """Rank 0's scheduler for this job's slots, context and prompt chunks."""
+        return Scheduler(self.n_slots, self.max_seq_len, self.sizes.prefill_chunk, eos_ids, tokenizer, listener,
+                         self.config.long_rope_after)
+
+    def run(self, planner: Planner | None = None, trace: bool = False, all_rows: bool = False,
+            inbox: Inbox | None = None) -> Recorder:
+        """Run the pipeline on this rank until rank 0 stops the ring, and return where the time went:
+        rank 0 feeds ``planner`` (and takes requests from ``inbox``, a server's), the others pass every
+        message on. ``all_rows``: every token's logits come back (scoring). Every rank starts its clock
+        at the same moment, when all have started."""
         self.comm.barrier()
+        rec = Recorder(trace=trace)
+        if self.rank == 0:
+            run_first(self.stage, planner, self.ring, self.groups, rec, all_rows=all_rows, inbox=inbox)
+        else:
+            run_worker(self.stage, self.ring, rec, all_rows=all_rows)
+        return rec
 
     def gather(self, value: Any) -> list | None:
         """Every rank's ``value`` on rank 0 (None elsewhere): the end-of-job figures."""
@@ -136,7 +154,7 @@ class Job:
         return {"rank": self.rank, "host": socket.gethostname(), "layers": [layers.start, layers.stop],
                 "weight_bytes": self.stage.weight_bytes(), "kv_cache_bytes": self.stage.cache_bytes()}
 
-    def rank_stats(self, rec) -> dict:
+    def rank_stats(self, rec: Recorder) -> dict:
         """This rank's share of the run summary (``rec``: the loop's ``pipeline.Recorder``)."""
         return {
             **self.placement(),

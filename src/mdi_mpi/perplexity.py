@@ -102,7 +102,6 @@ def build_parser() -> Parser:
 
 def run(args: argparse.Namespace, spec: JobSpec, comm: Comm) -> dict:
     """Score ``args.text`` on this rank's part of the model; rank 0 returns the result."""
-    from mdi_mpi.pipeline import Recorder, run_first, run_worker
     from mdi_mpi.requests import load_tokenizer
 
     def prepare(config, tokenizer_dir: str, max_seq_len: int) -> Prepared:
@@ -121,15 +120,12 @@ def run(args: argparse.Namespace, spec: JobSpec, comm: Comm) -> dict:
         return Prepared(ws, len(ws), tokenizer)
 
     job = start(comm, spec, prepare, default_max_seq_len=512)
-    job.ready()
-    rec = Recorder()
     if job.rank != 0:
-        run_worker(job.stage, job.ring, rec, all_rows=True)
-        job.gather(job.rank_stats(rec))
+        job.gather(job.rank_stats(job.run(all_rows=True)))
         return {}
     scorer = Scorer(job.prepared.items, job.n_slots, args.prefill_chunk, job.config.long_rope_after)
     t0 = time.perf_counter()
-    run_first(job.stage, scorer, job.ring, job.groups, rec, all_rows=True)
+    rec = job.run(scorer, all_rows=True)
     wall = time.perf_counter() - t0
     ranks = job.gather(job.rank_stats(rec))
     result = {

@@ -20,10 +20,10 @@ import torch
 
 from mdi_mpi.kv_cache import Batch
 from mdi_mpi.probes import peak_rss
+from mdi_mpi.ring import HEARTBEAT, STOP, WORK, Link, Packet, signal_packet
 from mdi_mpi.scheduler import Inbox, Planner, Work
 from mdi_mpi.stage import Stage
 from mdi_mpi.stats import COMPUTE, EVENT_KINDS, PREFILL, RECV, SAMPLE, SEND, to_row
-from mdi_mpi.transport import HEARTBEAT, STOP, WORK, Link, Packet, signal_packet
 
 
 class Recorder:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mdi_mpi.errors import UserError
-from mdi_mpi.sampling import SamplingParams, parse_logit_bias
+from mdi_mpi.sampling import SamplingParams, to_sampling_params
 
 PER_REQUEST_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "presence_penalty",
                     "frequency_penalty", "logit_bias")
@@ -35,7 +35,7 @@ class Prompt:
     id: str | None
     text: str | None
     input_ids: list[int] | None
-    overrides: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # sampling fields as given (to_sampling_params)
     messages: list[dict] | None = None  # a whole conversation for the chat template (instead of ``text``)
 
 
@@ -67,11 +67,10 @@ def parse_prompt_lines(lines: list[str], source: str) -> list[Prompt]:
         ):
             raise UserError(f"{where}: 'input_ids' must be a non-empty list of integers")
         overrides = {k: obj[k] for k in PER_REQUEST_KEYS if k in obj}
-        if "logit_bias" in overrides:
-            try:
-                overrides["logit_bias"] = parse_logit_bias(overrides["logit_bias"])
-            except ValueError as e:
-                raise UserError(f"{where}: {e}") from None
+        try:
+            to_sampling_params(**overrides)  # checked now, so that a bad value names its line
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
         ident = obj.get("id")
         prompts.append(Prompt(None if ident is None else str(ident), text, ids, overrides))
     if not prompts:
@@ -149,8 +148,8 @@ def build_requests(
                 f"prompt {label} has {len(ids)} tokens, longer than the context (--max-seq-len {max_seq_len})"
             )
         try:
-            params = replace(defaults, **p.overrides)
-        except (ValueError, TypeError) as e:
+            params = to_sampling_params(defaults, **p.overrides)
+        except ValueError as e:
             raise UserError(f"prompt {label}: {e}") from None
         if params.logit_bias and params.logit_bias[-1][0] >= vocab_size:
             raise UserError(f"prompt {label}: logit_bias token ids must lie in [0, {vocab_size})")

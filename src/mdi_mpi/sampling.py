@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -73,6 +73,40 @@ def parse_logit_bias(obj: object) -> tuple[tuple[int, float], ...]:
             raise ValueError(f"logit_bias values must be numbers from {-MAX_BIAS:g} to {MAX_BIAS:g}, got {bias!r}")
         pairs[token] = float(bias)
     return tuple(sorted(pairs.items()))
+
+
+def to_sampling_params(defaults: SamplingParams | None = None, **given: object) -> SamplingParams:
+    """``defaults`` (``SamplingParams()`` if None) with the ``given`` fields, as a user gives them:
+    numbers and integers (no booleans), ``ignore_eos`` a boolean, ``stop`` a string or a list of
+    non-empty strings, ``logit_bias`` OpenAI's object. A field given as None keeps its default. The
+    one place where the API, ``generate``'s flags and JSONL prompts turn into ``SamplingParams``;
+    ValueError naming the field when one is unknown or out of range."""
+    names = {f.name for f in fields(SamplingParams)}
+    values = {}
+    for name, value in given.items():
+        if name not in names:
+            raise ValueError(f"{name} is not a sampling parameter")
+        if value is None:
+            continue
+        if name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            value = float(value)
+        elif name in ("max_new_tokens", "top_k", "seed", "logprobs"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        elif name == "ignore_eos":
+            if not isinstance(value, bool):
+                raise ValueError(f"ignore_eos must be a boolean, got {value!r}")
+        elif name == "stop":
+            stops = [value] if isinstance(value, str) else value
+            if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+                raise ValueError(f"stop must be a non-empty string or a list of them, got {value!r}")
+            value = tuple(stops)
+        elif name == "logit_bias":
+            value = parse_logit_bias(value)
+        values[name] = value
+    return replace(defaults or SamplingParams(), **values)
 
 
 def request_generator(seed: int, index: int) -> torch.Generator:

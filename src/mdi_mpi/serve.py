@@ -106,8 +106,6 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def run(args: argparse.Namespace, spec: JobSpec, comm: Comm) -> None:
     """Serve on this rank until drained."""
-    from mdi_mpi.pipeline import Recorder, run_worker
-
     def check() -> _HTTPThread | None:
         """Every rank checks the server flags; rank 0 binds and answers ``/health`` with 503 while
         the model loads."""
@@ -123,11 +121,10 @@ def run(args: argparse.Namespace, spec: JobSpec, comm: Comm) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     job = start(comm, spec, _prepare, check=check)
     placements = job.gather(job.placement())
-    job.ready()
     if job.rank == 0:
         _serve(job, job.checked, args, spec.timeout_s, placements)
     else:
-        run_worker(job.stage, job.ring, Recorder())
+        job.run()
 
 
 def _prepare(config, tokenizer_dir: str, max_seq_len: int) -> Prepared:
@@ -177,20 +174,18 @@ class _HTTPThread:
 def _serve(job: Job, http: _HTTPThread, args: argparse.Namespace, timeout: float | None, info: list[dict]) -> None:
     """Rank 0: answer requests until a signal drains the server."""
     from mdi_mpi import demo
-    from mdi_mpi.api import Bridge, Metrics, Ranks, Settings
-    from mdi_mpi.pipeline import Recorder, run_first
+    from mdi_mpi.api import Bridge, Settings
+    from mdi_mpi.metrics import Metrics, Ranks
     from mdi_mpi.scheduler import Inbox, Scheduler
 
     http_tokenizer, eos = job.prepared.items
-    rec = Recorder()
     heartbeat = min(HEARTBEAT_S, timeout / 4) if timeout else HEARTBEAT_S
     inbox = Inbox(args.max_waiting, heartbeat)
     ranks = Ranks(info, job.ring.stats)
     sched: Scheduler | None = None
     metrics = Metrics(lambda: sched.running if sched else 0, lambda: inbox.waiting, ranks)
     bridge = Bridge(inbox, metrics)
-    sched = Scheduler(job.n_slots, job.max_seq_len, args.prefill_chunk, eos, job.prepared.tokenizer, bridge,
-                      job.config.long_rope_after)
+    sched = job.scheduler(eos, job.prepared.tokenizer, bridge)
     name = args.served_model_name or ("mdi-mpi-demo" if job.is_demo else os.path.basename(os.path.normpath(job.model_dir)))
     settings = Settings(name, job.max_seq_len, job.config.vocab_size, job.n_slots, len(job.groups))
     http.on_exit = inbox.close
@@ -217,7 +212,7 @@ def _serve(job: Job, http: _HTTPThread, args: argparse.Namespace, timeout: float
           f"{job.micro_batch}, {str(job.dtype).removeprefix('torch.')}); ready", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
-        run_first(job.stage, sched, job.ring, job.groups, rec, inbox=inbox)
+        job.run(sched, inbox=inbox)
     except BaseException as e:  # noqa: BLE001 - clients in flight get an error, then the job is aborted
         bridge.fail_all(f"the server failed: {type(e).__name__}: {e}")
         raise

@@ -3,10 +3,8 @@
 - ``Comm``: the job's communicator with the few collectives the job set-up and the commands need
   (an agreed check, gathers and broadcasts of small values, a barrier, the abort) and ``split`` for a
   sub-communicator, so that a pipeline stage can be held by a group of ranks of its own.
-- ``Link``: what the pipeline loops need of a ring. ``Ring`` (neighbour links over MPI) and
-  ``LocalRing`` (one rank: what it sends comes straight back) implement it.
-- ``Packet``: one message round the ring: kind, group, the ``Batch`` it carries, which segments rank 0
-  samples, and the activation rows.
+- ``Ring``: one rank's neighbour links over MPI, a ``ring.Link`` (as ``ring.LocalRing`` is for a
+  job of one rank), carrying ``ring.Packet``s.
 
 Each ring message is one preallocated byte buffer: a fixed header of int64s followed by the
 activation payload in the model dtype (bf16 travels as 2 bytes per value). Per-token traffic uses
@@ -28,8 +26,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -37,9 +34,9 @@ from mpi4py import MPI
 
 from mdi_mpi.errors import AgreedError, UserError
 from mdi_mpi.kv_cache import Batch
+from mdi_mpi.ring import Link, LocalRing, Packet
 from mdi_mpi.stats import FIELDS
 
-WORK, STOP, HEARTBEAT = 1, 2, 3
 _FIXED = 4  # kind, group, n_segments, n_rows
 _PER_SEG = 5  # slot, start, length, sampled, long (longrope's long factors)
 TAG = 7
@@ -148,43 +145,6 @@ def wait(req: MPI.Request, timeout_s: float | None = None) -> bool:
         time.sleep(nap)
         nap = min(2 * nap, MAX_NAP_S)
     return True
-
-
-@dataclass
-class Packet:
-    """One message round the ring. Received, ``rows`` views the receive buffer and is valid until
-    the packet is released."""
-
-    kind: int
-    group: int
-    batch: Batch | None = None  # None for a message with no work (a stop or a heartbeat)
-    sampled_segs: list[int] = field(default_factory=list)  # segments whose last token rank 0 samples
-    rows: torch.Tensor | None = None  # [n_rows, D]
-    buffer: int = 0  # which receive buffer holds it
-
-
-def signal_packet(kind: int) -> Packet:
-    """A message with no work: a stop or a heartbeat."""
-    return Packet(kind, 0)
-
-
-class Link(Protocol):
-    """One rank's place in the ring, as the pipeline loops use it."""
-
-    rank: int
-    size: int
-    stats: np.ndarray  # [rank, len(stats.FIELDS)] int64: every rank's stats, as last reported
-    bytes_sent: int
-
-    def send(self, packet: Packet) -> None: ...
-
-    def recv(self) -> Packet: ...
-
-    def release(self, packet: Packet) -> None: ...
-
-    def close(self) -> None: ...
-
-    def buffer_bytes(self) -> int: ...
 
 
 class Ring:
@@ -301,28 +261,3 @@ class Ring:
             req.Cancel()
             req.Wait()
         self.pending.clear()
-
-
-class LocalRing:
-    """The ring of one rank: what rank 0 sends comes straight back to it."""
-
-    def __init__(self) -> None:
-        self.rank, self.size = 0, 1
-        self.queue: deque[Packet] = deque()
-        self.bytes_sent = 0
-        self.stats = np.zeros((1, len(FIELDS)), dtype=np.int64)
-
-    def send(self, packet: Packet) -> None:
-        self.queue.append(packet)
-
-    def recv(self) -> Packet:
-        return self.queue.popleft()
-
-    def release(self, packet: Packet) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def buffer_bytes(self) -> int:
-        return 0
