@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite: set-up, the single-process tests (which launch mpiexec runs themselves),
 # then the tests that run inside an MPI job of 2 ranks.
+# The quick tests alone (no processes, servers or daemons started): pytest -m "not system" tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-bash scripts/setup-slurm.sh
-bash scripts/setup-browser.sh
-bash scripts/setup-network.sh
+bash scripts/setup-system.sh slurm browser network
 . .venv/bin/activate
 export OMP_NUM_THREADS=1
 python -m pytest -q tests "$@"

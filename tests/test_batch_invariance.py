@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import full_stage
+from support.stages import full_stage
 
 from mdi_mpi.kernels import ROWS, Choice, ShapeKernels, choose_kernels, cover, families_of, probe, select
 from mdi_mpi.kv_cache import Batch

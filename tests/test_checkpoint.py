@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support.models import TINY, build_hf_model
 
 from mdi_mpi.checkpoint import Checkpoint, load_stage
 from mdi_mpi.errors import UserError
@@ -64,7 +65,7 @@ def test_edge_stage_has_embedding_and_head(twelve_layers, names_read):
 RSS_SCRIPT = """
 import sys, torch
 from mdi_mpi.checkpoint import Checkpoint, load_stage
-from mdi_mpi.plan import peak_rss
+from mdi_mpi.probes import peak_rss
 from mdi_mpi.quant import Quant
 quant = Quant(sys.argv[2]) if sys.argv[2] != "none" else None
 load_stage(Checkpoint(sys.argv[1]), range(0, 1), False, torch.float32, quant)  # pay torch's one-time set-up (~35 MB)
@@ -77,11 +78,10 @@ print(peak_rss() - before, stage.weight_bytes())
 
 
 @pytest.mark.parametrize("quant", ["none", "int4"])
+@pytest.mark.subprocess
 def test_partial_load_memory_is_its_share(tmp_path, quant):
     """12 layers of ~13 MB each in float32: a 5-layer stage must not pay for the other 7, and a
     quantized one peaks at its quantized share plus one full-precision tensor."""
-    from conftest import build_hf_model
-
     path = build_hf_model(tmp_path / "m", "LlamaConfig", dict(num_hidden_layers=12, hidden_size=512,
                           intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4))
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), quant], capture_output=True, text=True, check=True)
@@ -161,7 +161,6 @@ def test_missing_shard(twelve_layers, tmp_path):
 def test_reader_equals_safetensors_for_each_dtype_on_disk(tmp_path, dtype, sharded):
     """Real checkpoints are bf16 on disk: every tensor we read equals safetensors' own reading."""
     import transformers
-    from conftest import TINY
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).to(dtype)

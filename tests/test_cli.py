@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, mpiexec, ranks_of, run_cli
+from support import REPO
+from support.launch import mpiexec, ranks_of, run_cli
 from transformers import AutoModelForCausalLM
 
 FIELDS = {"id", "prompt", "input_ids", "tokens", "text", "finish_reason", "ttft_s", "duration_s"}
@@ -51,6 +52,7 @@ def greedy_reference(models):
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("ranks, slots", [(1, 1), (1, 4), (2, 2), (3, 3), (3, 6)])
+@pytest.mark.mpi
 def test_greedy_equals_transformers_for_any_ranks_and_slots(models, greedy_reference, tmp_path, ranks, slots):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
     out = tmp_path / "out.jsonl"
@@ -64,6 +66,7 @@ def test_greedy_equals_transformers_for_any_ranks_and_slots(models, greedy_refer
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.mpi
 def test_sampled_output_is_identical_across_ranks_slots_and_micro_batches(models, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:4])
     runs = {}
@@ -113,6 +116,7 @@ class OpenAIPenalties:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.mpi
 def test_penalties_and_logit_bias_equal_transformers_with_the_same_formula(models, greedy_reference, tmp_path):
     from transformers import LogitsProcessorList
 
@@ -144,6 +148,7 @@ def test_penalties_and_logit_bias_equal_transformers_with_the_same_formula(model
     assert records(out)["p0"]["tokens"] == ref["p1"]
 
 
+@pytest.mark.subprocess
 def test_demo_model_single_process(demo_dir, tmp_path):
     out = tmp_path / "out.jsonl"
     res = run_cli(["--prompt", "Once upon a time", "--prompt", "Hello", "--max-new-tokens", "8",
@@ -159,6 +164,7 @@ def test_demo_model_single_process(demo_dir, tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.subprocess
 def test_a_streamed_stop_string_is_never_printed(demo_dir, tmp_path):
     """One request streams to stdout; with --stop WORD taken from its own greedy output, stdout ends
     before the word and equals the record's text."""
@@ -176,6 +182,7 @@ def test_a_streamed_stop_string_is_never_printed(demo_dir, tmp_path):
     assert res.stdout == rec["text"] + "\n" and stop not in res.stdout
 
 
+@pytest.mark.subprocess
 def test_demo_chat_and_streaming(demo_dir, tmp_path):
     from mdi_mpi.requests import load_tokenizer
 
@@ -190,6 +197,7 @@ def test_demo_chat_and_streaming(demo_dir, tmp_path):
     assert res.stdout == rec["text"] + "\n"  # a single request streams exactly its text, no header
 
 
+@pytest.mark.subprocess
 def test_help_lists_the_flags():
     res = run_cli(["--help"])
     assert res.returncode == 0
@@ -219,6 +227,7 @@ def _bad(tmp_path, models):
     ]
 
 
+@pytest.mark.subprocess
 def test_bad_input_single_process(models, tmp_path):
     for args, message in _bad(tmp_path, models):
         res = run_cli(args, timeout=60)
@@ -229,6 +238,7 @@ def test_bad_input_single_process(models, tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.mpi
 def test_bad_input_every_rank_exits_2_with_one_message(models, tmp_path):
     cases = _bad(tmp_path, models)[:6:2] + [
         (["--model", str(models["mistral"]), "--prompt", "x"], "has no tokenizer"),
@@ -251,6 +261,7 @@ HOST = socket.gethostname()  # failure lines name the rank's host  # sitecustomi
 @pytest.mark.parametrize("kind, line", [("error", f"rank 1 on {HOST}: RuntimeError: injected failure at call 7"),
                                         ("interrupt", f"rank 1 on {HOST}: KeyboardInterrupt"),
                                         ("segfault", f"rank 1 on {HOST}: killed by SIGSEGV (a crash in native code)")])
+@pytest.mark.mpi
 def test_a_failing_rank_ends_the_job_and_keeps_results(models, tmp_path, kind, line):
     """Any exception on one rank, KeyboardInterrupt included, or a crash ends every rank at once."""
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 3, max_new_tokens=2)
@@ -305,6 +316,7 @@ def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str], launcher
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.mpi
 def test_a_rank_killed_by_a_signal_ends_the_job(models, tmp_path):
     # What the OOM killer does: SIGKILL, no chance to call MPI_Abort. The launcher must end the rest,
     # and the rank's watcher says what happened.
@@ -314,6 +326,7 @@ def test_a_rank_killed_by_a_signal_ends_the_job(models, tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.mpi
 def test_sigint_to_one_rank_ends_the_job(models, tmp_path):
     # Ctrl-C on one node: KeyboardInterrupt in that rank must abort the job, not hang in MPI finalization.
     stderr, took = _start_and_hit_rank_1(models, tmp_path, signal.SIGINT, [])
@@ -322,6 +335,7 @@ def test_sigint_to_one_rank_ends_the_job(models, tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.mpi
 def test_sigterm_to_the_launcher_ends_the_job_and_says_so(models, tmp_path):
     # kill, scancel or a time limit: every rank is told, says so, and the records written are kept.
     stderr, took = _start_and_hit_rank_1(models, tmp_path, signal.SIGTERM, [], launcher=True)
@@ -330,6 +344,7 @@ def test_sigterm_to_the_launcher_ends_the_job_and_says_so(models, tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.mpi
 def test_a_frozen_rank_ends_the_job_after_the_timeout(models, tmp_path):
     # A node that hangs without dying (SIGSTOP here): its neighbours give up after --timeout.
     stderr, took = _start_and_hit_rank_1(models, tmp_path, signal.SIGSTOP, ["--timeout", "3"])
@@ -339,6 +354,7 @@ def test_a_frozen_rank_ends_the_job_after_the_timeout(models, tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.mpi
 def test_hostfile_launcher_runs_one_rank_per_line(demo_dir, tmp_path):
     hosts = tmp_path / "hosts.txt"
     hosts.write_text("# this machine, twice\nlocalhost\nlocalhost\n")
@@ -355,6 +371,7 @@ CAPS = {"none": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY"
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kernel, cap", [("auto", "none"), ("auto", "avx2"), ("row", "none"), ("tile8", "none"), ("mv", "avx512")])
+@pytest.mark.mpi
 def test_invariance_holds_for_each_kernel_and_under_isa_caps(models, tmp_path, kernel, cap):
     """Sampled bf16 tokens equal across rank, slot and micro-batch counts, whichever kernel is used
     (forced or chosen) and with the CPU capped to an older instruction set."""
@@ -381,6 +398,7 @@ def test_invariance_holds_for_each_kernel_and_under_isa_caps(models, tmp_path, k
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.mpi
 def test_dtype_auto_says_what_it_picked(models, tmp_path):
     stats = tmp_path / "stats.json"
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:1])
@@ -399,6 +417,7 @@ def test_dtype_auto_says_what_it_picked(models, tmp_path):
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", ["qwen3", "phi3-longrope", "mistral-window", "qwen2-window", "gemma2", "gemma3"])
+@pytest.mark.mpi
 def test_new_families_greedy_equals_transformers_on_any_ranks(models, tmp_path, name):
     path = models[name]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -416,6 +435,7 @@ def test_new_families_greedy_equals_transformers_on_any_ranks(models, tmp_path, 
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.mpi
 def test_longrope_past_the_original_context_equals_transformers(models, tmp_path):
     """Phi-3's longrope: a prompt longer than the original context (128 here) uses the long factors
     from the start; one that grows past it switches, and transformers recomputes the whole sequence
@@ -440,6 +460,7 @@ def test_longrope_past_the_original_context_equals_transformers(models, tmp_path
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.mpi
 def test_flags_of_a_successful_run_do_what_they_say(models, tmp_path):
     """--layers, --mem, --timeout 0, --prompts-file -, --quiet and --stats-json on one 2-rank run, and
     the default slots (max(N, min(requests, 4N))) and micro-batch (ceil(K / N))."""
@@ -460,6 +481,7 @@ def test_flags_of_a_successful_run_do_what_they_say(models, tmp_path):
     assert {"tokens_per_s", "mean_ttft_s", "dtype", "dtype_reason", "kernels"} <= set(s) | set(s["per_rank"][0])
 
 
+@pytest.mark.mpi
 def test_flag_errors_on_every_rank(models, tmp_path):
     m = str(models["llama-tied"])
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
@@ -472,6 +494,7 @@ def test_flag_errors_on_every_rank(models, tmp_path):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.mpi
 def test_a_killed_job_resumes_where_it_stopped(models, tmp_path):
     """Kill a 3-rank job mid-run, resume it (on 2 ranks): every request appears exactly once, with the
     tokens of an uninterrupted run, greedy and seeded alike."""

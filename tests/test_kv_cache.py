@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import full_stage, generate
+from support.stages import full_stage, generate
 
 from mdi_mpi.kv_cache import Batch, KVCache
 

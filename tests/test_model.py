@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VARIANTS
-from helpers import full_stage, generate
+from support.models import VARIANTS
+from support.stages import full_stage, generate
 from transformers import AutoModelForCausalLM
 
 from mdi_mpi.kv_cache import Batch

@@ -19,17 +19,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
-
-sys.path.insert(0, str(REPO / "scripts"))
-from hosts import HARNESS, Hosts  # noqa: E402 - the harness lives in scripts/, shared with bench_links.py
+from support.hosts import HARNESS, Hosts
+from support.launch import run_cli
 
 PREFIX = "mdit"
 pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.mpi,
     pytest.mark.skipif(os.geteuid() != 0, reason="test hosts need root (network and UTS namespaces)"),
     pytest.mark.skipif(not (shutil.which("ip") and Path("/usr/sbin/sshd").exists() and shutil.which("ssh")),
                        reason="test hosts need iproute2, openssh-server and openssh-client "
-                       "(scripts/setup-network.sh installs them as root)"),
+                       "(scripts/setup-system.sh network installs them as root)"),
 ]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import Server
+from support.servers import Server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 try:
@@ -20,7 +20,10 @@ try:
 except ImportError:  # pragma: no cover - the reason is reported by the skip below
     sync_playwright = None
 pytestmark = [
-    pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (scripts/setup-browser.sh installs "
+    pytest.mark.browser,
+    pytest.mark.server,
+    pytest.mark.mpi,
+    pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (scripts/setup-system.sh browser installs "
                        "Debian's chromium as root)"),
     pytest.mark.skipif(sync_playwright is None, reason="the playwright package is not installed (test extra)"),
 ]

@@ -81,6 +81,7 @@ def test_slot_groups(n_slots, micro, groups):
     assert slot_groups(n_slots, micro) == groups
 
 
+@pytest.mark.subprocess
 def test_importing_a_command_does_not_start_mpi():
     """MPI must start only after the watcher's fork and the netmod choice (``process.run_command``):
     a command module, the job set-up and the flags import no mpi4py."""

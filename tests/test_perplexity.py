@@ -10,7 +10,8 @@ import sys
 
 import pytest
 import torch
-from conftest import mpiexec
+from support.launch import mpiexec
+from support.stages import full_stage
 
 from mdi_mpi.perplexity import Scorer, windows
 
@@ -54,6 +55,7 @@ def test_scorer_feeds_every_token_once_and_scores_every_next_token():
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.subprocess
 def test_perplexity_equals_transformers(random_dir, held_out, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,6 +78,7 @@ def test_perplexity_equals_transformers(random_dir, held_out, tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.mpi
 def test_perplexity_is_the_same_for_any_ranks_and_slots(demo_dir, held_out, tmp_path):
     seen = {}
     for ranks, slots, micro in [(1, 1, 1), (2, 2, 1), (3, 6, 2)]:
@@ -89,6 +92,7 @@ def test_perplexity_is_the_same_for_any_ranks_and_slots(demo_dir, held_out, tmp_
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.mpi
 def test_quantization_costs_little_perplexity_on_the_trained_model(demo_dir, held_out, tmp_path):
     ppl = {}
     for name, extra in [("bf16", []), ("int8", ["--quant", "int8"]), ("int4", ["--quant", "int4", "--quant-group", "128"])]:
@@ -102,6 +106,7 @@ def test_quantization_costs_little_perplexity_on_the_trained_model(demo_dir, hel
     assert ppl["int4"] <= 1.10 * ppl["bf16"], ppl
 
 
+@pytest.mark.mpi
 def test_bad_input_is_one_clear_error(models, held_out, tmp_path):
     res = run_ppl(["--model", str(models["qwen2"]), "--text", str(held_out)])
     assert res.returncode == 2 and "has no tokenizer" in res.stderr and "Traceback" not in res.stderr, res.stderr
@@ -116,11 +121,10 @@ def test_bad_input_is_one_clear_error(models, held_out, tmp_path):
 def test_windows_past_longropes_original_context_score_as_transformers(models):
     """A window longer than the original context (128 here) is scored with the long factors, as
     transformers scores it in one forward; a shorter one with the short factors."""
-    from helpers import full_stage
     from transformers import AutoModelForCausalLM
 
     from mdi_mpi.pipeline import Recorder, run_first
-    from mdi_mpi.transport import LocalRing
+    from mdi_mpi.ring import LocalRing
 
     path = models["phi3-longrope"]
     stage = full_stage(path, n_slots=2, max_seq_len=256)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from support.launch import run_cli
 
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.demo import TINYLLAMA_CONFIG
 from mdi_mpi.errors import UserError
-from mdi_mpi.partition import parse_bytes
 from mdi_mpi.layout import check_fit, make_plan, pick_dtype, suggestion
+from mdi_mpi.partition import parse_bytes
 
 TINYLLAMA = ModelConfig.from_dict({**TINYLLAMA_CONFIG, "model_type": "llama"})
 KW = dict(n_slots=3, max_seq_len=2048, micro_batch=1, prefill_chunk=128)
@@ -63,6 +63,7 @@ def _plan_cli(*args):
     return subprocess.run([sys.executable, "-m", "mdi_mpi.plan", *args], capture_output=True, text=True)
 
 
+@pytest.mark.subprocess
 def test_plan_cli_refuses_and_accepts(random_dir):
     m = ("--model", str(random_dir))
     bad = _plan_cli(*m, "--ranks", "2", "--mem-per-rank", "200MiB")
@@ -74,12 +75,14 @@ def test_plan_cli_refuses_and_accepts(random_dir):
     assert mixed.returncode == 2 and "2 sizes for 3 ranks" in mixed.stderr
 
 
+@pytest.mark.mpi
 def test_generate_refuses_a_plan_that_does_not_fit(demo_dir):
     res = run_cli(["--prompt", "x", "--mem-per-rank", "300MiB"], ranks=2)
     assert res.returncode == 2 and res.stderr.count("needs about") == 1, res.stderr
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.mpi
 def test_split_checkpoint_gives_the_same_tokens(models, tmp_path):
     model = models["llama-gqa-llama3"]
     shards = tmp_path / "shards"
@@ -115,6 +118,7 @@ def test_split_checkpoint_gives_the_same_tokens(models, tmp_path):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.mpi
 def test_balance_speed_follows_the_ranks_measured_speeds(models, tmp_path):
     """Each rank's layer speed is faked from outside the product (tests/inject/sitecustomize.py): the
     faster rank gets more layers, and the tokens equal those of the same split given by --layers."""
@@ -156,6 +160,7 @@ def test_pick_dtype(bf16_ms, fp32_ms, fp32_fits, picked):
 
 
 @pytest.mark.parametrize("tool", ["plan", "split"])
+@pytest.mark.subprocess
 def test_zero_counts_are_refused_not_ignored(tool, random_dir, tmp_path):
     """--slots 0 used to be silently replaced by the default in plan and split."""
     extra = ["--out", str(tmp_path / "s")] if tool == "split" else []

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
-from helpers import generate
+from support.launch import run_cli
+from support.stages import generate
 from test_cli import PROMPTS, records, write_prompts
 
 from mdi_mpi.checkpoint import Checkpoint, hf_name, load_stage
@@ -104,6 +104,7 @@ def test_quantized_stage_matches_transformers_on_the_dequantized_weights(models,
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.mpi
 def test_quantized_outputs_are_identical_across_ranks_slots_and_micro_batches(models, tmp_path, kind):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:3])
     runs = {}
@@ -125,6 +126,7 @@ def test_quantized_outputs_are_identical_across_ranks_slots_and_micro_batches(mo
         assert tokens == first, key
 
 
+@pytest.mark.subprocess
 def test_quantized_weights_take_their_share_of_memory(models, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:1])
     sizes = {}
@@ -139,6 +141,7 @@ def test_quantized_weights_take_their_share_of_memory(models, tmp_path):
     assert sizes["int4"] < 0.8 * sizes["int8"]
 
 
+@pytest.mark.subprocess
 def test_bad_quant_flags_exit_2(models):
     m = str(models["mistral"])
     for args, message in [(["--quant", "int3"], "invalid choice: 'int3'"), (["--quant", "int4", "--quant-group", "100"], "--quant-group must be one of")]:
@@ -146,6 +149,7 @@ def test_bad_quant_flags_exit_2(models):
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
+@pytest.mark.subprocess
 def test_plan_counts_quantized_bytes_and_suggests_a_quant():
     from mdi_mpi.config import ModelConfig
     from mdi_mpi.demo import TINYLLAMA_CONFIG
@@ -170,6 +174,7 @@ def test_plan_counts_quantized_bytes_and_suggests_a_quant():
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.mpi
 def test_split_quant_shards_give_the_tokens_of_on_the_fly_quantization(models, tmp_path):
     model = str(models["llama-gqa-llama3"])
     shards = tmp_path / "shards"
@@ -202,6 +207,7 @@ def test_split_quant_shards_give_the_tokens_of_on_the_fly_quantization(models, t
     assert res.returncode == 2 and "contradicts" in res.stderr
 
 
+@pytest.mark.subprocess
 def test_an_already_quantized_checkpoint_is_refused(models, tmp_path):
     import shutil
 

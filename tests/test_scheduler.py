@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import scheduler
+from support.stages import scheduler
 
 from mdi_mpi.requests import Request
 from mdi_mpi.sampling import SamplingParams

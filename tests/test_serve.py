@@ -16,9 +16,10 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import ranks_of, run_cli
-from servers import Server
+from support.launch import ranks_of, run_cli
+from support.servers import Server
 
+pytestmark = [pytest.mark.server, pytest.mark.mpi]
 PROMPTS = ["def main(", "import os\n", "class Foo:", "for i in range(", "return self.", "if __name__ ==",
            "x = [", "try:\n    "]
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 Submits the real ``jobs/pi-cluster.sbatch`` on 3 nodes and checks the tokens against a
 single-process run; then the ``srun --mpi=none`` case (what ``MpiDefault=none`` gives), which must
 stop with a clear error. Every daemon started here is stopped by PID. Skipped, with the reason,
-where Slurm is not installed or we are not root (``scripts/setup-slurm.sh`` installs it in CI).
+where Slurm is not installed or we are not root (``scripts/setup-system.sh slurm`` installs it in CI).
 """
 
 from __future__ import annotations
@@ -19,13 +19,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from support import REPO
+from support.hosts import Hosts
+from support.launch import run_cli
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
 missing = [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
 pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.mpi,
     pytest.mark.skipif(bool(missing), reason=f"Slurm is not installed ({', '.join(missing)} missing); "
-                       "scripts/setup-slurm.sh installs it as root"),
+                       "scripts/setup-system.sh slurm installs it as root"),
     pytest.mark.skipif(os.geteuid() != 0, reason="the Slurm test starts daemons as root"),
 ]
 
@@ -294,10 +298,7 @@ class NetCluster(Cluster):
 @pytest.fixture(scope="module")
 def net_cluster(tmp_path_factory):
     if not Path("/usr/sbin/sshd").exists() or shutil.which("ip") is None:
-        pytest.skip("the test hosts need iproute2 and openssh-server (scripts/setup-network.sh installs them)")
-    sys.path.insert(0, str(REPO / "scripts"))
-    from hosts import Hosts
-
+        pytest.skip("the test hosts need iproute2 and openssh-server (scripts/setup-system.sh network installs them)")
     tmp = tmp_path_factory.mktemp("netslurm")
     hosts = Hosts(tmp / "hosts", "mdis")
     c = NetCluster(tmp / "slurm", hosts)
@@ -329,6 +330,7 @@ def _wait_done(cluster: NetCluster, job_id: str, timeout: float) -> float:
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.netns
 def test_pi_cluster_job_on_three_hosts_over_tcp_matches_single_process(net_cluster, demo_dir, tmp_path):
     prompts, single = _reference(tmp_path)
     out, stats = tmp_path / "net.jsonl", tmp_path / "stats.json"
@@ -344,6 +346,7 @@ def test_pi_cluster_job_on_three_hosts_over_tcp_matches_single_process(net_clust
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.netns
 def test_scancel_ends_the_job_on_every_host_and_keeps_its_records(net_cluster, demo_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def main(\nimport os\nclass Foo:\n" * 40)

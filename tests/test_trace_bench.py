@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from support.launch import run_cli
 
 from mdi_mpi.trace import read_trace, utilization
 
@@ -23,6 +23,7 @@ def trace_file(demo_dir, tmp_path_factory):
     return path
 
 
+@pytest.mark.mpi
 def test_trace_round_trip(trace_file):
     trace = read_trace(str(trace_file))
     assert trace.summary["ranks"] == 2 and len(trace.events) == 2
@@ -41,6 +42,7 @@ def test_trace_round_trip(trace_file):
     assert all(0 < r["busy"] <= 1.0 + 1e-6 for r in rows)
 
 
+@pytest.mark.mpi
 def test_trace_summary_and_plot(trace_file, tmp_path):
     res = subprocess.run([sys.executable, "-m", "mdi_mpi.trace", "summary", str(trace_file)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -60,6 +62,7 @@ def test_trace_summary_and_plot(trace_file, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+@pytest.mark.mpi
 def test_plot_window_draws_only_its_first_seconds(trace_file, tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
@@ -80,6 +83,7 @@ def test_plot_window_draws_only_its_first_seconds(trace_file, tmp_path, monkeypa
     assert res.returncode == 2 and "--window must be a positive number of seconds" in res.stderr
 
 
+@pytest.mark.subprocess
 def test_trace_of_a_non_trace_file(tmp_path):
     bad = tmp_path / "x.h5"
     bad.write_text("nope")
@@ -88,6 +92,7 @@ def test_trace_of_a_non_trace_file(tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.mpi
 def test_bench_tiny_end_to_end(demo_dir, tmp_path):
     out = tmp_path / "bench.json"
     res = subprocess.run([sys.executable, "-m", "mdi_mpi.bench", "--tiny", "--ranks", "1,2", "--slots", "1,N",

@@ -22,27 +22,7 @@ from pathlib import Path
 from mdi_mpi.demo import FAMILY_SHAPES
 from mdi_mpi.errors import UserError, cli_main
 from mdi_mpi.partition import default_micro_batch
-
-HF_SCRIPT = r"""
-import json, sys, time, torch
-from transformers import AutoModelForCausalLM
-from mdi_mpi.plan import peak_rss
-model_dir, dtype, threads, batch, prompt_len, new_tokens = sys.argv[1:7]
-torch.set_num_threads(int(threads))
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-g = torch.Generator().manual_seed(0)
-ids = torch.randint(3, model.config.vocab_size, (int(batch), int(prompt_len)), generator=g)
-kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-with torch.inference_mode():
-    model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
-    t = time.perf_counter(); model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw); ttft = time.perf_counter() - t
-    t = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=int(new_tokens), min_new_tokens=int(new_tokens), **kw)
-    wall = time.perf_counter() - t
-n = (out.shape[1] - int(prompt_len)) * int(batch)
-print(json.dumps({"tokens_per_s": n / wall, "tokens_per_s_per_sequence": n / wall / int(batch), "ttft_s": ttft,
-                  "generated_tokens": n, "peak_rss_bytes": [peak_rss()]}))
-"""
+from mdi_mpi.probes import cpu_flags
 
 
 def _mpiexec() -> str:
@@ -66,8 +46,8 @@ def _env(threads: int, cap: str) -> dict[str, str]:
 
 
 def run_hf(model: str, dtype: str, threads: int, batch: int, prompt_len: int, new_tokens: int, cap: str = "none") -> dict:
-    """transformers ``generate`` in a fresh process."""
-    cmd = [sys.executable, "-c", HF_SCRIPT, model, dtype, str(threads), str(batch), str(prompt_len), str(new_tokens)]
+    """transformers ``generate`` in a fresh process (``mdi_mpi.bench_hf``)."""
+    cmd = [sys.executable, "-m", "mdi_mpi.bench_hf", model, dtype, str(threads), str(batch), str(prompt_len), str(new_tokens)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(threads, cap))
     if out.returncode:
         raise RuntimeError(f"transformers run failed: {out.stderr[-2000:]}")
@@ -230,20 +210,19 @@ def _with_tokenizer(model: str, out: Path) -> str:
 
 
 def hot_path(model: str, dtype: str, tokens: int = 64) -> dict:
-    """Profile single-process decode: what torch allocates per token and whether RSS grows."""
+    """Profile single-process decode: what torch allocates per token and whether RSS grows. The
+    model is set up as ``generate`` sets it up (``job.start``, one rank, one thread, one slot)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from mdi_mpi.checkpoint import Checkpoint, load_stage
     from mdi_mpi.config import parse_dtype
-    from mdi_mpi.kernels import default_cache
+    from mdi_mpi.job import JobSpec, Prepared, start
     from mdi_mpi.kv_cache import Batch
+    from mdi_mpi.layout import Layout
+    from mdi_mpi.transport import world
 
-    torch.set_num_threads(1)
-    ckpt = Checkpoint(model)
-    stage = load_stage(ckpt, range(ckpt.config.n_layers), True, parse_dtype(dtype))
-    stage.setup_cache(1, 2 * tokens + 32)  # KV cache allocated (and zeroed) up front
-    stage.choose_kernels(cache=default_cache())
+    spec = JobSpec(model, parse_dtype(dtype), threads=1, layout=Layout(max_seq_len=2 * tokens + 32, slots=1))
+    stage = start(world(), spec, lambda config, tokenizer_dir, max_seq_len: Prepared(None, 1)).stage
     token = torch.tensor([5])
 
     def rss() -> int:  # resident bytes now
@@ -270,25 +249,6 @@ def hot_path(model: str, dtype: str, tokens: int = 64) -> dict:
         "rss_growth_over_the_tokens_bytes": after - before,
         "top_allocating_ops": sorted(((e.key, e.self_cpu_memory_usage // tokens) for e in events), key=lambda x: -x[1])[:6],
     }
-
-
-def cpu_flags() -> str:
-    """The CPU's name and the flags that decide matmul kernels (what BENCHMARKS.md records)."""
-    import platform
-
-    name, flags = "", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model") and not name.strip():
-                    name = value.strip()
-                if key.strip() in ("flags", "Features"):
-                    flags = set(value.split())
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "asimd", "asimddp", "bf16", "i8mm", "sve")
-    return f"{name or platform.machine()}: {' '.join(f for f in wanted if f in flags) or 'no vector flags found'}"
 
 
 def configurations(ranks: list[int], slots: list[str], hf: bool, hf_threads: list[int],

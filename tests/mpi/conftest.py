@@ -10,6 +10,11 @@ import pytest
 from mpi4py import MPI
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Every test here runs inside an MPI job."""
+    item.add_marker("mpi")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

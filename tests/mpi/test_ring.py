@@ -6,18 +6,19 @@ import socket
 
 import pytest
 import torch
-from helpers import run_one_process, scheduler
+from support.stages import run_one_process, scheduler
 
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.kernels import default_cache
+from mdi_mpi.kv_cache import Batch
 from mdi_mpi.partition import slot_groups
 from mdi_mpi.pipeline import Recorder, run_first, run_worker
 from mdi_mpi.requests import Request
+from mdi_mpi.ring import STOP, WORK, Packet, signal_packet
 from mdi_mpi.sampling import SamplingParams
 from mdi_mpi.stage import Stage
-from mdi_mpi.kv_cache import Batch
 from mdi_mpi.stats import FIELDS
-from mdi_mpi.transport import STOP, WORK, Comm, Packet, Ring, signal_packet
+from mdi_mpi.transport import Comm, Ring
 
 CONFIG = ModelConfig.from_dict(dict(
     model_type="llama", vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

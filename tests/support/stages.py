@@ -1,4 +1,4 @@
-"""Small helpers shared by tests: load a whole-model stage and generate greedily with it."""
+"""A whole-model stage in this process, and greedy generation with it through the real scheduler and pipeline."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from mdi_mpi.kernels import default_cache
 from mdi_mpi.partition import slot_groups
 from mdi_mpi.pipeline import Recorder, run_first
 from mdi_mpi.requests import Request
+from mdi_mpi.ring import LocalRing
 from mdi_mpi.sampling import SamplingParams
 from mdi_mpi.scheduler import Listener, Scheduler
 from mdi_mpi.stage import Stage
-from mdi_mpi.transport import LocalRing
 
 
 def full_stage(path: Path, dtype: torch.dtype = torch.float32, n_slots: int = 4, max_seq_len: int = 128) -> Stage:

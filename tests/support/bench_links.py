@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """The ring over real TCP links at Pi Ethernet and Wi-Fi speeds: test hosts on this machine
-(``testhosts.sh``), one rank per host launched over SSH by ``jobs/hostfile-run.sh``, the links
-between them either a plain bridge (``bridge``) or emulated by ``linkemu.py`` (``none``: the
+(``scripts/testhosts.sh``), one rank per host launched over SSH by ``jobs/hostfile-run.sh``, the links
+between them either a plain bridge (``bridge``) or emulated by ``scripts/linkemu.py`` (``none``: the
 emulator with no shaping, then ``gigabit``, ``fast-ethernet``, ``wifi``); MPICH's UCX netmod, or
 its OFI one (what ``jobs/run.sh`` uses under srun) with ``--netmods ucx,ofi``. Needs root.
 
@@ -9,7 +8,7 @@ For each profile and N in --ranks: K = N and K = 2N requests of 16 random prompt
 generating --new-tokens greedy tokens (EOS ignored): decode tokens/s, time to first token, bytes on
 the wire per token; and one 512-token prompt alone: its time to first token.
 
-    sudo .venv/bin/python scripts/bench_links.py [--model DIR] [--json docs/bench-links.json]
+    sudo env PYTHONPATH=tests .venv/bin/python -m support.bench_links [--model DIR] [--json docs/bench-links.json]
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hosts import NETMODS, Hosts
+from support.hosts import NETMODS, Hosts
 
 PROFILES = ("bridge", "none", "gigabit", "fast-ethernet", "wifi")
 
@@ -40,7 +39,7 @@ def run(hosts: Hosts, work: Path, model: str, ranks: int, prompts: list[list[int
     return json.loads(stats.read_text())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint (default: the TinyLlama-1.1B-shaped random model of mdi_mpi.bench)")
     p.add_argument("--profiles", default=",".join(PROFILES))
@@ -48,11 +47,11 @@ def main() -> None:
     p.add_argument("--netmods", default="ucx", help="ucx, ofi or both (ucx,ofi)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--json", metavar="FILE")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     import torch
 
-    from mdi_mpi.bench import cpu_flags
     from mdi_mpi.demo import tinyllama_model
+    from mdi_mpi.probes import cpu_flags
 
     model = args.model or str(tinyllama_model())
     vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
@@ -83,6 +82,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model, "cpu": cpu_flags(), "new_tokens": args.new_tokens,
                                                "rows": rows}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

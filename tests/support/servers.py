@@ -11,7 +11,8 @@ import threading
 
 import httpx
 import openai
-from conftest import mpiexec, ranks_of
+
+from support.launch import mpiexec, ranks_of
 
 READY = re.compile(r"serving \S+ at (http://\S+)/v1 ")
 

@@ -1,6 +1,7 @@
-"""Test hosts for the network tests and ``bench_links.py``: ``testhosts.sh`` namespaces, an sshd on
-each, a key made for them, and ``jobs/hostfile-run.sh`` launched on h1 over SSH with TCP forced
-(``UCX_TLS=tcp,self``: PyPI MPICH's UCX would use shared memory between namespaces of one kernel)."""
+"""Test hosts for the network and Slurm tests and ``bench_links``: ``scripts/testhosts.sh``
+namespaces, an sshd on each, a key made for them, and ``jobs/hostfile-run.sh`` launched on h1 over
+SSH with TCP forced (``UCX_TLS=tcp,self``: PyPI MPICH's UCX would use shared memory between
+namespaces of one kernel)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,16 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent
-REPO = SCRIPTS.parent
-HARNESS = str(SCRIPTS / "testhosts.sh")
+from support import REPO
+
+HARNESS = str(REPO / "scripts" / "testhosts.sh")
 # PyPI MPICH's netmods, each forced onto TCP (see jobs/README.md); UCX is hydra's default.
 NETMODS = {"ucx": {"UCX_TLS": "tcp,self"}, "ofi": {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp"}}
 
 
 class Hosts:
     """``n`` test hosts h1..hn (10.77.0.1..n), each running sshd; with ``profile``, their links are
-    emulated by ``linkemu.py`` (none, gigabit, fast-ethernet, wifi) instead of a bridge."""
+    emulated by ``scripts/linkemu.py`` (none, gigabit, fast-ethernet, wifi) instead of a bridge."""
 
     def __init__(self, tmp: Path, prefix: str, n: int = 3, profile: str | None = None):
         self.tmp, self.prefix, self.n = tmp, prefix, n
@@ -29,7 +30,7 @@ class Hosts:
         self.emulator: subprocess.Popen | None = None
         subprocess.run([HARNESS, "up", str(n), prefix, *(["tap"] if profile else [])], check=True, capture_output=True)
         if profile:
-            self.emulator = subprocess.Popen([sys.executable, str(SCRIPTS / "linkemu.py"), prefix, str(n), profile],
+            self.emulator = subprocess.Popen([sys.executable, str(REPO / "scripts" / "linkemu.py"), prefix, str(n), profile],
                                              stdout=subprocess.PIPE, text=True)
             assert self.emulator.stdout.readline().strip() == "ready"
         for name in ("hostkey", "id"):
