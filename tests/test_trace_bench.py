@@ -112,3 +112,22 @@ def test_bench_tiny_end_to_end(demo_dir, tmp_path):
                 assert r["bytes_sent_per_token"] == 0  # one process: nothing crosses MPI
             else:  # each token's activations cross every link once: (N hops) x D x 2 bytes (bf16) at least
                 assert r["bytes_sent_per_token"] >= r["ranks"] * 256 * 2
+
+
+@pytest.mark.parametrize("cap, flags, ok", [
+    ("none", set(), True),
+    ("avx2", {"avx2"}, True),
+    ("avx2", set(), False),
+    ("avx512", {"avx2", "avx512f"}, True),
+    ("avx512", {"avx2"}, False),  # an AVX2 CPU would die of SIGILL under an AVX-512 cap
+])
+def test_a_cap_above_the_cpu_is_refused(monkeypatch, cap, flags, ok):
+    from mdi_mpi import bench
+    from mdi_mpi.errors import UserError
+
+    monkeypatch.setattr(bench, "cpu_features", lambda: ("test CPU", flags))
+    if ok:
+        bench.check_cap(cap)
+    else:
+        with pytest.raises(UserError, match=f"--cap {cap} emulates a CPU with"):
+            bench.check_cap(cap)

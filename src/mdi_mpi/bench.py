@@ -22,7 +22,7 @@ from pathlib import Path
 from mdi_mpi.demo import FAMILY_SHAPES
 from mdi_mpi.errors import UserError, cli_main
 from mdi_mpi.partition import default_micro_batch
-from mdi_mpi.probes import cpu_flags
+from mdi_mpi.probes import cpu_features, cpu_flags
 
 
 def _mpiexec() -> str:
@@ -39,6 +39,19 @@ CAPS = {
     "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},  # a laptop or an older server
     "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "ATEN_CPU_CAPABILITY": "avx512"},  # AVX-512 without bf16 or AMX
 }
+
+
+CAP_NEEDS = {"avx2": "avx2", "avx512": "avx512f"}  # the CPU flag a cap's instruction set needs
+
+
+def check_cap(cap: str) -> None:
+    """A cap can only take instruction sets away: ``UserError`` for one this CPU does not have
+    (its kernels would die of SIGILL)."""
+    need = CAP_NEEDS.get(cap)
+    name, flags = cpu_features()
+    if need is not None and need not in flags:
+        raise UserError(f"--cap {cap} emulates a CPU with {need}, which this one ({name}) does not have; "
+                        f"choose a cap below this CPU, or none")
 
 
 def _env(threads: int, cap: str) -> dict[str, str]:
@@ -345,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         from mdi_mpi import demo
+
+        check_cap(args.cap)
 
         if args.model:
             model = args.model

@@ -45,8 +45,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mdi-mpi"
 
 
-def cpu_flags() -> str:
-    """The CPU's name and the flags that decide matmul kernels (what BENCHMARKS.md records)."""
+def cpu_features() -> tuple[str, set[str]]:
+    """The CPU's name and its feature flags (``/proc/cpuinfo``; empty off Linux)."""
     name, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -58,5 +58,11 @@ def cpu_flags() -> str:
                     flags = set(value.split())
     except OSError:
         pass
+    return name or platform.machine(), flags
+
+
+def cpu_flags() -> str:
+    """The CPU's name and the flags that decide matmul kernels (what BENCHMARKS.md records)."""
+    name, flags = cpu_features()
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "asimd", "asimddp", "bf16", "i8mm", "sve")
-    return f"{name or platform.machine()}: {' '.join(f for f in wanted if f in flags) or 'no vector flags found'}"
+    return f"{name}: {' '.join(f for f in wanted if f in flags) or 'no vector flags found'}"
