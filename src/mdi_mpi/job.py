@@ -113,21 +113,10 @@ class Job:
     def size(self) -> int:
         return self.comm.size
 
-    @property
-    def n_slots(self) -> int:
-        return self.sizes.n_slots
-
-    @property
-    def micro_batch(self) -> int:
-        return self.sizes.micro_batch
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.sizes.max_seq_len
-
     def scheduler(self, eos_ids: list[int], tokenizer, listener: Listener) -> Scheduler:
         """Rank 0's scheduler for this job's slots, context and prompt chunks."""
-        return Scheduler(self.n_slots, self.max_seq_len, self.sizes.prefill_chunk, eos_ids, tokenizer, listener,
+        s = self.sizes
+        return Scheduler(s.n_slots, s.max_seq_len, s.prefill_chunk, eos_ids, tokenizer, listener,
                          self.config.long_rope_after)
 
     def run(self, planner: Planner | None = None, trace: bool = False, all_rows: bool = False,
@@ -179,9 +168,9 @@ class Job:
             "quant": self.quant.kind if self.quant else None,
             "quant_group": self.quant.group if self.quant and self.quant.kind == "int4" else None,
             "ranks": self.size,
-            "slots": self.n_slots,
-            "micro_batch": self.micro_batch,
-            "max_seq_len": self.max_seq_len,
+            "slots": self.sizes.n_slots,
+            "micro_batch": self.sizes.micro_batch,
+            "max_seq_len": self.sizes.max_seq_len,
             "startup_s": round(self.startup_s, 3),
         }
 
@@ -289,8 +278,7 @@ def _dtype(comm: Comm, spec: JobSpec, opened: _Opened, sizes: Sizes, memory: lis
     shape = (cfg.intermediate_size, cfg.hidden_size)
     dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
     ms = comm.allgather({name: decode_row_ms(shape, d, kernel_cache) for name, d in dtypes.items()})
-    float32_plan = make_plan(cfg, comm.size, torch.float32, sizes.n_slots, sizes.max_seq_len, sizes.micro_batch,
-                             sizes.prefill_chunk, split=opened.split, available=memory, quant=None)
+    float32_plan = make_plan(cfg, comm.size, torch.float32, split=opened.split, available=memory, **sizes.plan_kw(None))
     return pick_dtype({d: sum(m[d] for m in ms) for d in dtypes}, fits(float32_plan.memory, memory))
 
 

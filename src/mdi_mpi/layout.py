@@ -161,6 +161,11 @@ class Sizes:
         return cls(slots, max_seq_len or layout.max_seq_len or config.default_context(),
                    layout.micro_batch or default_micro_batch(slots, n_ranks), layout.prefill_chunk)
 
+    def plan_kw(self, quant: Quant | None) -> dict:
+        """These sizes (and ``quant``) as ``make_plan``'s and ``suggestion``'s keyword arguments."""
+        return dict(n_slots=self.n_slots, max_seq_len=self.max_seq_len, micro_batch=self.micro_batch,
+                    prefill_chunk=self.prefill_chunk, quant=quant)
+
 
 def plan_layout(config: ModelConfig, n_ranks: int, dtype: torch.dtype, layout: Layout, sizes: Sizes,
                 quant: Quant | None, available: list[int] | None = None, speeds: list[float] | None = None,
@@ -168,11 +173,9 @@ def plan_layout(config: ModelConfig, n_ranks: int, dtype: torch.dtype, layout: L
     """The plan of ``layout`` for ``n_ranks`` ranks of ``available`` bytes each (default: the
     layout's ``--mem``/``--mem-per-rank``); with ``check``, a ``UserError`` that names the first rank
     that does not fit and suggests what would."""
-    kw = dict(n_slots=sizes.n_slots, max_seq_len=sizes.max_seq_len, micro_batch=sizes.micro_batch,
-              prefill_chunk=sizes.prefill_chunk, quant=quant)
     mems = layout.memory(n_ranks) if available is None else available
     plan = make_plan(config, n_ranks, dtype, split=layout.split, available=mems, balance=layout.balance,
-                     speeds=speeds, **kw)
+                     speeds=speeds, **sizes.plan_kw(quant))
     if check:
         check_plan(plan, config, dtype, sizes, quant)
     return plan
@@ -180,11 +183,8 @@ def plan_layout(config: ModelConfig, n_ranks: int, dtype: torch.dtype, layout: L
 
 def check_plan(plan: Plan, config: ModelConfig, dtype: torch.dtype, sizes: Sizes, quant: Quant | None) -> None:
     """``check_fit`` with the suggestion of the smallest layout that would fit."""
-    if plan.available is None:
-        return
-    kw = dict(n_slots=sizes.n_slots, max_seq_len=sizes.max_seq_len, micro_batch=sizes.micro_batch,
-              prefill_chunk=sizes.prefill_chunk, quant=quant)
-    check_fit(plan, lambda: suggestion(config, dtype, min(plan.available), **kw))
+    if plan.available is not None:
+        check_fit(plan, lambda: suggestion(config, dtype, min(plan.available), **sizes.plan_kw(quant)))
 
 
 AUTO_FLOAT32_GAIN = 1.25  # float32 must decode this much faster to be worth twice the memory

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace, spec: JobSpec, comm: Comm) -> dict:
     if job.rank != 0:
         job.gather(job.rank_stats(job.run(all_rows=True)))
         return {}
-    scorer = Scorer(job.prepared.items, job.n_slots, args.prefill_chunk, job.config.long_rope_after)
+    scorer = Scorer(job.prepared.items, job.sizes.n_slots, args.prefill_chunk, job.config.long_rope_after)
     t0 = time.perf_counter()
     rec = job.run(scorer, all_rows=True)
     wall = time.perf_counter() - t0
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, spec: JobSpec, comm: Comm) -> dict:
     }
     quant = result["quant"] or "none"
     print(f"perplexity {result['perplexity']:.4f} over {scorer.n_targets} tokens ({len(job.prepared.items)} windows of "
-          f"up to {job.max_seq_len}; {result['dtype']}, quant {quant}); {result['tokens_per_s']:.1f} prompt tokens/s "
+          f"up to {job.sizes.max_seq_len}; {result['dtype']}, quant {quant}); {result['tokens_per_s']:.1f} prompt tokens/s "
           f"on {job.size} ranks", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -66,10 +66,13 @@ def _recv(ring: Link, rec: Recorder) -> Packet:
     return msg
 
 
-def _send(ring: Link, rec: Recorder, group: int, batch: Batch, sampled_segs: list[int], h: torch.Tensor) -> None:
+def _send(ring: Link, rec: Recorder, group: int, batch: Batch, sampled_segs: list[int], h: torch.Tensor,
+          back: bool) -> None:
+    """Send a group's rows on; ``back``: to rank 0, which kept the group's segments, so the packet
+    carries none (and rank 0 rebuilds no ``Batch``)."""
     t0 = time.perf_counter()
     _report(ring, rec)
-    ring.send(Packet(WORK, group, batch, sampled_segs, h))
+    ring.send(Packet(WORK, group, rows=h) if back else Packet(WORK, group, batch, sampled_segs, h))
     rec.add(SEND, group, t0, time.perf_counter())
 
 
@@ -121,7 +124,7 @@ def run_first(
             h = _rows_to_return(h, work.batch, work.sampled_segs, all_rows)
         rec.add(_compute_kind(work.batch), g, t0, time.perf_counter())
         works[g] = work
-        _send(ring, rec, g, work.batch, work.sampled_segs, h)
+        _send(ring, rec, g, work.batch, work.sampled_segs, h, back=is_last_rank)
         rec.steps += 1
         return True
 
@@ -185,7 +188,7 @@ def run_worker(stage: Stage, ring: Link, rec: Recorder, all_rows: bool = False) 
         if is_last_rank:
             h = _rows_to_return(h, batch, msg.sampled_segs, all_rows)
         rec.add(_compute_kind(batch), msg.group, t0, time.perf_counter())
-        _send(ring, rec, msg.group, batch, msg.sampled_segs, h)
+        _send(ring, rec, msg.group, batch, msg.sampled_segs, h, back=is_last_rank)
         rec.steps += 1
     ring.close()
     rec.wall_s = time.perf_counter() - rec.origin

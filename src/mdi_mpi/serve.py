@@ -187,7 +187,7 @@ def _serve(job: Job, http: _HTTPThread, args: argparse.Namespace, timeout: float
     bridge = Bridge(inbox, metrics)
     sched = job.scheduler(eos, job.prepared.tokenizer, bridge)
     name = args.served_model_name or ("mdi-mpi-demo" if job.is_demo else os.path.basename(os.path.normpath(job.model_dir)))
-    settings = Settings(name, job.max_seq_len, job.config.vocab_size, job.n_slots, len(job.groups))
+    settings = Settings(name, job.sizes.max_seq_len, job.config.vocab_size, job.sizes.n_slots, len(job.groups))
     http.on_exit = inbox.close
     draining = threading.Event()
 
@@ -208,8 +208,8 @@ def _serve(job: Job, http: _HTTPThread, args: argparse.Namespace, timeout: float
     http.api.open(settings, http_tokenizer, inbox, bridge, metrics, ranks, lambda: sched.running)
     if job.is_demo:
         print(demo.DEMO_NOTE, file=sys.stderr)
-    print(f"serving {name} at {http.address()}/v1 on {socket.gethostname()} ({job.size} ranks, {job.n_slots} slots, micro-batch "
-          f"{job.micro_batch}, {str(job.dtype).removeprefix('torch.')}); ready", file=sys.stderr, flush=True)
+    print(f"serving {name} at {http.address()}/v1 on {socket.gethostname()} ({job.size} ranks, {job.sizes.n_slots} slots, micro-batch "
+          f"{job.sizes.micro_batch}, {str(job.dtype).removeprefix('torch.')}); ready", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
         job.run(sched, inbox=inbox)
