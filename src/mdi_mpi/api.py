@@ -90,13 +90,18 @@ class Bridge(Listener):
         self.calls: dict[Request, Call] = {}  # written by the HTTP thread before submitting
         self.generated = 0  # tokens, since start
         self.finished_count = 0  # sequences, since start
+        self.prompt_tokens = self.cached_tokens = 0  # of admitted sequences, since start
         self.ttfts: deque[float] = deque(maxlen=RECENT)  # the latest times to first token
 
-    def admitted(self, request: Request) -> None:
+    def admitted(self, request: Request, cached: int) -> None:
         self.inbox.left_queue()
         call = self.calls[request]
         call.admitted.add(request)
         self.metrics.prompt_tokens.inc(len(request.input_ids))
+        self.metrics.cached_tokens.inc(cached)
+        self.metrics.computed_tokens.inc(len(request.input_ids) - cached)
+        self.prompt_tokens += len(request.input_ids)
+        self.cached_tokens += cached
 
     def token(self, step: Step) -> None:
         call = self.calls[step.request]
@@ -209,6 +214,7 @@ class API:
             "slots": s.n_slots, "groups": s.n_groups, "max_seq_len": s.max_seq_len,
             "running": self.running(), "waiting": self.inbox.waiting,
             "generated_tokens": b.generated, "finished_requests": b.finished_count,
+            "prompt_tokens": b.prompt_tokens, "prompt_tokens_cached": b.cached_tokens,
             "ttft_p50_s": pct(0.5), "ttft_p95_s": pct(0.95), "ranks": self.ranks.view(),
         })
 
@@ -272,7 +278,7 @@ class API:
                 _, r, result = event
                 if result.finish_reason == "cancelled":
                     raise APIError(503, "the server is shutting down", "unavailable_error")
-                completion.finish(r.index, result.finish_reason)
+                completion.finish(r.index, result.finish_reason, result.cached_tokens)
                 left -= 1
         except asyncio.CancelledError:
             self.inbox.cancel(call.requests)
@@ -307,7 +313,7 @@ class API:
                 if result.finish_reason == "cancelled":
                     yield chunks.error(APIError(503, "the server is shutting down", "unavailable_error"))
                     break
-                yield chunks.finish(r.index, result.finish_reason)
+                yield chunks.finish(r.index, result.finish_reason, result.cached_tokens)
             else:
                 finished = True
                 if chunks.include_usage:

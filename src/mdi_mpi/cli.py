@@ -51,6 +51,11 @@ def add_layout_arguments(p) -> None:
                    "default: ceil(K / N), so that N groups keep N ranks busy")
     p.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, metavar="C",
                    help=f"prompt tokens per slot per step (default: {DEFAULT_PREFILL_CHUNK})")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="compute every prompt from its first token (default: a request skips the whole prompt chunks "
+                   "whose KV a slot holds from an earlier request, with the same tokens as without)")
+    p.add_argument("--cache-slots", type=int, default=0, metavar="S", help="KV slots beyond --slots that only keep "
+                   "prompt prefixes for later requests, in the memory plan like any slot (default: 0)")
     p.add_argument("--mem-per-rank", metavar="SIZE", help="memory of every rank, e.g. 4GiB (default for generate: "
                    "the node's available memory divided by its ranks)")
     p.add_argument("--mem", metavar="A,B,...", help="memory of each rank, e.g. 8GiB,4GiB,4GiB")
@@ -78,6 +83,10 @@ def layout_of(args: argparse.Namespace) -> Layout:
     """The layout flags as a ``Layout``; ``UserError`` for a value that does not parse."""
     if args.mem_per_rank and args.mem:
         raise UserError("give --mem-per-rank or --mem, not both")
+    if args.cache_slots < 0:
+        raise UserError(f"--cache-slots must be 0 or more, got {args.cache_slots}")
+    if args.cache_slots and not args.prefix_cache:
+        raise UserError("--cache-slots keeps prefixes for the prefix cache: drop it or --no-prefix-cache")
     try:
         quant = Quant(args.quant, args.quant_group or 128) if args.quant else None
     except ValueError as e:
@@ -90,6 +99,8 @@ def layout_of(args: argparse.Namespace) -> Layout:
         slots=args.slots,
         micro_batch=args.micro_batch,
         prefill_chunk=args.prefill_chunk,
+        prefix_cache=args.prefix_cache,
+        cache_slots=args.cache_slots,
         mem_per_rank=parse_bytes(args.mem_per_rank) if args.mem_per_rank else None,
         mem=tuple(parse_bytes(m) for m in args.mem.split(",")) if args.mem else None,
         balance=args.balance,

@@ -148,6 +148,8 @@ def _summarize(job: Job, rec: Recorder, printer: _Printer | None, args: argparse
         "tokens_per_s": round(n_tokens / rec.wall_s, 3) if rec.wall_s else 0.0,
         "tokens_per_s_per_sequence": round(printer.rate_sum / max(1, n_done), 3),
         "mean_ttft_s": round(printer.ttft_sum / max(1, n_done), 4),
+        "prompt_tokens": printer.prompt_tokens,
+        "prompt_tokens_cached": printer.cached_tokens,
         "bytes_sent_per_token": round(sum(r["bytes_sent"] for r in ranks) / max(1, n_tokens), 1),
         "per_rank": ranks,
     }
@@ -172,6 +174,7 @@ class _Printer(Listener):
         self.quiet = quiet
         self.n_requests = n_requests
         self.n_done = self.n_tokens = 0
+        self.prompt_tokens = self.cached_tokens = 0
         self.ttft_sum = self.rate_sum = 0.0
         self.t0 = time.perf_counter()
         self.progress = sys.stderr.isatty() and not streaming
@@ -180,6 +183,10 @@ class _Printer(Listener):
         if self.streaming:
             sys.stdout.write(step.text if self.decoded else f"{step.token} ")
             sys.stdout.flush()
+
+    def admitted(self, request, cached) -> None:
+        self.prompt_tokens += len(request.input_ids)
+        self.cached_tokens += cached
 
     def finished(self, request, result) -> None:
         if self.out is not None:
@@ -214,6 +221,9 @@ def print_summary(s: dict) -> None:
         f"({s['ranks']} ranks, {s['slots']} slots, micro-batch {s['micro_batch']}, {s['dtype']})",
         file=err,
     )
+    if s["prompt_tokens_cached"]:
+        print(f"  prefix cache: {s['prompt_tokens_cached']} of {s['prompt_tokens']} prompt tokens found in the cache",
+              file=err)
     for r in s["per_rank"]:
         busy = r["compute_s"] + r["prefill_s"] + r["sample_s"]
         wall = r["wall_s"] or 1.0

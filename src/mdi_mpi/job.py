@@ -38,6 +38,7 @@ from mdi_mpi.kernels import Selection, decode_row_ms, default_cache
 from mdi_mpi.layout import Layout, Plan, Sizes, fits, make_plan, pick_dtype, plan_layout
 from mdi_mpi.partition import default_micro_batch, slot_groups, split_layers
 from mdi_mpi.pipeline import Recorder, run_first, run_worker
+from mdi_mpi.prefix_cache import PrefixCache
 from mdi_mpi.probes import available_memory, peak_rss
 from mdi_mpi.quant import Quant
 from mdi_mpi.scheduler import Inbox, Listener, Planner, Scheduler
@@ -104,6 +105,7 @@ class Job:
     load_s: float
     checked: Any  # what the command's own check returned on this rank
     prepared: Prepared | None  # rank 0 only
+    prefix_cache: bool = True  # requests reuse the KV of prompt prefixes that slots hold
 
     @property
     def rank(self) -> int:
@@ -114,10 +116,12 @@ class Job:
         return self.comm.size
 
     def scheduler(self, eos_ids: list[int], tokenizer, listener: Listener) -> Scheduler:
-        """Rank 0's scheduler for this job's slots, context and prompt chunks."""
+        """Rank 0's scheduler for this job's slots, context and prompt chunks, with the prefix
+        cache unless it is off."""
         s = self.sizes
+        cache = PrefixCache(s.n_slots, s.cache_slots, s.prefill_chunk) if self.prefix_cache else None
         return Scheduler(s.n_slots, s.max_seq_len, s.prefill_chunk, eos_ids, tokenizer, listener,
-                         self.config.long_rope_after)
+                         self.config.long_rope_after, cache)
 
     def run(self, planner: Planner | None = None, trace: bool = False, all_rows: bool = False,
             inbox: Inbox | None = None) -> Recorder:
@@ -169,6 +173,8 @@ class Job:
             "quant_group": self.quant.group if self.quant and self.quant.kind == "int4" else None,
             "ranks": self.size,
             "slots": self.sizes.n_slots,
+            "prefix_cache": self.prefix_cache,
+            "cache_slots": self.sizes.cache_slots,
             "micro_batch": self.sizes.micro_batch,
             "max_seq_len": self.sizes.max_seq_len,
             "startup_s": round(self.startup_s, 3),
@@ -188,7 +194,7 @@ def start(comm: Comm, spec: JobSpec, prepare: Callable[[ModelConfig, str, int], 
     cfg = opened.ckpt.config
     work, shape = comm.agree(lambda: _prepare(comm, spec, prepare, opened))
     n_slots, micro = comm.bcast(shape)
-    sizes = Sizes(n_slots, opened.max_seq_len, micro, spec.layout.prefill_chunk)
+    sizes = Sizes(n_slots, opened.max_seq_len, micro, spec.layout.prefill_chunk, spec.layout.cache_slots)
     memory = spec.layout.memory(comm.size) or comm.allgather(available_memory(comm.local_ranks()))
     kernel_cache = default_cache()
     dtype, dtype_reason = _dtype(comm, spec, opened, sizes, memory, kernel_cache)
@@ -197,13 +203,13 @@ def start(comm: Comm, spec: JobSpec, prepare: Callable[[ModelConfig, str, int], 
     plan = comm.agree(lambda: plan_layout(cfg, comm.size, dtype, layout, sizes, opened.quant, memory, speeds))
     t_load = time.perf_counter()
     stage = comm.agree(lambda: load_stage(opened.ckpt, plan.layers[comm.rank], comm.rank == 0, dtype, opened.quant))
-    stage.setup_cache(n_slots, sizes.max_seq_len)
+    stage.setup_cache(n_slots + sizes.cache_slots, sizes.max_seq_len)
     load_s = time.perf_counter() - t_load
     kernels = comm.agree(lambda: stage.choose_kernels(spec.kernel, kernel_cache))
     groups = slot_groups(n_slots, micro)
     ring = comm.ring(max(2, len(groups)), micro, micro * sizes.prefill_chunk, cfg.hidden_size, dtype, spec.timeout_s)
     return Job(comm, model_dir, is_demo, cfg, sizes, dtype, dtype_reason, opened.quant, groups, plan, stage, ring,
-               kernels, threads, t_load - t0, load_s, checked, work)
+               kernels, threads, t_load - t0, load_s, checked, work, spec.layout.prefix_cache)
 
 
 def _check(comm: Comm, check: Callable[[], Any] | None) -> Any:

@@ -86,5 +86,13 @@ class KVCache(nn.Module):
         self.lengths[slot] = end
         return self.k[slot : slot + 1, :, :end], self.v[slot : slot + 1, :, :end]
 
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Copy positions 0..length-1 of slot ``src`` into slot ``dst``, which then holds exactly those."""
+        if length > self.lengths[src]:
+            raise RuntimeError(f"slot {src} holds {self.lengths[src]} positions, not the {length} to copy")
+        self.k[dst, :, :length].copy_(self.k[src, :, :length])
+        self.v[dst, :, :length].copy_(self.v[src, :, :length])
+        self.lengths[dst] = length
+
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

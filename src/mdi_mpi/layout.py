@@ -39,6 +39,8 @@ class Layout:
     slots: int | None = None
     micro_batch: int | None = None
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefix_cache: bool = True  # reuse the KV of prompt prefixes across requests (--no-prefix-cache: off)
+    cache_slots: int = 0  # slots that only hold cached prefixes
     mem_per_rank: int | None = None  # bytes, every rank
     mem: tuple[int, ...] | None = None  # bytes, per rank
     balance: str = "cost"
@@ -76,6 +78,7 @@ def make_plan(
     balance: str = "cost",
     speeds: list[float] | None = None,
     quant: Quant | None = None,
+    cache_slots: int = 0,
 ) -> Plan:
     """Split the layers (explicit ``split`` > ``balance``) and predict each rank's memory."""
     if balance not in BALANCES:
@@ -84,7 +87,8 @@ def make_plan(
 
     def memory(ranges: list[range]) -> list[dict[str, int]]:
         return [
-            stage_memory(config, r, i == 0, esize, n_slots, max_seq_len, micro_batch, prefill_chunk, n_ranks, quant)
+            stage_memory(config, r, i == 0, esize, n_slots, max_seq_len, micro_batch, prefill_chunk, n_ranks, quant,
+                         cache_slots)
             for i, r in enumerate(ranges)
         ]
 
@@ -151,6 +155,7 @@ class Sizes:
     max_seq_len: int
     micro_batch: int
     prefill_chunk: int
+    cache_slots: int = 0  # KV slots beyond n_slots that only hold cached prefixes
 
     @classmethod
     def of(cls, layout: Layout, config: ModelConfig, n_ranks: int, n_slots: int | None = None,
@@ -159,12 +164,12 @@ class Sizes:
         ``plan`` and ``split``: one slot per rank, the model's context up to 2048)."""
         slots = n_slots or layout.slots or n_ranks
         return cls(slots, max_seq_len or layout.max_seq_len or config.default_context(),
-                   layout.micro_batch or default_micro_batch(slots, n_ranks), layout.prefill_chunk)
+                   layout.micro_batch or default_micro_batch(slots, n_ranks), layout.prefill_chunk, layout.cache_slots)
 
     def plan_kw(self, quant: Quant | None) -> dict:
         """These sizes (and ``quant``) as ``make_plan``'s and ``suggestion``'s keyword arguments."""
         return dict(n_slots=self.n_slots, max_seq_len=self.max_seq_len, micro_batch=self.micro_batch,
-                    prefill_chunk=self.prefill_chunk, quant=quant)
+                    prefill_chunk=self.prefill_chunk, quant=quant, cache_slots=self.cache_slots)
 
 
 def plan_layout(config: ModelConfig, n_ranks: int, dtype: torch.dtype, layout: Layout, sizes: Sizes,

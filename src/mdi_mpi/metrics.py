@@ -44,6 +44,10 @@ class Metrics:
         Gauge("mdi_mpi_requests_running", "Sequences holding a slot (each choice counts)", registry=r).set_function(running)
         Gauge("mdi_mpi_requests_waiting", "Sequences waiting for a slot (each choice counts)", registry=r).set_function(waiting)
         self.prompt_tokens = Counter("mdi_mpi_prompt_tokens", "Prompt tokens of admitted sequences", registry=r)
+        self.cached_tokens = Counter("mdi_mpi_prompt_tokens_cached", "Prompt tokens whose KV was found in the prefix cache",
+                                     registry=r)
+        self.computed_tokens = Counter("mdi_mpi_prompt_tokens_computed", "Prompt tokens computed (not found in the cache)",
+                                       registry=r)
         self.generated_tokens = Counter("mdi_mpi_generation_tokens", "Generated tokens", registry=r)
         self.finished = Counter("mdi_mpi_request_finished", "Finished sequences", ["finish_reason"], registry=r)
         self.ttft = Histogram("mdi_mpi_time_to_first_token_seconds", "From arrival (queueing included) to the first token",

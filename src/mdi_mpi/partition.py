@@ -122,8 +122,10 @@ def stage_memory(
     prefill_chunk: int,
     n_ranks: int,
     quant: Quant | None = None,
+    cache_slots: int = 0,
 ) -> dict[str, int]:
-    """Predicted bytes of one rank: weights (quantized with ``quant``), KV cache, message buffers,
+    """Predicted bytes of one rank: weights (quantized with ``quant``), KV cache (for ``n_slots``
+    running slots and ``cache_slots`` that hold prefixes), message buffers,
     and the predicted peak (those plus the runtime, the transient of loading the largest tensor in
     full precision, and activations)."""
     per_weight = float(element_size) if quant is None else quant.bytes_per_weight(element_size)
@@ -132,7 +134,7 @@ def stage_memory(
     if edges:
         weights += int(config.edge_param_count() * (element_size if quant is None else 1))  # int8 embedding and head
         largest = config.vocab_size * config.hidden_size * element_size
-    kv = n_slots * max_seq_len * len(layers) * 2 * config.n_kv_heads * config.head_dim * element_size
+    kv = (n_slots + cache_slots) * max_seq_len * len(layers) * 2 * config.n_kv_heads * config.head_dim * element_size
     rows = micro_batch * prefill_chunk
     groups = -(-n_slots // micro_batch)
     buffers = 0 if n_ranks == 1 else 2 * groups * (rows * config.hidden_size * element_size + 8 * (4 + 4 * micro_batch))

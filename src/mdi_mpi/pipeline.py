@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mdi_mpi.kv_cache import Batch
+from mdi_mpi.prefix_cache import Copy
 from mdi_mpi.probes import peak_rss
 from mdi_mpi.ring import HEARTBEAT, STOP, WORK, Link, Packet, signal_packet
 from mdi_mpi.scheduler import Inbox, Planner, Work
@@ -67,12 +68,12 @@ def _recv(ring: Link, rec: Recorder) -> Packet:
 
 
 def _send(ring: Link, rec: Recorder, group: int, batch: Batch, sampled_segs: list[int], h: torch.Tensor,
-          back: bool) -> None:
-    """Send a group's rows on; ``back``: to rank 0, which kept the group's segments, so the packet
-    carries none (and rank 0 rebuilds no ``Batch``)."""
+          back: bool, copies: tuple[Copy, ...]) -> None:
+    """Send a group's rows on, with the step's KV copies; ``back``: to rank 0, which kept the
+    group's segments, so the packet carries none (and rank 0 rebuilds no ``Batch``)."""
     t0 = time.perf_counter()
     _report(ring, rec)
-    ring.send(Packet(WORK, group, rows=h) if back else Packet(WORK, group, batch, sampled_segs, h))
+    ring.send(Packet(WORK, group, rows=h) if back else Packet(WORK, group, batch, sampled_segs, h, copies=copies))
     rec.add(SEND, group, t0, time.perf_counter())
 
 
@@ -119,12 +120,13 @@ def run_first(
         if work is None:
             return False
         t0 = time.perf_counter()
+        stage.copy_kv(work.copies)
         h = stage.forward_layers(stage.embed(work.ids), work.batch)  # [T, D]
         if is_last_rank:
             h = _rows_to_return(h, work.batch, work.sampled_segs, all_rows)
         rec.add(_compute_kind(work.batch), g, t0, time.perf_counter())
         works[g] = work
-        _send(ring, rec, g, work.batch, work.sampled_segs, h, back=is_last_rank)
+        _send(ring, rec, g, work.batch, work.sampled_segs, h, is_last_rank, work.copies)
         rec.steps += 1
         return True
 
@@ -183,12 +185,13 @@ def run_worker(stage: Stage, ring: Link, rec: Recorder, all_rows: bool = False) 
             continue
         t0 = time.perf_counter()
         batch = msg.batch
+        stage.copy_kv(msg.copies)
         h = stage.forward_layers(msg.rows, batch)  # [T, D]
         ring.release(msg)
         if is_last_rank:
             h = _rows_to_return(h, batch, msg.sampled_segs, all_rows)
         rec.add(_compute_kind(batch), msg.group, t0, time.perf_counter())
-        _send(ring, rec, msg.group, batch, msg.sampled_segs, h, back=is_last_rank)
+        _send(ring, rec, msg.group, batch, msg.sampled_segs, h, is_last_rank, msg.copies)
         rec.steps += 1
     ring.close()
     rec.wall_s = time.perf_counter() - rec.origin

@@ -297,11 +297,16 @@ class _Response:
         self.meta = {"id": ident, "created": int(time.time()), "model": model}
         self.chat, self.prompt_tokens, self.tokenizer = chat, prompt_tokens, tokenizer
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache (the most any choice found)
 
     def usage(self) -> dict:
         """OpenAI's usage object, so far."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+    def _ended(self, cached: int) -> None:
+        self.cached_tokens = max(self.cached_tokens, cached)
 
     def _pair(self, step: Step) -> tuple[Step, str]:
         return step, self.tokenizer.decode([step.token])
@@ -331,8 +336,10 @@ class Completion(_Response):
             choice.logprobs.append(self._pair(step))
         self.completion_tokens += 1
 
-    def finish(self, index: int, reason: str) -> None:
-        """A choice has ended, for ``reason`` (ours, mapped to OpenAI's)."""
+    def finish(self, index: int, reason: str, cached: int) -> None:
+        """A choice has ended, for ``reason`` (ours, mapped to OpenAI's), having found ``cached``
+        prompt tokens in the cache."""
+        self._ended(cached)
         self.choices[index].finish_reason = REASONS[reason]
 
     def body(self) -> dict:
@@ -365,8 +372,10 @@ class Chunks(_Response):
             return None
         return self._event([self._choice(step.request.index, step.text, lp)])
 
-    def finish(self, index: int, reason: str) -> str:
-        """A choice has ended, for ``reason`` (ours, mapped to OpenAI's)."""
+    def finish(self, index: int, reason: str, cached: int) -> str:
+        """A choice has ended, for ``reason`` (ours, mapped to OpenAI's), having found ``cached``
+        prompt tokens in the cache."""
+        self._ended(cached)
         return self._event([self._choice(index, "", finish=REASONS[reason])])
 
     def usage_chunk(self) -> str:

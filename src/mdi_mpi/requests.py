@@ -201,6 +201,7 @@ class Result:
     finish_reason: str  # "stop" (EOS or stop string), "length" (max_new_tokens), "context" (cache full) or "cancelled"
     ttft_s: float | None  # from its arrival (queueing included) to its first token; None if it had none
     duration_s: float  # from its arrival to its end
+    cached_tokens: int = 0  # prompt tokens whose KV it found in the cache (not computed again)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, ensure_ascii=False)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from mdi_mpi.kv_cache import Batch
+from mdi_mpi.prefix_cache import Copy
 from mdi_mpi.stats import FIELDS
 
 WORK, STOP, HEARTBEAT = 1, 2, 3  # what a packet is: a step of a group, the end of the job, a sign of life
@@ -27,6 +28,7 @@ class Packet:
     sampled_segs: list[int] = field(default_factory=list)  # segments whose last token rank 0 samples
     rows: torch.Tensor | None = None  # [n_rows, D]
     buffer: int = 0  # which receive buffer holds it
+    copies: tuple[Copy, ...] = ()  # KV copies each rank makes, in order, before the step
 
 
 def signal_packet(kind: int) -> Packet:

@@ -5,7 +5,10 @@ most ``prefill_chunk`` at a time), and once the cache has them all its last toke
 sampled. A finished slot is refilled with the next waiting request at once (continuous batching);
 its first segment starts at position 0, which is all the other stages need to know to reuse it.
 Requests may arrive at any time (``add``) and be cancelled at any time (``cancel``); a cancelled
-sequence whose step is in the ring keeps its slot until that step comes back. With longrope, a
+sequence whose step is in the ring keeps its slot until that step comes back. With a
+``PrefixCache``, a request skips the prompt tokens whose KV a slot already holds (``prefix_cache``
+says which, and why the result is the same bit for bit), and waits while a running request is
+still computing a longer prefix of its prompt, which it then copies. With longrope, a
 sequence longer than the original context is rotated with the long factors from position 0: one whose
 prompt is longer from the start, and one that grows past it, which is fed again from position 0 (as
 transformers recomputes it at that point).
@@ -24,6 +27,7 @@ from typing import Protocol
 import torch
 
 from mdi_mpi.kv_cache import Batch
+from mdi_mpi.prefix_cache import Copy, Placement, PrefixCache
 from mdi_mpi.requests import Request, Result
 from mdi_mpi.sampling import request_generator, sample
 from mdi_mpi.text import TextStream
@@ -36,6 +40,7 @@ class Work:
     batch: Batch
     ids: torch.Tensor  # [T] long: the packed input tokens
     sampled_segs: list[int]  # indices of the segments whose last token is sampled
+    copies: tuple[Copy, ...] = ()  # KV copies every rank makes, in order, before this step
 
 
 @dataclass(frozen=True)
@@ -49,16 +54,17 @@ class Segment:
     long: bool = False  # rotated with longrope's long factors
 
 
-def pack(segments: list[Segment], tokens: Callable[[int], Sequence[int]]) -> Work | None:
+def pack(segments: list[Segment], tokens: Callable[[int], Sequence[int]], copies: tuple[Copy, ...] = ()) -> Work | None:
     """One step's ``Work`` from its segments (None if there are none): decode segments first (a
-    stable sort), as ``Batch`` requires, each segment's tokens taken from ``tokens(slot)``."""
+    stable sort), as ``Batch`` requires, each segment's tokens taken from ``tokens(slot)``, after
+    ``copies``."""
     if not segments:
         return None
     segments = sorted(segments, key=lambda seg: seg.length > 1)
     ids = [t for seg in segments for t in tokens(seg.slot)[seg.start : seg.start + seg.length]]
     batch = Batch.make([s.slot for s in segments], [s.start for s in segments], [s.length for s in segments],
                        [s.long for s in segments])
-    return Work(batch, torch.tensor(ids, dtype=torch.long), [i for i, s in enumerate(segments) if s.sampled])
+    return Work(batch, torch.tensor(ids, dtype=torch.long), [i for i, s in enumerate(segments) if s.sampled], copies)
 
 
 class Planner(Protocol):
@@ -86,8 +92,8 @@ class Step:
 class Listener:
     """What a scheduler tells its owner as requests move on; each method does nothing here."""
 
-    def admitted(self, request: Request) -> None:
-        """``request`` took a slot."""
+    def admitted(self, request: Request, cached: int) -> None:
+        """``request`` took a slot, with the KV of its first ``cached`` prompt tokens already there."""
 
     def token(self, step: Step) -> None:
         """A token was sampled."""
@@ -99,15 +105,16 @@ class Listener:
 class _Occupant:
     """A request while it occupies a slot."""
 
-    def __init__(self, request: Request, tokenizer):
+    def __init__(self, request: Request, tokenizer, cached: int, long: bool):
         self.request = request
         self.ids = list(request.input_ids)  # prompt, then generated tokens
-        self.pos = 0  # tokens already in the cache
+        self.pos = cached  # tokens already in the cache
+        self.cached = cached  # prompt tokens it found in the cache
         self.generator = request_generator(request.params.seed, request.index)
         self.text = None if tokenizer is None else TextStream(tokenizer, request.params.stop)
         self.t_first: float | None = None
         self.cancelled = False
-        self.long = False  # rotated with longrope's long factors
+        self.long = long  # rotated with longrope's long factors
 
     @property
     def generated(self) -> list[int]:
@@ -126,9 +133,13 @@ class Scheduler:
         tokenizer=None,
         listener: Listener | None = None,
         long_rope_after: int | None = None,
+        prefix_cache: PrefixCache | None = None,
     ):
         if n_slots < 1 or prefill_chunk < 1:
             raise ValueError("n_slots and prefill_chunk must be at least 1")
+        if prefix_cache is not None and prefix_cache.block != prefill_chunk:
+            raise ValueError("the prefix cache's block must be the prefill chunk")
+        self.cache = prefix_cache
         self.long_rope_after = long_rope_after  # ModelConfig.long_rope_after
         self.waiting: deque[Request] = deque()
         self.active: list[_Occupant | None] = [None] * n_slots
@@ -174,23 +185,69 @@ class Scheduler:
     def next_work(self, slots: Sequence[int]) -> Work | None:
         """The next forward pass for ``slots``, admitting waiting requests into free ones;
         None when none of them has anything left to do."""
-        segments = []
         for slot in slots:
             seq = self.active[slot]
             if seq is not None and seq.cancelled:
                 self._finish(slot, seq, "cancelled")
-                seq = None
-            if seq is None and self.waiting:
-                seq = self.active[slot] = _Occupant(self.waiting.popleft(), self.tokenizer)
-                self.listener.admitted(seq.request)
+        copies = self._admit([s for s in slots if self.active[s] is None])
+        segments = []
+        for slot in slots:
+            seq = self.active[slot]
             if seq is None:
                 continue
             if self.long_rope_after is not None and not seq.long and len(seq.ids) > self.long_rope_after:
                 seq.long, seq.pos = True, 0  # past the original context: everything again, with the long factors
+                if self.cache is not None:
+                    self.cache.restart(slot, True)
             n = min(self.prefill_chunk, len(seq.ids) - seq.pos)
             segments.append(Segment(slot, seq.pos, n, seq.pos + n == len(seq.ids), seq.long))
+            if self.cache is not None:
+                self.cache.computed(slot, seq.pos, n)
             seq.pos += n
-        return pack(segments, lambda slot: self.active[slot].ids)
+        return pack(segments, lambda slot: self.active[slot].ids, copies)
+
+    def _long(self, ids: Sequence[int]) -> bool:
+        """Whether a prompt is rotated with longrope's long factors from the start."""
+        return self.long_rope_after is not None and len(ids) > self.long_rope_after
+
+    def _admit(self, free: list[int]) -> tuple[Copy, ...]:
+        """Admit waiting requests into the ``free`` slots; the KV copies their first step needs."""
+        copies: list[Copy] = []
+        while free and self.waiting:
+            if self.cache is None:
+                request, long = self.waiting.popleft(), False
+                place = Placement(free[0], 0, ())
+            else:
+                pick = self._next_placeable()
+                if pick is None:
+                    break
+                request = self.waiting[pick]
+                del self.waiting[pick]
+                long = self._long(request.input_ids)
+                place = self.cache.place(list(request.input_ids), long, free)
+                self.cache.apply(place.copies)
+                copies.extend(place.copies)
+            free.remove(place.slot)
+            seq = self.active[place.slot] = _Occupant(request, self.tokenizer, place.cached, long)
+            if self.cache is not None:
+                self.cache.occupy(place.slot, seq.ids, place.cached, long)
+            self.listener.admitted(request, place.cached)
+        return tuple(copies)
+
+    def _next_placeable(self) -> int | None:
+        """The first waiting request that no running request is still computing a longer prefix of
+        (by a block or more); None if every one waits for such a prefix."""
+        c = self.prefill_chunk
+        for i, request in enumerate(self.waiting):
+            ids, long = list(request.input_ids), self._long(request.input_ids)
+            now = self.cache.best(ids, long)[1]
+            coming = 0
+            for slot, seq in enumerate(self.active):
+                if seq is not None and not seq.cancelled and seq.pos < len(seq.request.input_ids):
+                    coming = max(coming, self.cache.shared(slot, ids, long, upto=len(seq.request.input_ids) // c * c))
+            if coming < now + c:
+                return i
+        return None
 
     def complete(self, work: Work, logits: torch.Tensor) -> None:
         """Sample a token for every sampled segment of ``work`` from ``logits`` [len(sampled_segs), V]."""
@@ -236,10 +293,12 @@ class Scheduler:
     def _finish(self, slot: int, seq: _Occupant, reason: str) -> None:
         self.active[slot] = None
         text = None if seq.text is None else seq.text.text
-        self.listener.finished(seq.request, self._result(seq.request, seq.generated, text, reason, seq.t_first))
+        self.listener.finished(seq.request, self._result(seq.request, seq.generated, text, reason, seq.t_first,
+                                                         seq.cached))
 
     @staticmethod
-    def _result(r: Request, tokens: list[int], text: str | None, reason: str, t_first: float | None) -> Result:
+    def _result(r: Request, tokens: list[int], text: str | None, reason: str, t_first: float | None,
+                cached: int = 0) -> Result:
         now = time.perf_counter()
         return Result(
             id=r.id,
@@ -250,6 +309,7 @@ class Scheduler:
             finish_reason=reason,
             ttft_s=None if t_first is None else round(t_first - r.arrival, 6),
             duration_s=round(now - r.arrival, 6),
+            cached_tokens=cached,
         )
 
 

@@ -7,6 +7,7 @@ embedding, the final norm and the LM head exist only on the stage that owns the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from mdi_mpi.config import ModelConfig
 from mdi_mpi.kernels import Selection, ShapeKernels
 from mdi_mpi.kv_cache import Batch, KVCache
 from mdi_mpi.model import DecoderLayer, Linear, RMSNorm, linear, pick_kernels, rope_tables
+from mdi_mpi.prefix_cache import Copy
 from mdi_mpi.quant import QuantWeight, check_rows
 
 
@@ -118,6 +120,12 @@ class Stage(nn.Module):
         if self.config.gemma:  # embeddings scaled by sqrt(D), rounded to the model dtype as transformers does
             h = h * torch.tensor(self.config.hidden_size**0.5, dtype=h.dtype)
         return h
+
+    def copy_kv(self, copies: Iterable[Copy]) -> None:
+        """Make each KV copy (slot to slot, a prefix of positions) in every layer of this stage, in order."""
+        for cp in copies:
+            for layer in self.layers.values():
+                layer.self_attn.kv_cache.copy(cp.src, cp.dst, cp.length)
 
     def forward_layers(self, h: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Run this stage's decoder layers on hidden states [T, D], writing the slots' KV caches."""

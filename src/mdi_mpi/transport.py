@@ -34,11 +34,14 @@ from mpi4py import MPI
 
 from mdi_mpi.errors import AgreedError, UserError
 from mdi_mpi.kv_cache import Batch
+from mdi_mpi.prefix_cache import Copy
 from mdi_mpi.ring import Link, LocalRing, Packet
 from mdi_mpi.stats import FIELDS
 
-_FIXED = 4  # kind, group, n_segments, n_rows
+_FIXED = 5  # kind, group, n_segments, n_rows, n_copies
 _PER_SEG = 5  # slot, start, length, sampled, long (longrope's long factors)
+_PER_COPY = 3  # src, dst, length
+COPIES_PER_SEGMENT = 2  # a slot's step may save its old prefix in a cache slot, then load another
 TAG = 7
 ABORT_GRACE_S = 1.0  # time for the launcher to forward a failing rank's last words before the abort
 ABORT_DEADLINE_S = 5  # a rank whose abort has not ended it by then ends itself
@@ -167,7 +170,9 @@ class Ring:
         self.dest, self.src = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         self.hosts = hosts  # every rank's host, to name a neighbour that stops answering
         self.stats = np.zeros((self.size, len(FIELDS)), dtype=np.int64)
-        self.header_len = _FIXED + self.stats.size + _PER_SEG * max_segments
+        self.max_copies = COPIES_PER_SEGMENT * max_segments
+        self.header_len = _FIXED + self.stats.size + _PER_SEG * max_segments + _PER_COPY * self.max_copies
+        self._copy_at = _FIXED + self.stats.size + _PER_SEG * max_segments
         self.dim, self.dtype = dim, dtype
         self.row_bytes = dim * torch.empty((), dtype=dtype).element_size()
         nbytes = 8 * self.header_len + max_rows * self.row_bytes
@@ -206,7 +211,10 @@ class Ring:
         if n_rows > self.max_rows:
             raise RuntimeError(f"message of {n_rows} rows exceeds the buffer ({self.max_rows} rows)")
         n = 0 if batch is None else len(batch.slots)
-        header[:_FIXED] = (packet.kind, packet.group, n, n_rows)
+        n_copies = len(packet.copies)
+        if n_copies > self.max_copies:
+            raise RuntimeError(f"message of {n_copies} KV copies exceeds the header ({self.max_copies})")
+        header[:_FIXED] = (packet.kind, packet.group, n, n_rows, n_copies)
         header[_FIXED : self._seg_at].reshape(self.stats.shape)[:] = self.stats
         if n:
             seg = header[self._seg_at : self._seg_at + _PER_SEG * n].reshape(n, _PER_SEG)
@@ -214,6 +222,9 @@ class Ring:
             seg[:, 3] = 0
             seg[packet.sampled_segs, 3] = 1
             seg[:, 4] = batch.long
+        if n_copies:
+            header[self._copy_at : self._copy_at + _PER_COPY * n_copies] = [
+                x for cp in packet.copies for x in (cp.src, cp.dst, cp.length)]
         end = 8 * self.header_len
         if n_rows:
             payload = self.send_bufs[buf][end : end + n_rows * self.row_bytes].view(self.dtype).view(n_rows, self.dim)
@@ -234,7 +245,7 @@ class Ring:
             raise TimeoutError(f"no message from {self._name(self.src)} for {self.timeout_s:g} s: it has hung or lost "
                                "its connection, or one trip round the ring takes longer than --timeout")
         header = self.recv_views[i][: 8 * self.header_len].view(np.int64)
-        kind, group, n, n_rows = (int(x) for x in header[:_FIXED])
+        kind, group, n, n_rows, n_copies = (int(x) for x in header[:_FIXED])
         mine = self.stats[self.rank].copy()
         self.stats[:] = header[_FIXED : self._seg_at].reshape(self.stats.shape)
         self.stats[self.rank] = mine
@@ -243,11 +254,13 @@ class Ring:
             seg = header[self._seg_at : self._seg_at + _PER_SEG * n].reshape(n, _PER_SEG).tolist()
             batch = Batch.make([s[0] for s in seg], [s[1] for s in seg], [s[2] for s in seg], [bool(s[4]) for s in seg])
             sampled = [j for j, s in enumerate(seg) if s[3]]
+        flat = header[self._copy_at : self._copy_at + _PER_COPY * n_copies].tolist()
+        copies = tuple(Copy(*flat[j : j + _PER_COPY]) for j in range(0, len(flat), _PER_COPY))
         rows = None
         if n_rows:
             start = 8 * self.header_len
             rows = self.recv_bufs[i][start : start + n_rows * self.row_bytes].view(self.dtype).view(n_rows, self.dim)
-        return Packet(kind, group, batch, sampled, rows, i)
+        return Packet(kind, group, batch, sampled, rows, i, copies)
 
     def release(self, packet: Packet) -> None:
         """Hand a packet's buffer back to MPI for the next receive."""

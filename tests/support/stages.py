@@ -10,6 +10,7 @@ from mdi_mpi.checkpoint import Checkpoint, load_stage
 from mdi_mpi.kernels import default_cache
 from mdi_mpi.partition import slot_groups
 from mdi_mpi.pipeline import Recorder, run_first
+from mdi_mpi.prefix_cache import PrefixCache
 from mdi_mpi.requests import Request
 from mdi_mpi.ring import LocalRing
 from mdi_mpi.sampling import SamplingParams
@@ -41,9 +42,11 @@ class Results(Listener):
 
 
 def scheduler(requests: list[Request], n_slots: int, max_seq_len: int, prefill_chunk: int, eos_ids, tokenizer=None,
-              long_rope_after: int | None = None):
-    """A scheduler holding ``requests`` whose listener (``sched.listener.results``) keeps the results."""
-    sched = Scheduler(n_slots, max_seq_len, prefill_chunk, eos_ids, tokenizer, Results(), long_rope_after)
+              long_rope_after: int | None = None, cache_slots: int | None = None):
+    """A scheduler holding ``requests`` whose listener (``sched.listener.results``) keeps the results;
+    with ``cache_slots`` (0 or more), a prefix cache with that many cache slots."""
+    cache = None if cache_slots is None else PrefixCache(n_slots, cache_slots, prefill_chunk)
+    sched = Scheduler(n_slots, max_seq_len, prefill_chunk, eos_ids, tokenizer, Results(), long_rope_after, cache)
     sched.add(requests)
     return sched
 
@@ -55,8 +58,9 @@ def generate(stage: Stage, prompts: list[list[int]], n_slots: int, prefill_chunk
     return {r.id: r.tokens for r in run_one_process(stage, sched)}
 
 
-def run_one_process(stage: Stage, sched: Scheduler) -> list:
-    """The pipeline of one rank (what ``generate`` runs with -np 1), all slots in one group."""
+def run_one_process(stage: Stage, sched: Scheduler, micro_batch: int | None = None) -> list:
+    """The pipeline of one rank (what ``generate`` runs with -np 1), all slots in one group (or in
+    groups of ``micro_batch``)."""
     n_slots = len(sched.active)
-    run_first(stage, sched, LocalRing(), slot_groups(n_slots, n_slots), Recorder())
+    run_first(stage, sched, LocalRing(), slot_groups(n_slots, micro_batch or n_slots), Recorder())
     return sched.listener.results

@@ -126,6 +126,9 @@ async function poll() {
     document.getElementById("slots").textContent = status.running + " / " + status.slots;
     document.getElementById("waiting").textContent = status.waiting;
     document.getElementById("generated").textContent = status.generated_tokens;
+    document.getElementById("cached").textContent = status.prompt_tokens
+      ? (100 * status.prompt_tokens_cached / status.prompt_tokens).toFixed(0) + "%"
+      : "–";
     const ms = (s) => (s === null ? "–" : (1000 * s).toFixed(0) + " ms");
     document.getElementById("ttft").textContent = ms(status.ttft_p50_s) + " / " + ms(status.ttft_p95_s);
     drawRanks(status, share);
