@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from mdi_mpi.bench import CAP_NEEDS
 from mdi_mpi.probes import cpu_features
 
-FIELDS = {"id", "prompt", "input_ids", "tokens", "text", "finish_reason", "ttft_s", "duration_s"}
+FIELDS = {"id", "prompt", "input_ids", "tokens", "text", "finish_reason", "ttft_s", "duration_s", "cached_tokens"}
 
 
 def write_prompts(path, prompts: list[list[int]], **extra) -> str:
@@ -401,6 +401,30 @@ def test_invariance_holds_for_each_kernel_and_under_isa_caps(models, tmp_path, k
     assert len(first) == 6
     for key, tokens in runs.items():
         assert tokens == first, key
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.mpi
+def test_prompts_that_share_a_prefix_give_the_same_tokens_with_the_cache_on_any_layout(models, tmp_path):
+    """JSONL prompts sharing a 20-token prefix: the cache copies it between slots of groups in flight
+    round 3 ranks, and every layout gives the tokens of one rank without the cache."""
+    shared = list(range(60, 80))
+    prompts = write_prompts(tmp_path / "p.jsonl", [shared + [200 + i] * (1 + i % 3) for i in range(8)])
+    runs, found = {}, {}
+    for ranks, slots, micro, cache in [(1, 1, 1, False), (1, 3, 1, True), (2, 4, 2, True), (3, 6, 2, True)]:
+        out, stats = tmp_path / f"out-{ranks}-{slots}-{cache}.jsonl", tmp_path / f"stats-{ranks}.json"
+        res = run_cli(["--model", str(models["qwen2"]), "--dtype", "bfloat16", "--prompts-file", prompts, "--temperature",
+                       "0.9", "--seed", "3", "--max-new-tokens", "8", "--slots", str(slots), "--micro-batch", str(micro),
+                       "--prefill-chunk", "4", "--threads", "1", "--output", str(out), "--quiet", "--stats-json", str(stats),
+                       *([] if cache else ["--no-prefix-cache"])], ranks=ranks)
+        assert res.returncode == 0, res.stderr
+        recs = records(out)
+        runs[(ranks, slots)] = {k: r["tokens"] for k, r in recs.items()}
+        found[(ranks, slots)] = json.loads(stats.read_text())["prompt_tokens_cached"]
+        assert found[(ranks, slots)] == sum(r["cached_tokens"] for r in recs.values())
+    first = runs[(1, 1)]
+    assert len(first) == 8 and all(tokens == first for tokens in runs.values())
+    assert found[(1, 1)] == 0 and all(n >= 7 * 20 for key, n in found.items() if key != (1, 1))
 
 
 @pytest.mark.timeout(120)

@@ -35,9 +35,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_layout_arguments(p) -> None:
+def add_layout_arguments(p, prefix_cache: bool = True) -> None:
     """The flags that say how a model is laid out over the ranks and what the plan assumes, shared
-    by generate, serve, perplexity, plan and split (one name, type, default and help each)."""
+    by generate, serve, perplexity, plan and split (one name, type, default and help each);
+    ``prefix_cache``: with ``--cache-slots`` (not perplexity's, which reuses no prefix)."""
     p.add_argument("--layers", metavar="A,B,...", help="explicit layer counts per rank, e.g. 6,8,8 (wins over "
                    "--balance); default: balanced, rank 0 fewer (it also runs the LM head)")
     p.add_argument("--quant", choices=QUANTS, help="store weights quantized: int8 (per output channel) or int4 (per "
@@ -51,11 +52,9 @@ def add_layout_arguments(p) -> None:
                    "default: ceil(K / N), so that N groups keep N ranks busy")
     p.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK, metavar="C",
                    help=f"prompt tokens per slot per step (default: {DEFAULT_PREFILL_CHUNK})")
-    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
-                   help="compute every prompt from its first token (default: a request skips the whole prompt chunks "
-                   "whose KV a slot holds from an earlier request, with the same tokens as without)")
-    p.add_argument("--cache-slots", type=int, default=0, metavar="S", help="KV slots beyond --slots that only keep "
-                   "prompt prefixes for later requests, in the memory plan like any slot (default: 0)")
+    if prefix_cache:
+        p.add_argument("--cache-slots", type=int, default=0, metavar="S", help="KV slots beyond --slots that only "
+                       "keep prompt prefixes for later requests, in the memory plan like any slot (default: 0)")
     p.add_argument("--mem-per-rank", metavar="SIZE", help="memory of every rank, e.g. 4GiB (default for generate: "
                    "the node's available memory divided by its ranks)")
     p.add_argument("--mem", metavar="A,B,...", help="memory of each rank, e.g. 8GiB,4GiB,4GiB")
@@ -64,8 +63,9 @@ def add_layout_arguments(p) -> None:
                    "(in proportion to rank memory), speed (in proportion to measured speed, within memory)")
 
 
-def add_job_arguments(p: argparse.ArgumentParser) -> None:
-    """The model, rank and scheduling flags every MPI command shares (parsed by ``job_spec``)."""
+def add_job_arguments(p: argparse.ArgumentParser, prefix_cache: bool = True) -> None:
+    """The model, rank and scheduling flags every MPI command shares (parsed by ``job_spec``);
+    ``prefix_cache``: with the prefix cache's flags (generate and serve)."""
     m = p.add_argument_group("model, ranks and scheduling")
     m.add_argument("--model", metavar="DIR", help="Hugging Face checkpoint directory (safetensors) or split shards; "
                    "default: the built-in demo model (trained on Python's standard library)")
@@ -74,7 +74,11 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--kernel", default="auto", choices=("auto", *ROWS), help="matmul kernel for every linear layer: "
                    "auto (default: measured per weight shape on each rank's CPU, cached), or one of mv, row, tile2..tile256")
     m.add_argument("--threads", type=positive_int, metavar="T", help="torch threads per rank; default: the node's cores divided by its ranks")
-    add_layout_arguments(m)
+    add_layout_arguments(m, prefix_cache)
+    if prefix_cache:
+        m.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                       help="compute every prompt from its first token (default: a request skips the whole prompt "
+                       "chunks whose KV a slot holds from an earlier request, with the same tokens as without)")
     m.add_argument("--timeout", type=float, default=600.0, metavar="S", help="end the job when a rank waits more than S "
                    "seconds for a message, as when a node hangs or drops off the network (default: 600; 0: never)")
 
@@ -83,9 +87,10 @@ def layout_of(args: argparse.Namespace) -> Layout:
     """The layout flags as a ``Layout``; ``UserError`` for a value that does not parse."""
     if args.mem_per_rank and args.mem:
         raise UserError("give --mem-per-rank or --mem, not both")
-    if args.cache_slots < 0:
-        raise UserError(f"--cache-slots must be 0 or more, got {args.cache_slots}")
-    if args.cache_slots and not args.prefix_cache:
+    cache_slots, prefix_cache = getattr(args, "cache_slots", 0), getattr(args, "prefix_cache", False)
+    if cache_slots < 0:
+        raise UserError(f"--cache-slots must be 0 or more, got {cache_slots}")
+    if cache_slots and not getattr(args, "prefix_cache", True):
         raise UserError("--cache-slots keeps prefixes for the prefix cache: drop it or --no-prefix-cache")
     try:
         quant = Quant(args.quant, args.quant_group or 128) if args.quant else None
@@ -99,8 +104,8 @@ def layout_of(args: argparse.Namespace) -> Layout:
         slots=args.slots,
         micro_batch=args.micro_batch,
         prefill_chunk=args.prefill_chunk,
-        prefix_cache=args.prefix_cache,
-        cache_slots=args.cache_slots,
+        prefix_cache=prefix_cache,
+        cache_slots=cache_slots,
         mem_per_rank=parse_bytes(args.mem_per_rank) if args.mem_per_rank else None,
         mem=tuple(parse_bytes(m) for m in args.mem.split(",")) if args.mem else None,
         balance=args.balance,

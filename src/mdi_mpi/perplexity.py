@@ -92,7 +92,7 @@ class Scorer:
 def build_parser() -> Parser:
     p = Parser(prog="python -m mdi_mpi.perplexity", description=__doc__.split("\n\n")[0],
                epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_job_arguments(p)
+    add_job_arguments(p, prefix_cache=False)
     t = p.add_argument_group("evaluation")
     t.add_argument("--text", metavar="FILE", required=True, help="UTF-8 text to score (rank 0 reads it)")
     t.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens of the text")
