@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -112,6 +113,25 @@ def test_bench_tiny_end_to_end(demo_dir, tmp_path):
                 assert r["bytes_sent_per_token"] == 0  # one process: nothing crosses MPI
             else:  # each token's activations cross every link once: (N hops) x D x 2 bytes (bf16) at least
                 assert r["bytes_sent_per_token"] >= r["ranks"] * 256 * 2
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.server
+@pytest.mark.mpi
+def test_bench_serve_conversation_with_the_cache_on_and_off_keeps_the_model(demo_dir, tmp_path):
+    model = tmp_path / "model"  # a copy with a tokenizer: bench --serve once removed the model it served
+    shutil.copytree(demo_dir, model)
+    out = tmp_path / "conv.json"
+    res = subprocess.run([sys.executable, "-m", "mdi_mpi.bench", "--model", str(model), "--tiny", "--serve", "1",
+                          "--scenario", "conversation", "--ranks", "2", "--json", str(out)],
+                         capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stderr
+    assert (model / "model.safetensors").is_file() and (model / "tokenizer.json").is_file()
+    on, off = json.loads(out.read_text())["rows"]
+    assert on["cache"] and not off["cache"]
+    assert on["cached_tokens_per_turn"][0] == 0 and all(n > 0 for n in on["cached_tokens_per_turn"][1:])
+    assert off["cached_tokens_per_turn"] == [0, 0, 0, 0]
+    assert all(t > 0 for t in on["ttft_s_per_turn"] + off["ttft_s_per_turn"])
 
 
 @pytest.mark.parametrize("cap, flags, ok", [

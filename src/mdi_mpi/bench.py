@@ -17,6 +17,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mdi_mpi.demo import FAMILY_SHAPES
@@ -119,86 +121,187 @@ def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro:
     }
 
 
-def run_serve(model: str, dtype: str, threads: int, ranks: int, slots: int, clients: list[int], n_requests: int,
-              prompt_len: int, new_tokens: int) -> list[dict]:
-    """Start ``mdi_mpi.serve`` on ``ranks`` ranks and ``slots`` slots; for each client count C, C
-    clients stream ``n_requests`` greedy completions (EOS ignored) between them. Returns per C the
-    aggregate tokens/s and the p50 and p95 of time to first token and inter-token latency, as the
-    clients see them."""
-    import asyncio
+@contextmanager
+def serving(model: str, dtype: str, threads: int, ranks: int, slots: int, max_seq_len: int, max_waiting: int,
+            flags: tuple[str, ...] = ()) -> Iterator[str]:
+    """``mdi_mpi.serve`` on ``ranks`` ranks and ``slots`` slots (and ``flags``), stopped on exit:
+    yields its URL."""
     import re
     import signal
-    import statistics
+
+    tmp = Path(tempfile.mkdtemp(prefix="mdi-bench-serve-"))
+    served = _with_tokenizer(model, tmp)  # the model itself when it has a tokenizer: never removed
+    cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mdi_mpi.serve", "--model", served, "--dtype", dtype,
+           "--threads", str(threads), "--slots", str(slots), "--port", "0", "--max-waiting", str(max_waiting),
+           "--max-seq-len", str(max_seq_len), *flags]
+    server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=_env(threads, "none"))
+    try:
+        url, lines = None, []
+        for line in server.stderr:
+            lines.append(line)
+            m = re.search(r"serving \S+ at (http://\S+)/v1 ", line)
+            if m:
+                url = m.group(1)
+                break
+        if url is None:
+            server.wait()
+            raise RuntimeError("the server did not start: " + "".join(lines)[-2000:])
+        yield url
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _stream(client, url: str, ids: list[int], new_tokens: int, ttfts: list, gaps: list) -> tuple[int, int]:
+    """One streaming greedy completion of the token ids ``ids`` (EOS ignored); appends its time to
+    first token and its gaps between tokens; returns its completion tokens and the prompt tokens
+    the server found in its prefix cache."""
     import time
 
+    body = {"prompt": ids, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    last, usage = None, {}
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                now = time.perf_counter()
+                (ttfts.append(now - t0) if last is None else gaps.append(now - last))
+                last = now
+    return usage["completion_tokens"], usage["prompt_tokens_details"]["cached_tokens"]
+
+
+def _pct(xs: list[float], q: int) -> float:
+    import statistics
+
+    return round(statistics.quantiles(xs, n=100)[q - 1], 4) if len(xs) > 1 else round(xs[0], 4)
+
+
+def _httpx():
     try:
         import httpx
     except ImportError:
         raise UserError("bench --serve needs httpx: pip install httpx") from None
-    served = _with_tokenizer(model, Path(tempfile.mkdtemp(prefix="mdi-bench-serve-")))
-    cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mdi_mpi.serve", "--model", served, "--dtype", dtype,
-           "--threads", str(threads), "--slots", str(slots), "--port", "0", "--max-waiting", str(n_requests),
-           "--max-seq-len", str(prompt_len + new_tokens + 1)]
-    server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env=_env(threads, "none"))
-    url, lines = None, []
-    for line in server.stderr:
-        lines.append(line)
-        m = re.search(r"serving \S+ at (http://\S+)/v1 ", line)
-        if m:
-            url = m.group(1)
-            break
-    if url is None:
-        server.wait()
-        raise RuntimeError("the server did not start: " + "".join(lines)[-2000:])
-    prompts = workload(model, n_requests, prompt_len)
+    return httpx
 
-    async def one(client, ids: list[int], ttfts: list, gaps: list) -> int:
-        body = {"prompt": ids, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}}
-        t0 = time.perf_counter()
-        last, n = None, 0
-        async with client.stream("POST", url + "/v1/completions", json=body) as r:
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    n = chunk["usage"]["completion_tokens"]
-                elif chunk["choices"] and chunk["choices"][0]["text"]:
-                    now = time.perf_counter()
-                    (ttfts.append(now - t0) if last is None else gaps.append(now - last))
-                    last = now
-        return n
 
-    async def load(c: int) -> dict:
+def load_server(url: str, prompts: list[list[int]], clients: int, new_tokens: int) -> dict:
+    """``clients`` clients stream greedy completions of ``prompts`` between them (after a warm-up
+    request of the first prompt's first 16 tokens, too few to share a prompt chunk with it): the aggregate tokens/s and the p50 and p95 of time to first token and inter-token
+    latency, as the clients see them."""
+    import asyncio
+    import time
+
+    httpx = _httpx()
+
+    async def load() -> dict:
         queue = list(prompts)
-        ttfts, gaps = [], []
-        async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=c)) as client:
+        ttfts, gaps, cached = [], [], []
+        async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=clients)) as client:
             async def worker() -> int:
                 total = 0
                 while queue:
-                    total += await one(client, queue.pop(), ttfts, gaps)
+                    n, found = await _stream(client, url, queue.pop(), new_tokens, ttfts, gaps)
+                    total += n
+                    cached.append(found)
                 return total
 
-            await one(client, prompts[0], [], [])  # warm-up
+            await _stream(client, url, prompts[0][:16], new_tokens, [], [])
             t0 = time.perf_counter()
-            tokens = sum(await asyncio.gather(*(worker() for _ in range(c))))
+            tokens = sum(await asyncio.gather(*(worker() for _ in range(clients))))
             wall = time.perf_counter() - t0
+        return {"clients": clients, "tokens_per_s": round(tokens / wall, 2), "generated_tokens": tokens,
+                "prompt_tokens_cached": sum(cached),
+                "ttft_p50_s": _pct(ttfts, 50), "ttft_p95_s": _pct(ttfts, 95),
+                "itl_p50_s": _pct(gaps, 50) if gaps else None, "itl_p95_s": _pct(gaps, 95) if gaps else None}
 
-        def pct(xs: list[float], q: int) -> float:
-            return round(statistics.quantiles(xs, n=100)[q - 1], 4) if len(xs) > 1 else round(xs[0], 4)
+    return asyncio.run(load())
 
-        return {"clients": c, "tokens_per_s": round(tokens / wall, 2), "generated_tokens": tokens,
-                "ttft_p50_s": pct(ttfts, 50), "ttft_p95_s": pct(ttfts, 95), "itl_p50_s": pct(gaps, 50),
-                "itl_p95_s": pct(gaps, 95)}
 
-    try:
-        return [asyncio.run(load(c)) for c in clients]
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
-        shutil.rmtree(served, ignore_errors=True)
+def run_serve(model: str, dtype: str, threads: int, ranks: int, slots: int, clients: list[int], n_requests: int,
+              prompt_len: int, new_tokens: int) -> list[dict]:
+    """The server under each client count C: C clients stream ``n_requests`` greedy completions
+    of distinct prompts between them (``load_server``)."""
+    prompts = workload(model, n_requests, prompt_len)
+    with serving(model, dtype, threads, ranks, slots, prompt_len + new_tokens + 1, n_requests) as url:
+        return [load_server(url, prompts, c, new_tokens) for c in clients]
+
+
+SCENARIOS = ("distinct", "conversation", "system-prompt")
+# prompts of 1400, 1500, 1600 and 1700 tokens (--tiny: 200 .. 320), each the last, an answer and a question
+CONVERSATION = {False: dict(first=1400, answer=50, question=50, turns=4), True: dict(first=200, answer=20, question=20, turns=4)}
+SYSTEM_PROMPT = {False: dict(system=1000, question=50, clients=16, new_tokens=8),
+                 True: dict(system=200, question=20, clients=4, new_tokens=4)}
+
+
+def conversation_turns(url: str, model: str, c: dict) -> list[tuple[float, int]]:
+    """One client's conversation of ``c["turns"]`` turns: each turn's prompt is the last one, an
+    answer and a question (token ids); per turn, the time to first token and the prompt tokens
+    found in the cache."""
+    import asyncio
+
+    httpx = _httpx()
+    ids = workload(model, 1, c["first"] + c["turns"] * (c["answer"] + c["question"]))[0]
+
+    async def talk() -> list[tuple[float, int]]:
+        turns = []
+        async with httpx.AsyncClient(timeout=None) as client:
+            await _stream(client, url, ids[-16:], 2, [], [])  # warm-up, sharing nothing with the conversation
+            for t in range(c["turns"]):
+                ttft: list[float] = []
+                _, cached = await _stream(client, url, ids[: c["first"] + t * (c["answer"] + c["question"])],
+                                          c["answer"], ttft, [])
+                turns.append((ttft[0], cached))
+        return turns
+
+    return asyncio.run(talk())
+
+
+def prefix_table(model: str, dtype: str, threads: int, ranks: int, scenario: str, tiny: bool,
+                 json_path: str | None) -> None:
+    """A prefix-cache scenario with the cache on and off (``--no-prefix-cache``), one after the other."""
+    settings = (CONVERSATION if scenario == "conversation" else SYSTEM_PROMPT)[tiny]
+    print(f"model {model}; scenario {scenario} {settings}; N = {ranks}, {threads} thread(s) per rank, {dtype}; "
+          f"{cpu_flags()}", flush=True)
+    rows = []
+    for cache in (True, False):
+        flags = () if cache else ("--no-prefix-cache",)
+        if scenario == "conversation":
+            c = settings
+            longest = c["first"] + c["turns"] * (c["answer"] + c["question"])
+            with serving(model, dtype, threads, ranks, ranks, longest + 1, 8, flags) as url:
+                turns = conversation_turns(url, model, c)
+            ttfts = [t for t, _ in turns]
+            row = {"cache": cache, "ttft_s_per_turn": [round(t, 4) for t in ttfts],
+                   "cached_tokens_per_turn": [n for _, n in turns],
+                   "ttft_later_turns_mean_s": round(sum(ttfts[1:]) / len(ttfts[1:]), 4)}
+            print(f"cache {'on ' if cache else 'off'}: time to first token per turn "
+                  f"{', '.join(f'{t:.3f}' for t in ttfts)} s; prompt tokens from the cache "
+                  f"{', '.join(str(n) for _, n in turns)}", flush=True)
+        else:
+            c = settings
+            ids = workload(model, c["clients"] + 1, c["system"] + c["question"])
+            prompts = [ids[0][: c["system"]] + q[-c["question"]:] for q in ids[1:]]
+            with serving(model, dtype, threads, ranks, c["clients"], c["system"] + c["question"] + c["new_tokens"] + 1,
+                         c["clients"], flags) as url:
+                row = {"cache": cache, **load_server(url, prompts, c["clients"], c["new_tokens"])}
+            print(f"cache {'on ' if cache else 'off'}: TTFT p50 {row['ttft_p50_s']:.3f} s, p95 {row['ttft_p95_s']:.3f} s; "
+                  f"{row['prompt_tokens_cached']} prompt tokens from the cache", flush=True)
+        rows.append(row)
+    key = "ttft_later_turns_mean_s" if scenario == "conversation" else "ttft_p50_s"
+    ratio = rows[1][key] / rows[0][key]
+    print(f"{key}: {ratio:.2f}x shorter with the cache", flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps({"model": model, "cpu": cpu_flags(), "ranks": ranks, "dtype": dtype,
+                                               "scenario": scenario, "settings": settings, "rows": rows,
+                                               "ratio": round(ratio, 3)}, indent=1))
 
 
 def _with_tokenizer(model: str, out: Path) -> str:
@@ -354,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve", metavar="C,...", help="instead of the table: load the server (on the first of --ranks "
                    "and the last of --slots) with C concurrent streaming clients, against generate on the same prompts")
     p.add_argument("--requests", type=int, default=32, help="--serve: requests per client count (default: 32)")
+    p.add_argument("--scenario", choices=SCENARIOS, default="distinct", help="--serve: distinct prompts (default: the "
+                   "table per client count), or a prefix-cache scenario run with the cache on and off: a conversation "
+                   "growing from 1400 to 1700 tokens (N slots), or 16 clients sharing a 1000-token system prompt "
+                   "(16 slots)")
     args = p.parse_args(argv)
 
     def body() -> None:
@@ -376,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
             return
         ranks = [int(x) for x in args.ranks.split(",")]
         slots = args.slots.split(",")
+        if args.serve and args.scenario != "distinct":
+            prefix_table(model, args.dtypes.split(",")[0], args.threads, ranks[0], args.scenario, args.tiny, args.json)
+            return
         if args.serve:
             serve_table(model, args.dtypes.split(",")[0], args.threads, ranks[0], _slot_count(slots[-1], ranks[0]),
                         [int(c) for c in args.serve.split(",")], args.requests, args.prompt_len, args.new_tokens, args.json)
