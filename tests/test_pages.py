@@ -142,6 +142,13 @@ def test_dashboard_shows_every_rank_and_tokens_per_second_under_load(browser, se
         stop.set()
         for w in workers:
             w.join(30)
+    long = "for i in range(10):\n    x = i * i\n" * 20  # more than one 128-token prompt chunk
+    for _ in range(2):  # the second finds the first's chunk in the cache
+        server.client().completions.create(model="mdi-mpi-demo", prompt=long, max_tokens=2)
+    status = httpx.get(server.url + "/v1/status").json()
+    assert status["prompt_tokens_cached"] >= 128
+    rate = f"{100 * status['prompt_tokens_cached'] / status['prompt_tokens']:.0f}%"
+    expect(page.locator("#cached")).to_have_text(rate, timeout=10_000)
     page.close()
 
 

@@ -213,3 +213,21 @@ def test_longrope_switch_is_part_of_the_match(models):
     (on_first, on_long), (off_first, off_long) = runs
     assert on_long.tokens == off_long.tokens and on_first.tokens == off_first.tokens
     assert on_long.cached_tokens == 0  # held with the short factors: no match for a long prompt
+
+
+@pytest.mark.parametrize("variant, quant", [("mistral-window", None), ("gemma2", None), ("qwen3", "int8"),
+                                            ("llama-gqa-llama3", "int4")])
+def test_windows_softcaps_and_quantized_weights_give_the_same_tokens_with_the_cache(models, variant, quant):
+    """Sliding windows shorter than the prompts, gemma2's soft-capped attention, int8 and int4 weights."""
+    from mdi_mpi.checkpoint import Checkpoint, load_stage
+    from mdi_mpi.quant import Quant
+
+    ckpt = Checkpoint(models[variant])
+    st = load_stage(ckpt, range(ckpt.config.n_layers), True, torch.bfloat16 if quant else torch.float32,
+                    Quant(quant, 32) if quant else None)
+    st.setup_cache(2, 160)
+    st.choose_kernels()
+    on, off = Conversations(st, 1, 1), Conversations(st, 1, None)
+    a, b = chat(st, on, 3, ["a", "b"]), chat(st, off, 3, ["a", "b"])
+    assert {k: r.tokens for k, r in a.items()} == {k: r.tokens for k, r in b.items()}
+    assert on.logprobs == off.logprobs and sum(r.cached_tokens for r in a.values()) > 0
