@@ -264,15 +264,49 @@ def conversation_turns(url: str, model: str, c: dict) -> list[tuple[float, int]]
     return asyncio.run(talk())
 
 
-def prefix_table(model: str, dtype: str, threads: int, ranks: int, scenario: str, tiny: bool,
+def copy_vs_prefill(model: str, dtype: str, threads: int, tokens: int, chunk: int = 128) -> dict:
+    """What a shared prefix of ``tokens`` tokens costs without the cache and with it, on one rank
+    that holds every layer: seconds to prefill it in chunks of ``chunk``, and to copy its KV from
+    one slot to another (the best of 5)."""
+    import time
+
+    import torch
+
+    from mdi_mpi.checkpoint import Checkpoint, load_stage
+    from mdi_mpi.config import parse_dtype
+    from mdi_mpi.kv_cache import Batch
+    from mdi_mpi.prefix_cache import Copy
+
+    torch.set_num_threads(threads)
+    ckpt = Checkpoint(model)
+    stage = load_stage(ckpt, range(ckpt.config.n_layers), True, parse_dtype(dtype))
+    stage.setup_cache(2, tokens)
+    stage.choose_kernels()
+    ids = torch.tensor(workload(model, 1, tokens)[0])
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for a in range(0, tokens, chunk):
+            n = min(chunk, tokens - a)
+            stage.forward_layers(stage.embed(ids[a : a + n]), Batch.make([0], [a], [n]))
+        prefill = time.perf_counter() - t0
+        copies = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            stage.copy_kv([Copy(0, 1, tokens)])
+            copies.append(time.perf_counter() - t0)
+    return {"tokens": tokens, "prefill_s": round(prefill, 4), "copy_s": round(min(copies), 6),
+            "prefill_over_copy": round(prefill / min(copies), 1)}
+
+
+def prefix_table(model: str, dtype: str, threads: int, ranks: int, scenario: str, tiny: bool, prefill_chunk: int,
                  json_path: str | None) -> None:
     """A prefix-cache scenario with the cache on and off (``--no-prefix-cache``), one after the other."""
     settings = (CONVERSATION if scenario == "conversation" else SYSTEM_PROMPT)[tiny]
-    print(f"model {model}; scenario {scenario} {settings}; N = {ranks}, {threads} thread(s) per rank, {dtype}; "
-          f"{cpu_flags()}", flush=True)
+    print(f"model {model}; scenario {scenario} {settings}; N = {ranks}, {threads} thread(s) per rank, {dtype}, "
+          f"prefill chunk {prefill_chunk}; {cpu_flags()}", flush=True)
     rows = []
     for cache in (True, False):
-        flags = () if cache else ("--no-prefix-cache",)
+        flags = ("--prefill-chunk", str(prefill_chunk)) + (() if cache else ("--no-prefix-cache",))
         if scenario == "conversation":
             c = settings
             longest = c["first"] + c["turns"] * (c["answer"] + c["question"])
@@ -298,10 +332,17 @@ def prefix_table(model: str, dtype: str, threads: int, ranks: int, scenario: str
     key = "ttft_later_turns_mean_s" if scenario == "conversation" else "ttft_p50_s"
     ratio = rows[1][key] / rows[0][key]
     print(f"{key}: {ratio:.2f}x shorter with the cache", flush=True)
+    cost = None
+    if scenario == "system-prompt":
+        cost = copy_vs_prefill(model, dtype, threads, settings["system"], prefill_chunk)
+        print(f"one rank, every layer: prefilling the {cost['tokens']}-token system prompt {cost['prefill_s']:.3f} s, "
+              f"copying its KV to another slot {1000 * cost['copy_s']:.2f} ms ({cost['prefill_over_copy']:.0f}x less)",
+              flush=True)
     if json_path:
         Path(json_path).write_text(json.dumps({"model": model, "cpu": cpu_flags(), "ranks": ranks, "dtype": dtype,
-                                               "scenario": scenario, "settings": settings, "rows": rows,
-                                               "ratio": round(ratio, 3)}, indent=1))
+                                               "scenario": scenario, "settings": settings,
+                                               "prefill_chunk": prefill_chunk, "rows": rows,
+                                               "ratio": round(ratio, 3), "copy_vs_prefill": cost}, indent=1))
 
 
 def _with_tokenizer(model: str, out: Path) -> str:
@@ -484,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         ranks = [int(x) for x in args.ranks.split(",")]
         slots = args.slots.split(",")
         if args.serve and args.scenario != "distinct":
-            prefix_table(model, args.dtypes.split(",")[0], args.threads, ranks[0], args.scenario, args.tiny, args.json)
+            prefix_table(model, args.dtypes.split(",")[0], args.threads, ranks[0], args.scenario, args.tiny,
+                         args.prefill_chunk, args.json)
             return
         if args.serve:
             serve_table(model, args.dtypes.split(",")[0], args.threads, ranks[0], _slot_count(slots[-1], ranks[0]),
