@@ -197,6 +197,9 @@ def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype,
         for name, param in list(stage.named_parameters()):
             owner, _, attr = name.rpartition(".")
             key = ckpt.key(name)
+            if _EXPERTS.match(name):
+                _load_experts(ckpt, stage, name, param.shape, dtype, quant if name in quantized else None)
+                continue
             if name in quantized and ckpt.has(f"{key}.q"):
                 zero = ckpt.read(f"{key}.zero") if ckpt.has(f"{key}.zero") else None
                 stage.set_quantized(owner, QuantWeight(ckpt.read(f"{key}.q"), ckpt.read(f"{key}.scale"), zero, dtype))
@@ -216,6 +219,62 @@ def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype,
     return stage
 
 
+def _load_experts(ckpt: Checkpoint, stage: Stage, name: str, shape: torch.Size, dtype: torch.dtype,
+                  quant: Quant | None) -> None:
+    """Fill the 3-D expert parameter ``name`` [E, out, in] one expert at a time (so that casting or
+    quantizing holds at most one expert in full precision), or, with ``quant``, store one
+    ``QuantWeight`` per expert; ``split --quant`` shards hold them quantized already."""
+    owner, _, attr = name.rpartition(".")
+    key = ckpt.key(name)
+    if quant is not None and ckpt.has(f"{key}.q"):
+        q, scale = ckpt.read(f"{key}.q"), ckpt.read(f"{key}.scale")
+        zero = ckpt.read(f"{key}.zero") if ckpt.has(f"{key}.zero") else None
+        qws = [QuantWeight(q[e], scale[e], None if zero is None else zero[e], dtype) for e in range(shape[0])]
+        stage.set_quantized_experts(owner, attr, qws)
+        return
+    if quant is not None:
+        qws = []
+        for e in range(shape[0]):
+            w = torch.empty(shape[1:], dtype=dtype)
+            read_expert(ckpt, name, e, w)
+            qws.append(QuantWeight.of(w, quant, dtype))
+        stage.set_quantized_experts(owner, attr, qws)
+        return
+    tensor = torch.empty(shape, dtype=dtype)
+    for e in range(shape[0]):
+        read_expert(ckpt, name, e, tensor[e])
+    stage.get_submodule(owner)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+# Per-expert tensors of the hub checkpoints, in the rows of our fused gate_up_proj (gate, then up)
+_PER_EXPERT = {"mlp.experts": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)},
+               "block_sparse_moe.experts": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}}  # mixtral
+
+
+def read_expert(ckpt: Checkpoint, name: str, e: int, out: torch.Tensor) -> None:
+    """Read expert ``e`` of our 3-D parameter ``name`` (``layers.L.mlp.experts.gate_up_proj`` or
+    ``down_proj``) into ``out`` [out, in], from whichever layout ``ckpt`` has: fused 3-D tensors
+    (transformers' own, ``[E, 2I, D]`` and ``[E, D, I]``, or our shards), or one tensor per expert
+    and projection (the hub's ``mlp.experts.E.gate_proj.weight``, mixtral's
+    ``block_sparse_moe.experts.E.w1.weight``)."""
+    key = ckpt.key(name)
+    if ckpt.has(key):
+        ckpt.read_into(key, out[None], (e, e + 1))
+        return
+    layer, kind = _EXPERTS.match(name).groups()
+    for base, parts in _PER_EXPERT.items():
+        names = [ckpt.key(f"layers.{layer}.{base}.{e}.{part}.weight") for part in parts[kind]]
+        if ckpt.has(names[0]):
+            step = out.shape[0] // len(names)
+            for j, n in enumerate(names):
+                ckpt.read_into(n, out[j * step : (j + 1) * step])
+            return
+    per_expert = ckpt.key(f"layers.{layer}.mlp.experts.{e}.{_PER_EXPERT['mlp.experts'][kind][0]}.weight")
+    raise UserError(f"the experts of layer {layer} are missing from the checkpoint {ckpt.path}: "
+                    f"neither {key} nor {per_expert} is there")
+
+
 def _read_rows(ckpt: Checkpoint, name: str, row0: int | None, a: int, b: int, shape: tuple[int, ...],
                dtype: torch.dtype) -> torch.Tensor:
     """Rows a..b-1 of our tensor, which starts at row ``row0`` of tensor ``name``, cast to ``dtype``."""
@@ -232,6 +291,8 @@ def source(ckpt: Checkpoint, name: str) -> tuple[str, int | None]:
     part of a fused tensor (phi3's ``qkv_proj`` = q, k, v and ``gate_up_proj`` = gate, up, split
     at load), else None."""
     key = ckpt.key(name)
+    if name.endswith(".mlp.gate.weight") and not ckpt.has(key) and ckpt.config.model_type == "mixtral":
+        return key.replace(".mlp.gate.", ".block_sparse_moe.gate."), None  # the hub's name of mixtral's router
     m = _FUSED.match(name)
     if not ckpt.config.fused_projections or m is None or ckpt.has(key):
         return key, None

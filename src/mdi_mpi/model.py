@@ -1,5 +1,6 @@
 """The Llama-family decoder in plain PyTorch: RMSNorm, RoPE (also partial and longrope, phi3), GQA
-attention (with qwen3's per-head q/k norms), SwiGLU MLP.
+attention (with qwen3's per-head q/k norms, olmoe's whole-projection ones), SwiGLU MLP, and the
+sparse mixture of experts (``SparseMoE``: qwen3_moe, mixtral, qwen2_moe, olmoe).
 
 Module and parameter names follow Hugging Face's so checkpoint tensors map one to one. Tokens are
 packed: a forward call sees ``T`` tokens from one or more sequences, described by a ``Batch``.
@@ -7,7 +8,9 @@ Nothing here knows about MPI.
 
 Batch invariance: every linear layer computes each row with a kernel of a fixed shape chosen per
 machine (``kernels.py``), so a token's result does not depend on which other tokens share its forward
-call, and output does not change with the number of ranks, slots or micro-batches.
+call, and output does not change with the number of ranks, slots or micro-batches. A mixture of
+experts keeps that: each expert's rows go through the same kernels (decode rows first, as in the
+whole call), and each row's expert outputs are summed in expert order (``SparseMoE``).
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ class Linear(nn.Linear):
 
     kernels: ShapeKernels  # set by Stage.choose_kernels
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, quantizable: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.qweight: QuantWeight | None = None  # set by Stage.set_quantized
+        self.quantizable = quantizable  # False for a router, whose choices --quant must not move
 
     def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:  # type: ignore[override]
         if self.qweight is not None:
@@ -57,10 +61,16 @@ def pick_kernels(
     """Choose the kernels of every ``Linear`` under ``root`` (and of an LM ``head`` weight, whose
     rows are all decode rows; its kernels are returned) with ``kernels.choose_kernels``."""
     linears = [m for m in root.modules() if isinstance(m, Linear) and m.qweight is None]
-    weights = [(m.weight, m.bias, False) for m in linears] + ([(head, None, True)] if head is not None else [])
+    experts = [m for m in root.modules() if isinstance(m, Experts) and m.gate_up_q is None]
+    weights = [(m.weight, m.bias, False) for m in linears]
+    weights += [(w, None, False) for m in experts for w in (m.gate_up_proj[0], m.down_proj[0])]  # one shape each
+    weights += [(head, None, True)] if head is not None else []
     selection, chosen = choose_kernels(weights, forced, cache)
     for m, k in zip(linears, chosen):
         m.kernels = k
+    rest = iter(chosen[len(linears):])
+    for m in experts:
+        m.gate_up_kernels, m.down_kernels = next(rest), next(rest)
     return selection, chosen[-1] if head is not None else None
 
 
@@ -116,20 +126,29 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = Linear(config.n_heads * hd, d, bias=config.o_bias)
-        # qwen3: RMSNorm over each head of q and of k, before RoPE
-        self.q_norm = RMSNorm(hd, config.rms_norm_eps, config.gemma) if config.qk_norm else None
-        self.k_norm = RMSNorm(hd, config.rms_norm_eps, config.gemma) if config.qk_norm else None
+        # qwen3: RMSNorm over each head of q and of k, before RoPE; olmoe: over the whole projections
+        self.full_qk_norm = config.qk_norm_full
+        q_dim, k_dim = (config.n_heads * hd, config.n_kv_heads * hd) if config.qk_norm_full else (hd, hd)
+        norm = config.qk_norm or config.qk_norm_full
+        self.q_norm = RMSNorm(q_dim, config.rms_norm_eps, config.gemma) if norm else None
+        self.k_norm = RMSNorm(k_dim, config.rms_norm_eps, config.gemma) if norm else None
+        self.clip = config.clip_qkv
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, D]; cos, sin: [T, 1, hd]
         t, ns = x.shape[0], batch.n_single
-        q = self.q_proj(x, ns).view(t, self.n_heads, self.head_dim)  # [T, H, hd]
-        k = self.k_proj(x, ns).view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, hd]
-        if self.q_norm is not None:
+        q, k, v = self.q_proj(x, ns), self.k_proj(x, ns), self.v_proj(x, ns)  # [T, H*hd], [T, Hkv*hd] x 2
+        if self.full_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (z.clamp(-self.clip, self.clip) for z in (q, k, v))
+        q = q.view(t, self.n_heads, self.head_dim)  # [T, H, hd]
+        k = k.view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, hd]
+        v = v.view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, hd]
+        if self.q_norm is not None and not self.full_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = self.v_proj(x, ns).view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, hd]
         outs = []
         off = 0
         for slot, start, n in zip(batch.slots, batch.starts, batch.lengths):
@@ -169,9 +188,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate: int | None = None):
         super().__init__()
-        d, i = config.hidden_size, config.intermediate_size
+        d, i = config.hidden_size, intermediate or config.intermediate_size
         self.gate_proj = Linear(d, i, bias=False)
         self.up_proj = Linear(d, i, bias=False)
         self.down_proj = Linear(i, d, bias=False)
@@ -181,6 +200,87 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x, n_single)) * self.up_proj(x, n_single), n_single)
 
 
+class Experts(nn.Module):
+    """A sparse layer's SwiGLU experts, held as transformers holds them: ``gate_up_proj`` [E, 2I, D]
+    (each expert's gate rows, then its up rows) and ``down_proj`` [E, D, I]; or, quantized, one
+    ``QuantWeight`` per expert in ``gate_up_q`` and ``down_q`` (the 3-D parameters are then gone)."""
+
+    gate_up_kernels: ShapeKernels  # set by pick_kernels: every expert has the same shapes
+    down_kernels: ShapeKernels
+
+    def __init__(self, n_experts: int, hidden: int, inner: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inner, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inner))
+        self.gate_up_q: nn.ModuleList | None = None  # set by Stage.set_quantized_experts
+        self.down_q: nn.ModuleList | None = None
+
+    def forward(self, e: int, x: torch.Tensor, n_single: int) -> torch.Tensor:
+        """Expert ``e`` on its rows ``x`` [n, D] (the first ``n_single`` decode rows) -> [n, D]."""
+        if self.gate_up_q is not None:
+            h = self.gate_up_q[e](x)  # [n, 2I]
+        else:
+            h = linear(x, self.gate_up_proj[e], None, n_single, self.gate_up_kernels)
+        gate, up = h.chunk(2, dim=-1)
+        a = F.silu(gate) * up  # [n, I]
+        if self.down_q is not None:
+            return self.down_q[e](a)
+        return linear(a, self.down_proj[e], None, n_single, self.down_kernels)
+
+
+class SparseMoE(nn.Module):
+    """A mixture of experts in place of the MLP: a router (``gate``) picks each row's top-k
+    experts, only the experts some row chose are computed, each on its own rows, and a row's output
+    is the sum of its experts' outputs times their routing weights; qwen2_moe adds a shared expert
+    scaled by a sigmoid gate.
+
+    Batch invariance: an expert's rows keep their order in the call (decode rows first), so they go
+    through the same batch-invariant kernels as any linear layer; and each row's expert outputs are
+    added in expert order (``index_add_`` once per expert, one addition per row), so a row's bits do
+    not depend on which rows share its call or on how many of them chose the same experts."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, n = config.hidden_size, config.n_experts
+        self.top_k, self.norm_topk = config.n_experts_per_tok, config.norm_topk_prob
+        self.gate = Linear(d, n, bias=False, quantizable=False)  # the router
+        self.experts = Experts(n, d, config.expert_size)
+        shared = config.shared_expert_size
+        self.shared_expert = MLP(config, shared) if shared else None
+        self.shared_expert_gate = Linear(d, 1, bias=False, quantizable=False) if shared else None
+
+    def route(self, x: torch.Tensor, n_single: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's top-k experts [T, k] and their weights [T, k] in x's dtype, as transformers
+        computes them: softmax in float32 over all experts, top-k, renormalised if the family does."""
+        probs = torch.softmax(self.gate(x, n_single), dim=-1, dtype=torch.float32)  # [T, E]
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return chosen, weights.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:
+        # x: [T, D]
+        k, n = self.top_k, self.experts.n_experts
+        chosen, weights = self.route(x, n_single)
+        flat = chosen.flatten()  # [T*k]: row t's choices at t*k .. t*k+k-1
+        order = torch.argsort(flat, stable=True)  # by expert, and within an expert by row
+        rows = order // k  # [T*k] the row of each (expert, row) pair, grouped by expert
+        w = weights.flatten()[order, None]  # [T*k, 1]
+        counts = torch.bincount(flat, minlength=n).tolist()
+        singles = torch.bincount(flat[: n_single * k], minlength=n).tolist()  # decode rows come first
+        out = torch.zeros_like(x)
+        off = 0
+        for e in [e for e, c in enumerate(counts) if c]:  # only the experts some row chose
+            c = counts[e]
+            r = rows[off : off + c]  # [c] ascending: this expert's decode rows, then its prompt rows
+            out.index_add_(0, r, self.experts(e, x[r], singles[e]) * w[off : off + c])
+            off += c
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x, n_single)) * self.shared_expert(x, n_single)
+        return out
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
@@ -188,7 +288,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(d, eps, g)
         self.self_attn = Attention(config, config.layer_windows[index])
         self.post_attention_layernorm = RMSNorm(d, eps, g)  # llama: before the MLP; gemma: on the attention's output
-        self.mlp = MLP(config)
+        self.mlp = SparseMoE(config) if config.is_sparse(index) else MLP(config)
         # gemma: norms before and after the MLP as well
         self.pre_feedforward_layernorm = RMSNorm(d, eps, g) if g else None
         self.post_feedforward_layernorm = RMSNorm(d, eps, g) if g else None

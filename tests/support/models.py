@@ -46,7 +46,16 @@ VARIANTS = {
         partial_rotary_factor=0.75, original_max_position_embeddings=128, pad_token_id=0,
         rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.2 * i for i in range(6)], "long_factor": [4.0] * 6},
     )),
+    # Mixtures of experts: a dense layer among sparse ones, renormalised top-k or not, a shared expert,
+    # a sliding window, whole-projection q/k norms.
+    "qwen3-moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                                         mlp_only_layers=[1], head_dim=24)),
+    "mixtral-window": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, sliding_window=6)),
+    "qwen2-moe": ("Qwen2MoeConfig", dict(num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48, norm_topk_prob=False)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32, clip_qkv=3.0)),
 }
+MOE_VARIANTS = ("qwen3-moe", "mixtral-window", "qwen2-moe", "olmoe")
 
 
 def build_hf_model(path: Path, kind: str, overrides: dict, seed: int = 0, **save_kwargs) -> Path:
