@@ -206,3 +206,28 @@ def test_a_multimodal_gemma3_loads_only_its_text_tower(models, tmp_path, names_r
         s.choose_kernels()
     ids = torch.arange(3, 23)
     assert torch.equal(stage(ids, Batch.make([0], [0], [20])), ref(ids, Batch.make([0], [0], [20])))
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral-window"])
+def test_per_expert_and_fused_expert_layouts_load_the_same_stage(models, tmp_path, names_read, name):
+    """The hub's one tensor per expert (mixtral: block_sparse_moe.experts.E.w1) and transformers'
+    fused 3-D experts give the same weights; a stage reads only its own layers' experts."""
+    from transformers import AutoModelForCausalLM
+
+    hub = models[name]
+    fused = tmp_path / "fused"
+    AutoModelForCausalLM.from_pretrained(hub, dtype=torch.float32).save_pretrained(fused, save_original_format=False)
+    assert "model.layers.2.mlp.experts.gate_up_proj" in Checkpoint(fused).files
+    assert "model.layers.2.mlp.experts.gate_up_proj" not in Checkpoint(hub).files
+    stages = []
+    for path in (hub, fused):
+        names_read.clear()
+        stages.append(load_stage(Checkpoint(path), range(2, 4), edges=False, dtype=torch.bfloat16))
+        assert {int(n.split(".")[2]) for n in names_read} == {2, 3}
+    a, b = (dict(s.named_parameters()) for s in stages)
+    assert a.keys() == b.keys() and "layers.3.mlp.experts.down_proj" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    expert = load_file(hub / "model.safetensors")
+    up = "block_sparse_moe.experts.1.w3" if name == "mixtral-window" else "mlp.experts.1.up_proj"
+    inner = a["layers.2.mlp.experts.down_proj"].shape[2]
+    assert torch.equal(a["layers.2.mlp.experts.gate_up_proj"][1, inner:], expert[f"model.layers.2.{up}.weight"].bfloat16())

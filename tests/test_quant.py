@@ -73,10 +73,12 @@ def test_rows_are_bitwise_independent_of_the_row_count(kind):
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_quantized_stage_matches_transformers_on_the_dequantized_weights(models, kind):
+@pytest.mark.parametrize("name, n_weights", [("llama-gqa-llama3", 4 * 7 + 2),
+                                             ("qwen2-moe", 4 * (4 + 8 * 2 + 3) + 2)])  # attention, experts, shared expert
+def test_quantized_stage_matches_transformers_on_the_dequantized_weights(models, kind, name, n_weights):
     from transformers import AutoModelForCausalLM
 
-    path = models["llama-gqa-llama3"]
+    path = models[name]
     ckpt = Checkpoint(path)
     stage = load_stage(ckpt, range(ckpt.config.n_layers), True, torch.float32, Quant(kind, 32))
     stage.setup_cache(1, 128)
@@ -84,12 +86,16 @@ def test_quantized_stage_matches_transformers_on_the_dequantized_weights(models,
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     state = hf.state_dict()
     n_quantized = 0
-    for name, m in stage.named_modules():
+    for module, m in stage.named_modules():
         if isinstance(m, QuantWeight):
-            owner = {"embed_q": "embed_tokens", "head_q": "lm_head"}.get(name, name.removesuffix(".qweight"))
-            state[hf_name(owner + ".weight")].copy_(m.dequantized())
+            experts, _, e = module.rpartition("_q.")  # layers.L.mlp.experts.gate_up_q.E: expert E of a 3-D weight
+            if experts:
+                state[hf_name(experts + "_proj")][int(e)].copy_(m.dequantized())
+            else:
+                owner = {"embed_q": "embed_tokens", "head_q": "lm_head"}.get(module, module.removesuffix(".qweight"))
+                state[hf_name(owner + ".weight")].copy_(m.dequantized())
             n_quantized += 1
-    assert n_quantized == 4 * 7 + 2
+    assert n_quantized == n_weights
     ids = torch.arange(3, 23)
     with torch.no_grad():
         ref = hf(ids[None]).logits[0]
