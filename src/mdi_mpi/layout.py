@@ -90,9 +90,11 @@ def make_plan(
 
     by_memory = None
     if available is not None and split is None and balance in ("memory", "speed"):
-        # Memory left for layers once the fixed costs are paid, in units of one layer's bytes.
+        # Memory left for layers once the fixed costs are paid, in units of an average layer's bytes
+        # (a mixture of experts may hold dense layers among sparse ones).
         fixed = memory([range(0, 0)] * n_ranks)
-        per_layer = memory([range(0, 1)] * n_ranks)[1]["peak_bytes"] - fixed[1]["peak_bytes"]
+        every = memory([range(0, config.n_layers)] * n_ranks)[-1]["peak_bytes"]
+        per_layer = (every - fixed[-1]["peak_bytes"]) / config.n_layers
         room = [max(1.0, (a - f["peak_bytes"]) / per_layer) for a, f in zip(available, fixed)]
         by_memory = split_layers(config.n_layers, n_ranks, 0.0, room)
     if split is not None:
