@@ -224,3 +224,19 @@ def test_an_already_quantized_checkpoint_is_refused(models, tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     res = run_cli(["--model", str(path), "--prompts-file", "-"], timeout=60)
     assert res.returncode == 2 and "already quantized (gptq)" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_split_quant_shards_hold_experts_as_quantized_on_the_fly(models, tmp_path):
+    """``split --quant`` stores each layer's experts as stacked integers ([E, out, in] with their
+    scales and zeros); a stage read from the shard holds the same kernels' weights as one quantized
+    while loading the checkpoint."""
+    from mdi_mpi.shards import shard_dir, write_shards
+
+    path = models["qwen3-moe"]
+    write_shards(str(path), str(tmp_path / "sh"), [range(0, 2), range(2, 4)], "bfloat16", Quant("int4", 32))
+    fly = load_stage(Checkpoint(path), range(2, 4), False, torch.bfloat16, Quant("int4", 32))
+    shard = load_stage(Checkpoint(shard_dir(tmp_path / "sh", 1)), range(2, 4), False, torch.bfloat16, Quant("int4", 32))
+    a, b = fly.state_dict(), shard.state_dict()
+    assert a.keys() == b.keys() and "layers.2.mlp.experts.gate_up_q.7.q" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert shard.quant_summary() == {"int4": 2 * (4 + 2 * 8), "int8": 0, "none": 2}  # the routers stay unquantized
