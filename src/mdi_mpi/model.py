@@ -236,9 +236,10 @@ class SparseMoE(nn.Module):
     scaled by a sigmoid gate.
 
     Batch invariance: an expert's rows keep their order in the call (decode rows first), so they go
-    through the same batch-invariant kernels as any linear layer; and each row's expert outputs are
-    added in expert order (``index_add_`` once per expert, one addition per row), so a row's bits do
-    not depend on which rows share its call or on how many of them chose the same experts."""
+    through the same batch-invariant kernels as any linear layer; and each row's k weighted expert
+    outputs are added one after another in expert order (k - 1 additions over all rows at once, as
+    transformers' ``index_add_`` per expert adds them), so a row's bits do not depend on which rows
+    share its call or on how many of them chose the same experts."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -261,21 +262,25 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:
         # x: [T, D]
-        k, n = self.top_k, self.experts.n_experts
+        t, k, n = x.shape[0], self.top_k, self.experts.n_experts
         chosen, weights = self.route(x, n_single)
-        flat = chosen.flatten()  # [T*k]: row t's choices at t*k .. t*k+k-1
-        order = torch.argsort(flat, stable=True)  # by expert, and within an expert by row
-        rows = order // k  # [T*k] the row of each (expert, row) pair, grouped by expert
-        w = weights.flatten()[order, None]  # [T*k, 1]
+        chosen, rank = chosen.sort(dim=-1)  # each row's experts in expert order: the order they are added in
+        weights = weights.gather(1, rank)
+        flat = chosen.flatten()  # [T*k]: row t's experts at t*k .. t*k+k-1
+        order = torch.argsort(flat, stable=True)  # the (row, expert) pairs grouped by expert, rows ascending
+        xs = x[order // k]  # [T*k, D]: each expert's rows together, its decode rows first
         counts = torch.bincount(flat, minlength=n).tolist()
         singles = torch.bincount(flat[: n_single * k], minlength=n).tolist()  # decode rows come first
-        out = torch.zeros_like(x)
-        off = 0
+        ys, off = [], 0
         for e in [e for e, c in enumerate(counts) if c]:  # only the experts some row chose
-            c = counts[e]
-            r = rows[off : off + c]  # [c] ascending: this expert's decode rows, then its prompt rows
-            out.index_add_(0, r, self.experts(e, x[r], singles[e]) * w[off : off + c])
-            off += c
+            ys.append(self.experts(e, xs[off : off + counts[e]], singles[e]))
+            off += counts[e]
+        back = torch.empty_like(order)
+        back[order] = torch.arange(t * k)
+        y = (torch.cat(ys)[back] * weights.reshape(-1, 1)).view(t, k, -1)  # [T, k, D] by row, experts in order
+        out = y[:, 0]
+        for j in range(1, k):  # a row's outputs added one by one in expert order, whatever the batch
+            out = out + y[:, j]
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x, n_single)) * self.shared_expert(x, n_single)
         return out
