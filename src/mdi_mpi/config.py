@@ -120,6 +120,7 @@ class ModelConfig:
     n_experts_per_tok: int = 0  # experts each token is routed to (top-k)
     expert_size: int = 0  # inner width of each expert's SwiGLU MLP
     norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1 (mixtral, qwen3_moe)
+    float_routing_weights: bool = False  # mixtral: the weights scale the experts' outputs in float32
     shared_expert_size: int = 0  # qwen2_moe: inner width of the shared expert beside the routed ones (0: none)
     sparse_layers: tuple[bool, ...] = ()  # per layer: a mixture of experts (else a dense MLP)
     gemma: bool = False  # gemma: (1 + w) norms around attention and MLP, GeGLU, embeddings scaled by sqrt(D)
@@ -238,6 +239,7 @@ class ModelConfig:
             n_experts_per_tok=top_k,
             expert_size=int(raw.get("moe_intermediate_size") or inter) if moe else 0,
             norm_topk_prob=model_type == "mixtral" or bool(raw.get("norm_topk_prob", False)),
+            float_routing_weights=model_type == "mixtral",
             shared_expert_size=int(raw.get("shared_expert_intermediate_size") or 0) if model_type == "qwen2_moe" else 0,
             sparse_layers=_sparse_layers(raw, model_type, n_layers),
             local_rope_theta=float(local_theta or 10000.0) if model_type == "gemma3_text" else None,

@@ -237,14 +237,15 @@ class SparseMoE(nn.Module):
 
     Batch invariance: an expert's rows keep their order in the call (decode rows first), so they go
     through the same batch-invariant kernels as any linear layer; and each row's k weighted expert
-    outputs are added one after another in expert order (k - 1 additions over all rows at once, as
-    transformers' ``index_add_`` per expert adds them), so a row's bits do not depend on which rows
-    share its call or on how many of them chose the same experts."""
+    outputs are added one after another in expert order, in float32 (k - 1 additions over all rows
+    at once), so a row's bits do not depend on which rows share its call or on how many of them
+    chose the same experts."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, n = config.hidden_size, config.n_experts
         self.top_k, self.norm_topk = config.n_experts_per_tok, config.norm_topk_prob
+        self.float_weights = config.float_routing_weights
         self.gate = Linear(d, n, bias=False, quantizable=False)  # the router
         self.experts = Experts(n, d, config.expert_size)
         shared = config.shared_expert_size
@@ -252,13 +253,14 @@ class SparseMoE(nn.Module):
         self.shared_expert_gate = Linear(d, 1, bias=False, quantizable=False) if shared else None
 
     def route(self, x: torch.Tensor, n_single: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's top-k experts [T, k] and their weights [T, k] in x's dtype, as transformers
-        computes them: softmax in float32 over all experts, top-k, renormalised if the family does."""
+        """Each row's top-k experts [T, k] and their weights [T, k], as transformers computes them:
+        softmax in float32 over all experts, top-k, renormalised if the family does; in x's dtype
+        (mixtral: float32)."""
         probs = torch.softmax(self.gate(x, n_single), dim=-1, dtype=torch.float32)  # [T, E]
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return chosen, weights.to(x.dtype)
+        return chosen, weights if self.float_weights else weights.to(x.dtype)
 
     def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:
         # x: [T, D]
@@ -278,9 +280,10 @@ class SparseMoE(nn.Module):
         back = torch.empty_like(order)
         back[order] = torch.arange(t * k)
         y = (torch.cat(ys)[back] * weights.reshape(-1, 1)).view(t, k, -1)  # [T, k, D] by row, experts in order
-        out = y[:, 0]
+        out = y[:, 0].float()
         for j in range(1, k):  # a row's outputs added one by one in expert order, whatever the batch
-            out = out + y[:, j]
+            out += y[:, j]
+        out = out.to(x.dtype)  # summed in float32 and rounded once, as transformers' grouped experts do
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x, n_single)) * self.shared_expert(x, n_single)
         return out
