@@ -132,7 +132,7 @@ def test_choice_apply_matches_its_plan():
     assert torch.equal(c.apply(x[:9], w, b), torch.cat([c.apply(x[:8], w, b), c.apply(x[8:9], w, b)]))
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen3-moe", "qwen2-moe"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3-moe", "qwen2-moe", "gpt-oss"])
 def test_stage_logits_are_bitwise_independent_of_batch_companions(models, name):
     stage = full_stage(models[name], dtype=torch.bfloat16, n_slots=6)
     prompts = [torch.arange(3, 3 + n) for n in (5, 9, 1, 14, 3, 7)]

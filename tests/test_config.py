@@ -52,6 +52,19 @@ def test_llama3_scaling_matches_transformers():
     assert torch.allclose(ours, ref)
 
 
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_matches_transformers(truncate):
+    from transformers import GptOssConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "rope_theta": 150000.0,
+            "original_max_position_embeddings": 4096, "truncate": truncate}
+    hf = GptOssConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=131072, rope_parameters=rope)
+    ref, factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    ours = ModelConfig.from_dict(hf.to_dict())
+    assert torch.allclose(ours.inv_freq(), ref) and ours.rope_attention_factor == pytest.approx(factor)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -44,7 +44,7 @@ QWEN3_30B_A3B = ModelConfig.from_dict(dict(
     num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960, tie_word_embeddings=False))
 
 
-@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral-window", "qwen2-moe", "olmoe"])
+@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral-window", "qwen2-moe", "olmoe", "gpt-oss"])
 def test_plan_counts_every_expert_of_a_stage(models, name):
     from mdi_mpi.checkpoint import Checkpoint, load_stage
     from mdi_mpi.partition import stage_memory

@@ -212,6 +212,8 @@ def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype,
                 continue
             tensor = torch.empty(param.shape, dtype=dtype)
             ckpt.read_into(src, tensor, None if row0 is None else (row0, row0 + param.shape[0]))
+            if ckpt.config.gpt_oss and name.endswith(".mlp.experts.gate_up_proj_bias"):
+                tensor = _deinterleave(tensor.t()).t().contiguous()  # [E, 2I]: gate, then up
             if name in quantized:
                 stage.set_quantized(owner, QuantWeight.of(tensor, layer_quant(name, quant), dtype))
             else:
@@ -259,10 +261,15 @@ def read_expert(ckpt: Checkpoint, name: str, e: int, out: torch.Tensor) -> None:
     and projection (the hub's ``mlp.experts.E.gate_proj.weight``, mixtral's
     ``block_sparse_moe.experts.E.w1.weight``)."""
     key = ckpt.key(name)
+    layer, kind = _EXPERTS.match(name).groups()
+    if ckpt.config.gpt_oss:  # [E, D, 2I] with gate and up interleaved, and [E, I, D]: transposed here
+        stored = torch.empty(out.shape[::-1], dtype=out.dtype)
+        ckpt.read_into(key, stored[None], (e, e + 1))
+        out.copy_(_deinterleave(stored.t()) if kind == "gate_up_proj" else stored.t())
+        return
     if ckpt.has(key):
         ckpt.read_into(key, out[None], (e, e + 1))
         return
-    layer, kind = _EXPERTS.match(name).groups()
     for base, parts in _PER_EXPERT.items():
         names = [ckpt.key(f"layers.{layer}.{base}.{e}.{part}.weight") for part in parts[kind]]
         if ckpt.has(names[0]):
@@ -273,6 +280,11 @@ def read_expert(ckpt: Checkpoint, name: str, e: int, out: torch.Tensor) -> None:
     per_expert = ckpt.key(f"layers.{layer}.mlp.experts.{e}.{_PER_EXPERT['mlp.experts'][kind][0]}.weight")
     raise UserError(f"the experts of layer {layer} are missing from the checkpoint {ckpt.path}: "
                     f"neither {key} nor {per_expert} is there")
+
+
+def _deinterleave(w: torch.Tensor) -> torch.Tensor:
+    """gpt_oss's gate and up rows, interleaved (gate, up, gate, ...), as our gate rows then up rows."""
+    return torch.cat([w[0::2], w[1::2]])
 
 
 def _read_rows(ckpt: Checkpoint, name: str, row0: int | None, a: int, b: int, shape: tuple[int, ...],
@@ -291,8 +303,10 @@ def source(ckpt: Checkpoint, name: str) -> tuple[str, int | None]:
     part of a fused tensor (phi3's ``qkv_proj`` = q, k, v and ``gate_up_proj`` = gate, up, split
     at load), else None."""
     key = ckpt.key(name)
-    if name.endswith(".mlp.gate.weight") and not ckpt.has(key) and ckpt.config.model_type == "mixtral":
-        return key.replace(".mlp.gate.", ".block_sparse_moe.gate."), None  # the hub's name of mixtral's router
+    if ".mlp.gate." in name and not ckpt.has(key):  # the router: mixtral's hub name, gpt_oss's name
+        router = {"mixtral": ".block_sparse_moe.gate.", "gpt_oss": ".mlp.router."}.get(ckpt.config.model_type)
+        if router is not None:
+            return key.replace(".mlp.gate.", router), None
     m = _FUSED.match(name)
     if not ckpt.config.fused_projections or m is None or ckpt.has(key):
         return key, None

@@ -1,5 +1,5 @@
 """Model configuration read from a Hugging Face ``config.json`` (llama, mistral, qwen2, qwen3, phi3,
-gemma2, gemma3, and the mixtures of experts qwen3_moe, mixtral, qwen2_moe, olmoe).
+gemma2, gemma3, and the mixtures of experts qwen3_moe, mixtral, qwen2_moe, olmoe, gpt_oss).
 
 Reads both the transformers 4 keys (``torch_dtype``, ``rope_theta``, ``rope_scaling``) and the
 transformers 5 keys (``dtype``, ``rope_parameters``).
@@ -16,7 +16,7 @@ import torch
 
 from mdi_mpi.errors import UserError
 
-MOE_MODEL_TYPES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe")
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe", "gpt_oss")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", *MOE_MODEL_TYPES)
 # Families whose design we do not implement, and what it is (named in the error).
 UNSUPPORTED_DESIGNS = {
@@ -26,7 +26,6 @@ UNSUPPORTED_DESIGNS = {
     "kimi_k2": "DeepSeek's multi-head latent attention (MLA), which Kimi K2 uses",
     "qwen3_next": "Qwen3-Next's hybrid linear attention (Gated DeltaNet)",
     "qwen3_5_moe": "Qwen3.5's hybrid linear attention (Gated DeltaNet)",
-    "gpt_oss": "gpt-oss's attention sinks, clamped SwiGLU experts and MXFP4 weights",
     "jamba": "Jamba's Mamba layers",
     "granitemoehybrid": "Granite's Mamba layers",
     "glm4_moe": "GLM-4-MoE's grouped expert routing with a score-correction bias",
@@ -34,7 +33,7 @@ UNSUPPORTED_DESIGNS = {
     "phimoe": "PhiMoE's sparsemixer routing",
 }
 DEFAULT_CONTEXT = 2048  # the --max-seq-len default when the model allows more
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -78,7 +77,7 @@ def _sparse_layers(raw: dict, model_type: str, n_layers: int) -> tuple[bool, ...
     and ``decoder_sparse_step``; every layer of mixtral and olmoe; none of a dense model."""
     if model_type not in MOE_MODEL_TYPES:
         return (False,) * n_layers
-    if model_type in ("mixtral", "olmoe"):
+    if model_type in ("mixtral", "olmoe", "gpt_oss"):
         return (True,) * n_layers
     dense = set(raw.get("mlp_only_layers") or ())
     step = int(raw.get("decoder_sparse_step") or 1)
@@ -121,6 +120,10 @@ class ModelConfig:
     expert_size: int = 0  # inner width of each expert's SwiGLU MLP
     norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1 (mixtral, qwen3_moe)
     float_routing_weights: bool = False  # mixtral: the weights scale the experts' outputs in float32
+    gpt_oss: bool = False  # attention sinks; a router with a bias, softmax over the top-k; experts with biases
+    # and a clamped SwiGLU (gate and up interleaved in the checkpoint); norms scaled in float32
+    swiglu_alpha: float = 1.702  # gpt_oss: glu = gate * sigmoid(alpha * gate)
+    swiglu_limit: float = 7.0  # gpt_oss: gate clamped to <= limit, up to [-limit, limit]
     shared_expert_size: int = 0  # qwen2_moe: inner width of the shared expert beside the routed ones (0: none)
     sparse_layers: tuple[bool, ...] = ()  # per layer: a mixture of experts (else a dense MLP)
     gemma: bool = False  # gemma: (1 + w) norms around attention and MLP, GeGLU, embeddings scaled by sqrt(D)
@@ -194,6 +197,8 @@ class ModelConfig:
             raise UserError(f"unsupported feature partial_rotary_factor={partial} for {model_type} (supported for phi3)")
         if rope_type == "longrope" and model_type != "phi3":
             raise UserError(f"unsupported RoPE scaling type 'longrope' for {model_type} (supported for phi3)")
+        if rope_type == "yarn" and model_type != "gpt_oss":
+            raise UserError(f"unsupported RoPE scaling type 'yarn' for {model_type} (supported for gpt_oss)")
         original_max = rope.get("original_max_position_embeddings", raw.get("original_max_position_embeddings"))
         rope = {"rope_type": rope_type, **{k: v for k, v in rope.items() if k not in ("type", "rope_type")}}
         if rope_type == "default":
@@ -206,7 +211,7 @@ class ModelConfig:
         elif model_type == "qwen2_moe":
             qkv_bias, o_bias = bool(raw.get("qkv_bias", True)), False
         else:
-            qkv_bias = o_bias = bool(raw.get("attention_bias", False))
+            qkv_bias = o_bias = bool(raw.get("attention_bias", model_type == "gpt_oss"))
         windows = _layer_windows(raw, model_type, n_layers)
         moe = model_type in MOE_MODEL_TYPES
         n_experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0) if moe else 0
@@ -240,6 +245,9 @@ class ModelConfig:
             expert_size=int(raw.get("moe_intermediate_size") or inter) if moe else 0,
             norm_topk_prob=model_type == "mixtral" or bool(raw.get("norm_topk_prob", False)),
             float_routing_weights=model_type == "mixtral",
+            gpt_oss=model_type == "gpt_oss",
+            swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)),
+            swiglu_limit=float(raw.get("swiglu_limit", 7.0)),
             shared_expert_size=int(raw.get("shared_expert_intermediate_size") or 0) if model_type == "qwen2_moe" else 0,
             sparse_layers=_sparse_layers(raw, model_type, n_layers),
             local_rope_theta=float(local_theta or 10000.0) if model_type == "gemma3_text" else None,
@@ -288,6 +296,8 @@ class ModelConfig:
     def rope_attention_factor(self) -> float:
         """longrope's scale on cos and sin (1 for other RoPE types)."""
         s = self.rope_scaling
+        if s.get("rope_type") == "yarn":
+            return self._yarn()[1]
         if s.get("rope_type") != "longrope":
             return 1.0
         if s.get("attention_factor") is not None:
@@ -309,6 +319,8 @@ class ModelConfig:
             factors = self.rope_scaling["long_factor" if long else "short_factor"]
             return inv / torch.tensor(factors, dtype=torch.float32)
         kind = self.rope_scaling.get("rope_type")
+        if kind == "yarn":
+            return self._yarn()[0]
         if kind == "linear":
             return inv / float(self.rope_scaling["factor"])
         if kind == "llama3":
@@ -323,6 +335,37 @@ class ModelConfig:
             medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
             return torch.where(medium, smoothed, scaled)
         return inv
+
+    def _yarn(self) -> tuple[torch.Tensor, float]:
+        """YaRN (gpt_oss): inverse frequencies blended between interpolated and extrapolated ones
+        by a linear ramp over the dimensions, and the attention factor, as transformers computes them."""
+        s, dim, base = self.rope_scaling, self.rotary_dim or self.head_dim, self.rope_theta
+        original = float(s["original_max_position_embeddings"])
+        factor = float(s.get("factor") or self.max_position_embeddings / original)
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention = s.get("attention_factor")
+        if attention is None:
+            m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+            attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+        extrapolation = 1 - ramp
+        inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+        return inv, float(attention)
 
     def is_sparse(self, layer: int) -> bool:
         """Whether decoder layer ``layer`` holds a mixture of experts (else a dense MLP)."""
@@ -346,7 +389,10 @@ class ModelConfig:
             return attn + 3 * d * self.intermediate_size + norms
         experts = self.n_experts_per_tok if active else self.n_experts
         shared = 3 * d * self.shared_expert_size + d if self.shared_expert_size else 0
-        return attn + d * self.n_experts + experts * 3 * d * self.expert_size + shared + norms
+        per_expert = 3 * d * self.expert_size + (2 * self.expert_size + d if self.gpt_oss else 0)  # gpt_oss: biases
+        router = (d + 1) * self.n_experts if self.gpt_oss else d * self.n_experts
+        sinks = self.n_heads if self.gpt_oss else 0
+        return attn + sinks + router + experts * per_expert + shared + norms
 
     def layers_param_count(self, layers: range, active: bool = False) -> int:
         """Parameters in decoder layers ``layers`` (see ``layer_param_count``)."""

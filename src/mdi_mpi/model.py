@@ -1,6 +1,7 @@
 """The Llama-family decoder in plain PyTorch: RMSNorm, RoPE (also partial and longrope, phi3), GQA
 attention (with qwen3's per-head q/k norms, olmoe's whole-projection ones), SwiGLU MLP, and the
-sparse mixture of experts (``SparseMoE``: qwen3_moe, mixtral, qwen2_moe, olmoe).
+sparse mixture of experts (``SparseMoE``: qwen3_moe, mixtral, qwen2_moe, olmoe, gpt_oss), and
+gpt_oss's attention sinks.
 
 Module and parameter names follow Hugging Face's so checkpoint tensors map one to one. Tokens are
 packed: a forward call sees ``T`` tokens from one or more sequences, described by a ``Batch``.
@@ -63,7 +64,7 @@ def pick_kernels(
     linears = [m for m in root.modules() if isinstance(m, Linear) and m.qweight is None]
     experts = [m for m in root.modules() if isinstance(m, Experts) and m.gate_up_q is None]
     weights = [(m.weight, m.bias, False) for m in linears]
-    weights += [(w, None, False) for m in experts for w in (m.gate_up_proj[0], m.down_proj[0])]  # one shape each
+    weights += [(w, b, False) for m in experts for w, b in zip((m.gate_up_proj[0], m.down_proj[0]), m.biases(0))]  # one shape each
     weights += [(head, None, True)] if head is not None else []
     selection, chosen = choose_kernels(weights, forced, cache)
     for m, k in zip(linears, chosen):
@@ -75,19 +76,22 @@ def pick_kernels(
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, gemma: bool = False):
+    def __init__(self, dim: int, eps: float, gemma: bool = False, float_scale: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.gemma = gemma  # the weight is an offset from 1, applied in float32
+        self.float_scale = float_scale  # gpt_oss: the weight applied in float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale in the model dtype (gemma: in float32), as transformers does.
+        # Normalise in float32 and scale in the model dtype (gemma, gpt_oss: in float32), as transformers does.
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.gemma:
             return (x32 * (1.0 + self.weight.float())).to(dtype)
+        if self.float_scale:
+            return (self.weight * x32).to(dtype)
         return self.weight * x32.to(dtype)
 
 
@@ -133,6 +137,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(q_dim, config.rms_norm_eps, config.gemma) if norm else None
         self.k_norm = RMSNorm(k_dim, config.rms_norm_eps, config.gemma) if norm else None
         self.clip = config.clip_qkv
+        # gpt_oss: a learned logit per head beside the keys' in the softmax (its probability is dropped)
+        self.sinks = nn.Parameter(torch.empty(config.n_heads)) if config.gpt_oss else None
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -163,28 +169,34 @@ class Attention(nn.Module):
                 mask = kpos <= qpos  # [n, L - lo]
                 if self.window is not None:
                     mask &= kpos > qpos - self.window
-            if self.softcap is None:
+            if self.softcap is None and self.sinks is None:
                 o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True,
                                                    scale=self.scale)  # [1, H, n, hd]
             else:
-                o = self._softcapped(qs, keys, values, mask, causal)
+                o = self._explicit(qs, keys, values, mask, causal)
             outs.append(o[0].transpose(0, 1).reshape(n, -1))
             off += n
         y = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, H*hd]
         return self.o_proj(y, ns)
 
-    def _softcapped(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                    causal: bool) -> torch.Tensor:
-        """Attention with gemma2's tanh soft cap on the logits (SDPA has none): q [1, H, n, hd]."""
+    def _explicit(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                  causal: bool) -> torch.Tensor:
+        """Attention written out, for what SDPA lacks: gemma2's tanh soft cap on the logits, and
+        gpt_oss's sinks (a per-head logit in the softmax whose probability goes nowhere): q [1, H, n, hd]."""
         group = self.n_heads // self.n_kv_heads
         k, v = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)  # [1, H, L, hd]
         s = q @ k.transpose(2, 3) * (self.scale or self.head_dim**-0.5)  # [1, H, n, L]
-        s = torch.tanh(s / self.softcap) * self.softcap
+        if self.softcap is not None:
+            s = torch.tanh(s / self.softcap) * self.softcap
         if causal:
             mask = torch.ones(s.shape[-2:], dtype=torch.bool).tril()
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
-        return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        if self.sinks is None:
+            return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        s = torch.cat([s, self.sinks.view(1, -1, 1, 1).expand(*s.shape[:-1], 1).to(s.dtype)], dim=-1)  # [1, H, n, L + 1]
+        s = s - s.amax(dim=-1, keepdim=True)  # in the model dtype, as transformers' eager attention for sinks
+        return torch.softmax(s, dim=-1, dtype=s.dtype)[..., :-1] @ v
 
 
 class MLP(nn.Module):
@@ -208,25 +220,44 @@ class Experts(nn.Module):
     gate_up_kernels: ShapeKernels  # set by pick_kernels: every expert has the same shapes
     down_kernels: ShapeKernels
 
-    def __init__(self, n_experts: int, hidden: int, inner: int):
+    def __init__(self, n_experts: int, hidden: int, inner: int, clamped: tuple[float, float] | None = None):
         super().__init__()
         self.n_experts = n_experts
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inner, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inner))
         self.gate_up_q: nn.ModuleList | None = None  # set by Stage.set_quantized_experts
         self.down_q: nn.ModuleList | None = None
+        # gpt_oss: biases, and the clamped SwiGLU (alpha, limit): (up + 1) * gate * sigmoid(alpha * gate)
+        self.clamped = clamped
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(n_experts, 2 * inner)) if clamped else None
+        self.down_proj_bias = nn.Parameter(torch.empty(n_experts, hidden)) if clamped else None
+
+    def biases(self, e: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Expert ``e``'s gate_up and down biases (None without)."""
+        if self.clamped is None:
+            return None, None
+        return self.gate_up_proj_bias[e], self.down_proj_bias[e]
+
+    def act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.clamped is None:
+            return F.silu(gate) * up
+        alpha, limit = self.clamped
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
     def forward(self, e: int, x: torch.Tensor, n_single: int) -> torch.Tensor:
         """Expert ``e`` on its rows ``x`` [n, D] (the first ``n_single`` decode rows) -> [n, D]."""
+        b1, b2 = self.biases(e)
         if self.gate_up_q is not None:
             h = self.gate_up_q[e](x)  # [n, 2I]
+            h = h if b1 is None else h + b1
         else:
-            h = linear(x, self.gate_up_proj[e], None, n_single, self.gate_up_kernels)
-        gate, up = h.chunk(2, dim=-1)
-        a = F.silu(gate) * up  # [n, I]
+            h = linear(x, self.gate_up_proj[e], b1, n_single, self.gate_up_kernels)
+        a = self.act(*h.chunk(2, dim=-1))  # [n, I]
         if self.down_q is not None:
-            return self.down_q[e](a)
-        return linear(a, self.down_proj[e], None, n_single, self.down_kernels)
+            y = self.down_q[e](a)
+            return y if b2 is None else y + b2
+        return linear(a, self.down_proj[e], b2, n_single, self.down_kernels)
 
 
 class SparseMoE(nn.Module):
@@ -246,8 +277,10 @@ class SparseMoE(nn.Module):
         d, n = config.hidden_size, config.n_experts
         self.top_k, self.norm_topk = config.n_experts_per_tok, config.norm_topk_prob
         self.float_weights = config.float_routing_weights
-        self.gate = Linear(d, n, bias=False, quantizable=False)  # the router
-        self.experts = Experts(n, d, config.expert_size)
+        self.softmax_after_topk = config.gpt_oss  # gpt_oss: top-k of the logits, then softmax over them
+        self.gate = Linear(d, n, bias=config.gpt_oss, quantizable=False)  # the router
+        clamped = (config.swiglu_alpha, config.swiglu_limit) if config.gpt_oss else None
+        self.experts = Experts(n, d, config.expert_size, clamped)
         shared = config.shared_expert_size
         self.shared_expert = MLP(config, shared) if shared else None
         self.shared_expert_gate = Linear(d, 1, bias=False, quantizable=False) if shared else None
@@ -256,7 +289,11 @@ class SparseMoE(nn.Module):
         """Each row's top-k experts [T, k] and their weights [T, k], as transformers computes them:
         softmax in float32 over all experts, top-k, renormalised if the family does; in x's dtype
         (mixtral: float32)."""
-        probs = torch.softmax(self.gate(x, n_single), dim=-1, dtype=torch.float32)  # [T, E]
+        logits = self.gate(x, n_single)  # [T, E]
+        if self.softmax_after_topk:
+            top, chosen = torch.topk(logits, self.top_k, dim=-1)  # [T, k]
+            return chosen, torch.softmax(top, dim=-1, dtype=top.dtype)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -293,9 +330,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         d, eps, g = config.hidden_size, config.rms_norm_eps, config.gemma
-        self.input_layernorm = RMSNorm(d, eps, g)
+        self.input_layernorm = RMSNorm(d, eps, g, config.gpt_oss)
         self.self_attn = Attention(config, config.layer_windows[index])
-        self.post_attention_layernorm = RMSNorm(d, eps, g)  # llama: before the MLP; gemma: on the attention's output
+        self.post_attention_layernorm = RMSNorm(d, eps, g, config.gpt_oss)  # llama: before the MLP; gemma: on the attention's output
         self.mlp = SparseMoE(config) if config.is_sparse(index) else MLP(config)
         # gemma: norms before and after the MLP as well
         self.pre_feedforward_layernorm = RMSNorm(d, eps, g) if g else None

@@ -29,7 +29,7 @@ class Stage(nn.Module):
         d, vocab = config.hidden_size, config.vocab_size
         self.embed_tokens = nn.Embedding(vocab, d) if edges else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in layers})
-        self.norm = RMSNorm(d, config.rms_norm_eps, config.gemma) if edges else None
+        self.norm = RMSNorm(d, config.rms_norm_eps, config.gemma, config.gpt_oss) if edges else None
         self.lm_head = Linear(d, vocab, bias=False) if edges and not config.tie_word_embeddings else None
         self.cos: torch.Tensor | None = None  # [L, rd] RoPE tables ([2L, rd] with longrope: short, then long)
         self.sin: torch.Tensor | None = None
