@@ -231,3 +231,41 @@ def test_per_expert_and_fused_expert_layouts_load_the_same_stage(models, tmp_pat
     up = "block_sparse_moe.experts.1.w3" if name == "mixtral-window" else "mlp.experts.1.up_proj"
     inner = a["layers.2.mlp.experts.down_proj"].shape[2]
     assert torch.equal(a["layers.2.mlp.experts.gate_up_proj"][1, inner:], expert[f"model.layers.2.{up}.weight"].bfloat16())
+
+
+def test_mxfp4_experts_decode_exactly_and_load_as_the_decoded_model(models, tmp_path):
+    """gpt-oss's MXFP4 experts (``*_blocks`` + ``*_scales``) decode to transformers' values bit for
+    bit, and a checkpoint storing them loads as the same model stored with the decoded weights."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from mdi_mpi.checkpoint import decode_mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 48, 2, 16), dtype=torch.uint8, generator=g)  # [E, out, in/32, 16]
+    scales = torch.randint(118, 132, (3, 48, 2), dtype=torch.uint8, generator=g)
+    ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)  # [E, out, in]
+    assert torch.equal(torch.stack([decode_mxfp4(b, s, torch.float32) for b, s in zip(blocks, scales)]), ref)
+    byte = torch.tensor([[[0x71] + [0] * 15]], dtype=torch.uint8)  # low nibble 1 (0.5), high nibble 7 (6.0)
+    assert decode_mxfp4(byte, torch.tensor([[128]], dtype=torch.uint8), torch.float32)[0, :3].tolist() == [1.0, 12.0, 0.0]
+
+    src = models["gpt-oss"]
+    tensors = load_file(src / "model.safetensors")
+    stored = {"mxfp4": dict(tensors), "decoded": dict(tensors)}
+    for name, t in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            e, n_in, n_out = t.shape  # transformers' [E, in, out]
+            b = torch.randint(0, 256, (e, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
+            s = torch.randint(120, 127, (e, n_out, n_in // 32), dtype=torch.uint8, generator=g)
+            del stored["mxfp4"][name]
+            stored["mxfp4"].update({f"{name}_blocks": b, f"{name}_scales": s})
+            stored["decoded"][name] = convert_moe_packed_tensors(b, s, dtype=torch.float32)
+    config = json.loads((src / "config.json").read_text())
+    params = []
+    for kind, ts in stored.items():
+        path = tmp_path / kind
+        path.mkdir()
+        save_file(ts, path / "model.safetensors")
+        (path / "config.json").write_text(json.dumps({**config, **({"quantization_config": {"quant_method": "mxfp4"}} if kind == "mxfp4" else {})}))
+        params.append(dict(load_stage(Checkpoint(path), range(1, 3), edges=False, dtype=torch.bfloat16).named_parameters()))
+    assert params[0].keys() == params[1].keys()
+    assert all(torch.equal(params[0][k], params[1][k]) for k in params[0])

@@ -262,6 +262,16 @@ def read_expert(ckpt: Checkpoint, name: str, e: int, out: torch.Tensor) -> None:
     ``block_sparse_moe.experts.E.w1.weight``)."""
     key = ckpt.key(name)
     layer, kind = _EXPERTS.match(name).groups()
+    if ckpt.has(f"{key}_blocks"):  # gpt_oss's MXFP4 experts, [E, out, in] with gate and up rows interleaved
+        blocks = torch.empty((1, *ckpt.files[f"{key}_blocks"].tensors[f"{key}_blocks"]["shape"][1:]), dtype=torch.uint8)
+        scales = torch.empty(blocks.shape[:-1], dtype=torch.uint8)
+        ckpt.read_into(f"{key}_blocks", blocks, (e, e + 1))
+        ckpt.read_into(f"{key}_scales", scales, (e, e + 1))
+        w = decode_mxfp4(blocks[0], scales[0], out.dtype)  # [out, in]
+        if w.shape != out.shape:
+            raise UserError(f"tensor {key}_blocks decodes to {list(w.shape)} per expert, the config implies {list(out.shape)}")
+        out.copy_(_deinterleave(w) if kind == "gate_up_proj" else w)
+        return
     if ckpt.config.gpt_oss:  # [E, D, 2I] with gate and up interleaved, and [E, I, D]: transposed here
         stored = torch.empty(out.shape[::-1], dtype=out.dtype)
         ckpt.read_into(key, stored[None], (e, e + 1))
@@ -280,6 +290,19 @@ def read_expert(ckpt: Checkpoint, name: str, e: int, out: torch.Tensor) -> None:
     per_expert = ckpt.key(f"layers.{layer}.mlp.experts.{e}.{_PER_EXPERT['mlp.experts'][kind][0]}.weight")
     raise UserError(f"the experts of layer {layer} are missing from the checkpoint {ckpt.path}: "
                     f"neither {key} nor {per_expert} is there")
+
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # e2m1
+
+
+def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 (OCP microscaling) -> [out, in] in ``dtype``: ``blocks`` [out, in/32, 16] uint8 hold two
+    e2m1 values per byte (the low nibble first), ``scales`` [out, in/32] uint8 one power of two per
+    block of 32, biased by 127. Every value is exact in bfloat16 and float32."""
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)  # [out, G, 16, 2]
+    values = torch.ldexp(values.flatten(-2), scales.to(torch.int32)[..., None] - 127)  # [out, G, 32]
+    return values.flatten(-2).to(dtype)
 
 
 def _deinterleave(w: torch.Tensor) -> torch.Tensor:
