@@ -30,12 +30,17 @@ from mdi_mpi.quant import QuantWeight
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_single: int, kernels: ShapeKernels) -> torch.Tensor:
     """Batch-invariant linear: ``x`` [T, in] -> [T, out]; rows [:n_single] are decode rows (one
-    token of a sequence), the rest prompt rows, each computed with the kernels chosen for them."""
+    token of a sequence), the rest prompt rows, each computed with the kernels chosen for them.
+    The bias is added after the product, row by row: a bias fused into the kernels can round
+    differently between kernels too rarely for the start-up probe to see (bf16 ``addmv`` against
+    ``F.linear`` on AVX2), so kernels are chosen, and compute, without it."""
     if n_single == x.shape[0]:
-        return kernels.decode.apply(x, weight, bias)
-    if n_single == 0:
-        return kernels.prefill.apply(x, weight, bias)
-    return torch.cat([kernels.decode.apply(x[:n_single], weight, bias), kernels.prefill.apply(x[n_single:], weight, bias)])
+        y = kernels.decode.apply(x, weight, None)
+    elif n_single == 0:
+        y = kernels.prefill.apply(x, weight, None)
+    else:
+        y = torch.cat([kernels.decode.apply(x[:n_single], weight, None), kernels.prefill.apply(x[n_single:], weight, None)])
+    return y if bias is None else y + bias
 
 
 class Linear(nn.Linear):
@@ -63,8 +68,8 @@ def pick_kernels(
     rows are all decode rows; its kernels are returned) with ``kernels.choose_kernels``."""
     linears = [m for m in root.modules() if isinstance(m, Linear) and m.qweight is None]
     experts = [m for m in root.modules() if isinstance(m, Experts) and m.gate_up_q is None]
-    weights = [(m.weight, m.bias, False) for m in linears]
-    weights += [(w, b, False) for m in experts for w, b in zip((m.gate_up_proj[0], m.down_proj[0]), m.biases(0))]  # one shape each
+    weights = [(m.weight, None, False) for m in linears]  # biases are added after the kernels (``linear``)
+    weights += [(w, None, False) for m in experts for w in (m.gate_up_proj[0], m.down_proj[0])]  # one shape each
     weights += [(head, None, True)] if head is not None else []
     selection, chosen = choose_kernels(weights, forced, cache)
     for m, k in zip(linears, chosen):
