@@ -292,8 +292,8 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor, n_single: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's top-k experts [T, k] and their weights [T, k], as transformers computes them:
-        softmax in float32 over all experts, top-k, renormalised if the family does; in x's dtype
-        (mixtral: float32)."""
+        softmax in float32 over all experts, top-k, renormalised if the family does, in x's dtype
+        (mixtral: float32); gpt_oss: top-k of the logits, softmax over those in x's dtype."""
         logits = self.gate(x, n_single)  # [T, E]
         if self.softmax_after_topk:
             top, chosen = torch.topk(logits, self.top_k, dim=-1)  # [T, k]
@@ -322,7 +322,7 @@ class SparseMoE(nn.Module):
         back = torch.empty_like(order)
         back[order] = torch.arange(t * k)
         y = (torch.cat(ys)[back] * weights.reshape(-1, 1)).view(t, k, -1)  # [T, k, D] by row, experts in order
-        out = y[:, 0].float()
+        out = y[:, 0].float()  # (a view of y in float32: y is not read again but for its other columns)
         for j in range(1, k):  # a row's outputs added one by one in expert order, whatever the batch
             out += y[:, j]
         out = out.to(x.dtype)  # summed in float32 and rounded once, as transformers' grouped experts do
