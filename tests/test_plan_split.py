@@ -69,6 +69,8 @@ def test_qwen3_30b_a3b_on_four_8gb_nodes():
     assert 55 * GIB < sum(m["weight_bytes"] for m in bf16.memory) < 60 * GIB
     assert suggestion(QWEN3_30B_A3B, torch.bfloat16, 8 * GIB, **kw) == "9 ranks of this size would fit"
     assert suggestion(QWEN3_30B_A3B, torch.bfloat16, 8 * GIB, quant=Quant("int8"), **kw) == "5 ranks of this size would fit"
+    assert suggestion(QWEN3_30B_A3B, torch.bfloat16, 8 * GIB, 4, **kw) == \
+        "9 ranks of this size would fit; with --quant int4, 3 ranks would"  # what a 4-node cluster can do
     int4 = make_plan(QWEN3_30B_A3B, 4, torch.bfloat16, quant=Quant("int4"), available=[8 * GIB] * 4, **kw)
     check_fit(int4)
     assert max(m["peak_bytes"] for m in int4.memory) < 5.5 * GIB
