@@ -74,7 +74,7 @@ def test_rows_are_bitwise_independent_of_the_row_count(kind):
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("name, n_weights", [("llama-gqa-llama3", 4 * 7 + 2),
-                                             ("qwen2-moe", 4 * (4 + 8 * 2 + 3) + 2)])  # attention, experts, shared expert
+                                             ("qwen2-moe", 4 * 4 + 2 * 3 + 2 * (8 * 2 + 3) + 2)])  # attention, 2 dense MLPs, 2 sparse layers
 def test_quantized_stage_matches_transformers_on_the_dequantized_weights(models, kind, name, n_weights):
     from transformers import AutoModelForCausalLM
 

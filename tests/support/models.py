@@ -52,7 +52,7 @@ VARIANTS = {
                                          mlp_only_layers=[1], head_dim=24)),
     "mixtral-window": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, sliding_window=6)),
     "qwen2-moe": ("Qwen2MoeConfig", dict(num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
-                                         shared_expert_intermediate_size=48, norm_topk_prob=False)),
+                                         shared_expert_intermediate_size=48, norm_topk_prob=False, decoder_sparse_step=2)),
     "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32, clip_qkv=3.0)),
     # gpt-oss: sinks, sliding and full layers, YaRN, a router with a bias, clamped SwiGLU experts with biases
     "gpt-oss": ("GptOssConfig", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
