@@ -206,3 +206,66 @@ def test_a_multimodal_gemma3_loads_only_its_text_tower(models, tmp_path, names_r
         s.choose_kernels("row")  # one kernel for both: each stage measuring its own could pick another family
     ids = torch.arange(3, 23)
     assert torch.equal(stage(ids, Batch.make([0], [0], [20])), ref(ids, Batch.make([0], [0], [20])))
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral-window"])
+def test_per_expert_and_fused_expert_layouts_load_the_same_stage(models, tmp_path, names_read, name):
+    """The hub's one tensor per expert (mixtral: block_sparse_moe.experts.E.w1) and transformers'
+    fused 3-D experts give the same weights; a stage reads only its own layers' experts."""
+    from transformers import AutoModelForCausalLM
+
+    hub = models[name]
+    fused = tmp_path / "fused"
+    AutoModelForCausalLM.from_pretrained(hub, dtype=torch.float32).save_pretrained(fused, save_original_format=False)
+    assert "model.layers.2.mlp.experts.gate_up_proj" in Checkpoint(fused).files
+    assert "model.layers.2.mlp.experts.gate_up_proj" not in Checkpoint(hub).files
+    stages = []
+    for path in (hub, fused):
+        names_read.clear()
+        stages.append(load_stage(Checkpoint(path), range(2, 4), edges=False, dtype=torch.bfloat16))
+        assert {int(n.split(".")[2]) for n in names_read} == {2, 3}
+    a, b = (dict(s.named_parameters()) for s in stages)
+    assert a.keys() == b.keys() and "layers.3.mlp.experts.down_proj" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    expert = load_file(hub / "model.safetensors")
+    up = "block_sparse_moe.experts.1.w3" if name == "mixtral-window" else "mlp.experts.1.up_proj"
+    inner = a["layers.2.mlp.experts.down_proj"].shape[2]
+    assert torch.equal(a["layers.2.mlp.experts.gate_up_proj"][1, inner:], expert[f"model.layers.2.{up}.weight"].bfloat16())
+
+
+def test_mxfp4_experts_decode_exactly_and_load_as_the_decoded_model(models, tmp_path):
+    """gpt-oss's MXFP4 experts (``*_blocks`` + ``*_scales``) decode to transformers' values bit for
+    bit, and a checkpoint storing them loads as the same model stored with the decoded weights."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from mdi_mpi.checkpoint import decode_mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 48, 2, 16), dtype=torch.uint8, generator=g)  # [E, out, in/32, 16]
+    scales = torch.randint(118, 132, (3, 48, 2), dtype=torch.uint8, generator=g)
+    ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)  # [E, out, in]
+    assert torch.equal(torch.stack([decode_mxfp4(b, s, torch.float32) for b, s in zip(blocks, scales)]), ref)
+    byte = torch.tensor([[[0x71] + [0] * 15]], dtype=torch.uint8)  # low nibble 1 (0.5), high nibble 7 (6.0)
+    assert decode_mxfp4(byte, torch.tensor([[128]], dtype=torch.uint8), torch.float32)[0, :3].tolist() == [1.0, 12.0, 0.0]
+
+    src = models["gpt-oss"]
+    tensors = load_file(src / "model.safetensors")
+    stored = {"mxfp4": dict(tensors), "decoded": dict(tensors)}
+    for name, t in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            e, n_in, n_out = t.shape  # transformers' [E, in, out]
+            b = torch.randint(0, 256, (e, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
+            s = torch.randint(120, 127, (e, n_out, n_in // 32), dtype=torch.uint8, generator=g)
+            del stored["mxfp4"][name]
+            stored["mxfp4"].update({f"{name}_blocks": b, f"{name}_scales": s})
+            stored["decoded"][name] = convert_moe_packed_tensors(b, s, dtype=torch.float32)
+    config = json.loads((src / "config.json").read_text())
+    params = []
+    for kind, ts in stored.items():
+        path = tmp_path / kind
+        path.mkdir()
+        save_file(ts, path / "model.safetensors")
+        (path / "config.json").write_text(json.dumps({**config, **({"quantization_config": {"quant_method": "mxfp4"}} if kind == "mxfp4" else {})}))
+        params.append(dict(load_stage(Checkpoint(path), range(1, 3), edges=False, dtype=torch.bfloat16).named_parameters()))
+    assert params[0].keys() == params[1].keys()
+    assert all(torch.equal(params[0][k], params[1][k]) for k in params[0])

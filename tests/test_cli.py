@@ -466,6 +466,36 @@ def test_new_families_greedy_equals_transformers_on_any_ranks(models, tmp_path, 
 
 @pytest.mark.timeout(300)
 @pytest.mark.mpi
+def test_moe_tokens_equal_transformers_and_do_not_change_with_ranks_or_slots(models, tmp_path):
+    """qwen2-moe (top-4 of 8 experts and a shared expert) on 2 ranks: greedy tokens equal transformers'
+    (as on one rank, test_model.py); with int4 experts, greedy and seeded sampled requests side by side
+    give the same tokens on 1 rank and on 2 ranks with the slots in groups."""
+    path = models["qwen2-moe"]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    want = {}
+    for i, p in enumerate(PROMPTS[:3]):
+        with torch.no_grad():
+            want[f"p{i}"] = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+    file = tmp_path / "p.jsonl"
+    sampled = {"temperature": 0.9, "seed": 3}
+    file.write_text("".join(json.dumps({"id": f"p{i}", "input_ids": p, **({} if i < 3 else sampled)}) + "\n"
+                            for i, p in enumerate(PROMPTS[:5])))
+    runs = {}
+    for name, ranks, slots, extra in [("fp32", 2, 4, ["--dtype", "float32"]),
+                                      ("int4-1", 1, 1, ["--quant", "int4", "--quant-group", "32"]),
+                                      ("int4-2", 2, 4, ["--quant", "int4", "--quant-group", "32"])]:
+        out = tmp_path / f"{name}.jsonl"
+        res = run_cli(["--model", str(path), "--prompts-file", str(file), "--max-new-tokens", "16", "--slots", str(slots),
+                       "--micro-batch", str(-(-slots // 2)), "--prefill-chunk", "5", "--max-seq-len", "128",
+                       "--output", str(out), "--quiet", *extra], ranks=ranks)
+        assert res.returncode == 0, res.stderr
+        runs[name] = {k: r["tokens"] for k, r in records(out).items()}
+    assert {k: runs["fp32"][k] for k in want} == want
+    assert runs["int4-1"] == runs["int4-2"] and len(runs["int4-1"]) == 5
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.mpi
 def test_longrope_past_the_original_context_equals_transformers(models, tmp_path):
     """Phi-3's longrope: a prompt longer than the original context (128 here) uses the long factors
     from the start; one that grows past it switches, and transformers recomputes the whole sequence

@@ -52,6 +52,19 @@ def test_llama3_scaling_matches_transformers():
     assert torch.allclose(ours, ref)
 
 
+@pytest.mark.parametrize("truncate", [True, False])
+def test_yarn_matches_transformers(truncate):
+    from transformers import GptOssConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "rope_theta": 150000.0,
+            "original_max_position_embeddings": 4096, "truncate": truncate}
+    hf = GptOssConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=131072, rope_parameters=rope)
+    ref, factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    ours = ModelConfig.from_dict(hf.to_dict())
+    assert torch.allclose(ours.inv_freq(), ref) and ours.rope_attention_factor == pytest.approx(factor)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -60,7 +73,9 @@ def test_llama3_scaling_matches_transformers():
         (dict(num_key_value_heads=3), "does not divide"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "unsupported RoPE scaling type 'yarn'"),
         (dict(mlp_bias=True), "mlp_bias"),
-        (dict(model_type="qwen3_moe"), "unsupported model_type 'qwen3_moe'"),
+        (dict(model_type="deepseek_v3"), "unsupported model_type 'deepseek_v3': .*multi-head latent attention \\(MLA\\)"),
+        (dict(model_type="qwen3_next"), "unsupported model_type 'qwen3_next': .*linear attention"),
+        (dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=5), "num_experts_per_tok=5"),
         (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5 for llama"),
         (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}), "'longrope' for llama"),
         (dict(model_type="phi3", attention_bias=True), "attention_bias=true for phi3"),
@@ -96,6 +111,55 @@ def test_sliding_windows_per_layer(change, windows):
     c = ModelConfig.from_dict({**BASE, "num_hidden_layers": 4, **change})
     assert c.layer_windows == windows
     c.check_context(4096)  # a window shorter than the context is served, not refused
+
+
+MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+
+
+@pytest.mark.parametrize(
+    "change, sparse",
+    [
+        (dict(model_type="qwen3_moe"), (True,) * 4),
+        (dict(model_type="qwen3_moe", mlp_only_layers=[0, 3]), (False, True, True, False)),
+        (dict(model_type="qwen2_moe", decoder_sparse_step=2), (False, True, False, True)),
+        (dict(model_type="qwen2_moe", decoder_sparse_step=2, mlp_only_layers=[1]), (False, False, False, True)),
+        (dict(model_type="mixtral", num_local_experts=8, num_experts=None, mlp_only_layers=[1]), (True,) * 4),
+        (dict(model_type="llama"), (False,) * 4),
+    ],
+)
+def test_sparse_and_dense_layers(change, sparse):
+    c = ModelConfig.from_dict({**BASE, **MOE, "num_hidden_layers": 4, **change})
+    assert c.sparse_layers == sparse
+    assert c.n_experts == (8 if any(sparse) else 0)
+
+
+def test_moe_fields_per_family():
+    q3 = ModelConfig.from_dict({**BASE, **MOE, "model_type": "qwen3_moe", "norm_topk_prob": True})
+    assert (q3.expert_size, q3.n_experts_per_tok, q3.norm_topk_prob, q3.qk_norm, q3.shared_expert_size) == (32, 2, True, True, 0)
+    mx = ModelConfig.from_dict({**BASE, "model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2})
+    assert (mx.n_experts, mx.expert_size, mx.norm_topk_prob) == (8, 128, True)  # experts of intermediate_size, always renormalised
+    q2 = ModelConfig.from_dict({**BASE, **MOE, "model_type": "qwen2_moe", "shared_expert_intermediate_size": 48})
+    assert (q2.shared_expert_size, q2.norm_topk_prob, q2.qkv_bias, q2.o_bias) == (48, False, True, False)
+    ol = ModelConfig.from_dict({**BASE, **MOE, "model_type": "olmoe", "clip_qkv": 8})
+    assert ol.qk_norm_full and not ol.qk_norm and ol.clip_qkv == 8.0 and not ol.norm_topk_prob
+    # All experts count for memory, the top-k for compute; a dense layer among sparse ones counts as dense.
+    assert q3.layer_param_count() - q3.layer_param_count(active=True) == 6 * 3 * 64 * 32
+    dense = ModelConfig.from_dict({**BASE, **MOE, "model_type": "qwen3_moe", "mlp_only_layers": [0]})
+    assert dense.layer_param_count(0) == dense.layer_param_count(0, active=True) < dense.layer_param_count(1)
+
+
+@pytest.mark.parametrize(
+    "change, windows",
+    [
+        (dict(model_type="qwen3_moe", sliding_window=64), (None,) * 4),
+        (dict(model_type="qwen3_moe", sliding_window=64, use_sliding_window=True, max_window_layers=2), (64,) * 4),
+        (dict(model_type="qwen2_moe", sliding_window=64, use_sliding_window=True, max_window_layers=3), (64, None, 64, None)),
+        (dict(model_type="mixtral", num_local_experts=8, num_experts=None, sliding_window=64), (64,) * 4),
+        (dict(model_type="olmoe", sliding_window=64), (None,) * 4),
+    ],
+)
+def test_moe_sliding_windows(change, windows):
+    assert ModelConfig.from_dict({**BASE, **MOE, "num_hidden_layers": 4, **change}).layer_windows == windows
 
 
 def test_bad_layer_types_are_named():

@@ -38,8 +38,9 @@ def test_greedy_generation_matches_transformers(models, name):
         assert ours[str(i)] == out[0, len(prompt):].tolist()
 
 
-def test_bf16_close_to_transformers(models):
-    path = models["llama-gqa-llama3"]
+@pytest.mark.parametrize("name", ["llama-gqa-llama3", "mixtral-window", "qwen3-moe"])
+def test_bf16_close_to_transformers(models, name):
+    path = models[name]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     stage = full_stage(path, dtype=torch.bfloat16)
     ids = torch.arange(3, 23)

@@ -37,6 +37,45 @@ def test_predicted_memory_adds_up():
     assert all(m["peak_bytes"] > m["weight_bytes"] + m["kv_cache_bytes"] for m in plan.memory)
 
 
+# Qwen3-30B-A3B's config.json, as far as the plan needs it
+QWEN3_30B_A3B = ModelConfig.from_dict(dict(
+    model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+    num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral-window", "qwen2-moe", "olmoe", "gpt-oss"])
+def test_plan_counts_every_expert_of_a_stage(models, name):
+    from mdi_mpi.checkpoint import Checkpoint, load_stage
+    from mdi_mpi.partition import stage_memory
+    from mdi_mpi.quant import Quant
+
+    ckpt = Checkpoint(models[name])
+    for layers, edges in ((range(0, 2), True), (range(2, 4), False)):
+        predicted = stage_memory(ckpt.config, layers, edges, 4, 1, 64, 1, 16, 2)["weight_bytes"]
+        assert predicted == load_stage(ckpt, layers, edges, torch.float32).weight_bytes()
+        predicted = stage_memory(ckpt.config, layers, edges, 2, 1, 64, 1, 16, 2, Quant("int8"))["weight_bytes"]
+        held = load_stage(ckpt, layers, edges, torch.bfloat16, Quant("int8")).weight_bytes()
+        assert 0.85 < predicted / held <= 1.0  # per-row scales and the routers, unquantized, are the difference
+
+
+def test_qwen3_30b_a3b_on_four_8gb_nodes():
+    """All 128 experts of every layer count: bf16 (~57 GiB) needs 9 nodes of 8 GiB, int8 5, and
+    int4 fits 4 (3 would do)."""
+    from mdi_mpi.quant import Quant
+
+    kw = dict(n_slots=4, max_seq_len=2048, micro_batch=1, prefill_chunk=128)
+    bf16 = make_plan(QWEN3_30B_A3B, 4, torch.bfloat16, **kw)
+    assert 55 * GIB < sum(m["weight_bytes"] for m in bf16.memory) < 60 * GIB
+    assert suggestion(QWEN3_30B_A3B, torch.bfloat16, 8 * GIB, **kw) == "9 ranks of this size would fit"
+    assert suggestion(QWEN3_30B_A3B, torch.bfloat16, 8 * GIB, quant=Quant("int8"), **kw) == "5 ranks of this size would fit"
+    assert suggestion(QWEN3_30B_A3B, torch.bfloat16, 8 * GIB, 4, **kw) == \
+        "9 ranks of this size would fit; with --quant int4, 3 ranks would"  # what a 4-node cluster can do
+    int4 = make_plan(QWEN3_30B_A3B, 4, torch.bfloat16, quant=Quant("int4"), available=[8 * GIB] * 4, **kw)
+    check_fit(int4)
+    assert max(m["peak_bytes"] for m in int4.memory) < 5.5 * GIB
+
+
 def test_memory_balance_follows_rank_memory():
     plan = make_plan(TINYLLAMA, 3, torch.bfloat16, available=[4 * GIB, 1 * GIB, 1 * GIB], balance="memory", **KW)
     assert counts(plan)[0] > counts(plan)[1] and sum(counts(plan)) == 22

@@ -73,10 +73,12 @@ def test_rows_are_bitwise_independent_of_the_row_count(kind):
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_quantized_stage_matches_transformers_on_the_dequantized_weights(models, kind):
+@pytest.mark.parametrize("name, n_weights", [("llama-gqa-llama3", 4 * 7 + 2),
+                                             ("qwen2-moe", 4 * 4 + 2 * 3 + 2 * (8 * 2 + 3) + 2)])  # attention, 2 dense MLPs, 2 sparse layers
+def test_quantized_stage_matches_transformers_on_the_dequantized_weights(models, kind, name, n_weights):
     from transformers import AutoModelForCausalLM
 
-    path = models["llama-gqa-llama3"]
+    path = models[name]
     ckpt = Checkpoint(path)
     stage = load_stage(ckpt, range(ckpt.config.n_layers), True, torch.float32, Quant(kind, 32))
     stage.setup_cache(1, 128)
@@ -84,12 +86,16 @@ def test_quantized_stage_matches_transformers_on_the_dequantized_weights(models,
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     state = hf.state_dict()
     n_quantized = 0
-    for name, m in stage.named_modules():
+    for module, m in stage.named_modules():
         if isinstance(m, QuantWeight):
-            owner = {"embed_q": "embed_tokens", "head_q": "lm_head"}.get(name, name.removesuffix(".qweight"))
-            state[hf_name(owner + ".weight")].copy_(m.dequantized())
+            experts, _, e = module.rpartition("_q.")  # layers.L.mlp.experts.gate_up_q.E: expert E of a 3-D weight
+            if experts:
+                state[hf_name(experts + "_proj")][int(e)].copy_(m.dequantized())
+            else:
+                owner = {"embed_q": "embed_tokens", "head_q": "lm_head"}.get(module, module.removesuffix(".qweight"))
+                state[hf_name(owner + ".weight")].copy_(m.dequantized())
             n_quantized += 1
-    assert n_quantized == 4 * 7 + 2
+    assert n_quantized == n_weights
     ids = torch.arange(3, 23)
     with torch.no_grad():
         ref = hf(ids[None]).logits[0]
@@ -218,3 +224,19 @@ def test_an_already_quantized_checkpoint_is_refused(models, tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     res = run_cli(["--model", str(path), "--prompts-file", "-"], timeout=60)
     assert res.returncode == 2 and "already quantized (gptq)" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_split_quant_shards_hold_experts_as_quantized_on_the_fly(models, tmp_path):
+    """``split --quant`` stores each layer's experts as stacked integers ([E, out, in] with their
+    scales and zeros); a stage read from the shard holds the same kernels' weights as one quantized
+    while loading the checkpoint."""
+    from mdi_mpi.shards import shard_dir, write_shards
+
+    path = models["qwen3-moe"]
+    write_shards(str(path), str(tmp_path / "sh"), [range(0, 2), range(2, 4)], "bfloat16", Quant("int4", 32))
+    fly = load_stage(Checkpoint(path), range(2, 4), False, torch.bfloat16, Quant("int4", 32))
+    shard = load_stage(Checkpoint(shard_dir(tmp_path / "sh", 1)), range(2, 4), False, torch.bfloat16, Quant("int4", 32))
+    a, b = fly.state_dict(), shard.state_dict()
+    assert a.keys() == b.keys() and "layers.2.mlp.experts.gate_up_q.7.q" in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert shard.quant_summary() == {"int4": 2 * (4 + 2 * 8), "int8": 0, "none": 2}  # the routers stay unquantized

@@ -197,6 +197,9 @@ def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype,
         for name, param in list(stage.named_parameters()):
             owner, _, attr = name.rpartition(".")
             key = ckpt.key(name)
+            if _EXPERTS.match(name):
+                _load_experts(ckpt, stage, name, param.shape, dtype, quant if name in quantized else None)
+                continue
             if name in quantized and ckpt.has(f"{key}.q"):
                 zero = ckpt.read(f"{key}.zero") if ckpt.has(f"{key}.zero") else None
                 stage.set_quantized(owner, QuantWeight(ckpt.read(f"{key}.q"), ckpt.read(f"{key}.scale"), zero, dtype))
@@ -209,11 +212,108 @@ def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype,
                 continue
             tensor = torch.empty(param.shape, dtype=dtype)
             ckpt.read_into(src, tensor, None if row0 is None else (row0, row0 + param.shape[0]))
+            if ckpt.config.gpt_oss and name.endswith(".mlp.experts.gate_up_proj_bias"):
+                tensor = _deinterleave(tensor.t()).t().contiguous()  # [E, 2I]: gate, then up
             if name in quantized:
                 stage.set_quantized(owner, QuantWeight.of(tensor, layer_quant(name, quant), dtype))
             else:
                 stage.get_submodule(owner)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
     return stage
+
+
+def _load_experts(ckpt: Checkpoint, stage: Stage, name: str, shape: torch.Size, dtype: torch.dtype,
+                  quant: Quant | None) -> None:
+    """Fill the 3-D expert parameter ``name`` [E, out, in] one expert at a time (so that casting or
+    quantizing holds at most one expert in full precision), or, with ``quant``, store one
+    ``QuantWeight`` per expert; ``split --quant`` shards hold them quantized already."""
+    owner, _, attr = name.rpartition(".")
+    key = ckpt.key(name)
+    if quant is not None and ckpt.has(f"{key}.q"):
+        q, scale = ckpt.read(f"{key}.q"), ckpt.read(f"{key}.scale")
+        zero = ckpt.read(f"{key}.zero") if ckpt.has(f"{key}.zero") else None
+        qws = [QuantWeight(q[e], scale[e], None if zero is None else zero[e], dtype) for e in range(shape[0])]
+        stage.set_quantized_experts(owner, attr, qws)
+        return
+    if quant is not None:
+        qws = []
+        for e in range(shape[0]):
+            w = torch.empty(shape[1:], dtype=dtype)
+            read_expert(ckpt, name, e, w)
+            qws.append(QuantWeight.of(w, quant, dtype))
+        stage.set_quantized_experts(owner, attr, qws)
+        return
+    tensor = torch.empty(shape, dtype=dtype)
+    for e in range(shape[0]):
+        read_expert(ckpt, name, e, tensor[e])
+    stage.get_submodule(owner)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+# Per-expert tensors of the hub checkpoints, in the rows of our fused gate_up_proj (gate, then up)
+_PER_EXPERT = {"mlp.experts": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)},
+               "block_sparse_moe.experts": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}}  # mixtral
+
+
+def read_expert(ckpt: Checkpoint, name: str, e: int, out: torch.Tensor) -> None:
+    """Read expert ``e`` of our 3-D parameter ``name`` (``layers.L.mlp.experts.gate_up_proj`` or
+    ``down_proj``) into ``out`` [out, in], from whichever layout ``ckpt`` has: fused 3-D tensors
+    (transformers' own, ``[E, 2I, D]`` and ``[E, D, I]``, or our shards), one tensor per expert and
+    projection (the hub's ``mlp.experts.E.gate_proj.weight``, mixtral's
+    ``block_sparse_moe.experts.E.w1.weight``), or gpt_oss's (``[E, D, 2I]`` with gate and up
+    interleaved, and ``[E, I, D]``; or MXFP4 ``*_blocks`` and ``*_scales``, decoded here)."""
+    key = ckpt.key(name)
+    layer, kind = _EXPERTS.match(name).groups()
+    if ckpt.has(f"{key}_blocks"):  # gpt_oss's MXFP4 experts, [E, out, in] with gate and up rows interleaved
+        blocks = torch.empty((1, *ckpt.files[f"{key}_blocks"].tensors[f"{key}_blocks"]["shape"][1:]), dtype=torch.uint8)
+        scales = torch.empty(blocks.shape[:-1], dtype=torch.uint8)
+        ckpt.read_into(f"{key}_blocks", blocks, (e, e + 1))
+        ckpt.read_into(f"{key}_scales", scales, (e, e + 1))
+        w = decode_mxfp4(blocks[0], scales[0], out.dtype)  # [out, in]
+        if w.shape != out.shape:
+            raise UserError(f"tensor {key}_blocks decodes to {list(w.shape)} per expert, the config implies {list(out.shape)}")
+        out.copy_(_deinterleave(w) if kind == "gate_up_proj" else w)
+        return
+    if ckpt.config.gpt_oss:  # [E, D, 2I] with gate and up interleaved, and [E, I, D]: transposed here
+        stored = torch.empty(out.shape[::-1], dtype=out.dtype)
+        ckpt.read_into(key, stored[None], (e, e + 1))
+        out.copy_(_deinterleave(stored.t()) if kind == "gate_up_proj" else stored.t())
+        return
+    if ckpt.has(key):
+        ckpt.read_into(key, out[None], (e, e + 1))
+        return
+    for base, parts in _PER_EXPERT.items():
+        names = [ckpt.key(f"layers.{layer}.{base}.{e}.{part}.weight") for part in parts[kind]]
+        if ckpt.has(names[0]):
+            step = out.shape[0] // len(names)
+            for j, n in enumerate(names):
+                ckpt.read_into(n, out[j * step : (j + 1) * step])
+            return
+    per_expert = ckpt.key(f"layers.{layer}.mlp.experts.{e}.{_PER_EXPERT['mlp.experts'][kind][0]}.weight")
+    raise UserError(f"the experts of layer {layer} are missing from the checkpoint {ckpt.path}: "
+                    f"neither {key} nor {per_expert} is there")
+
+
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # e2m1
+
+
+def decode_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 (OCP microscaling) -> [out, in] in ``dtype``: ``blocks`` [out, in/32, 16] uint8 hold two
+    e2m1 values per byte (the low nibble first), ``scales`` [out, in/32] uint8 one power of two per
+    block of 32, biased by 127. Every value (at most 3 significant bits times a power of two) is
+    exact in bfloat16 and float32. Two bytes at a time are looked up in a table of their four values
+    (65536 x 4), then scaled in place (docs/internals.md has the cost)."""
+    lut = torch.tensor(FP4_VALUES, dtype=dtype)
+    pairs = torch.stack([lut.repeat(16), lut.repeat_interleave(16)], dim=-1)  # [256, 2]: byte -> (low, high)
+    quads = torch.cat([pairs.repeat(256, 1), pairs.repeat_interleave(256, 0)], dim=-1)  # [65536, 4]: little-endian u16
+    index = blocks.contiguous().view(torch.int16).view(-1).int() & 0xFFFF  # [out * in/4]
+    out = quads.index_select(0, index).view(*blocks.shape[:-1], 32)  # [out, G, 32]
+    out *= torch.exp2(scales.to(torch.float32) - 127).to(dtype)[..., None]
+    return out.flatten(-2)
+
+
+def _deinterleave(w: torch.Tensor) -> torch.Tensor:
+    """gpt_oss's gate and up rows, interleaved (gate, up, gate, ...), as our gate rows then up rows."""
+    return torch.cat([w[0::2], w[1::2]])
 
 
 def _read_rows(ckpt: Checkpoint, name: str, row0: int | None, a: int, b: int, shape: tuple[int, ...],
@@ -232,6 +332,10 @@ def source(ckpt: Checkpoint, name: str) -> tuple[str, int | None]:
     part of a fused tensor (phi3's ``qkv_proj`` = q, k, v and ``gate_up_proj`` = gate, up, split
     at load), else None."""
     key = ckpt.key(name)
+    if ".mlp.gate." in name and not ckpt.has(key):  # the router: mixtral's hub name, gpt_oss's name
+        router = {"mixtral": ".block_sparse_moe.gate.", "gpt_oss": ".mlp.router."}.get(ckpt.config.model_type)
+        if router is not None:
+            return key.replace(".mlp.gate.", router), None
     m = _FUSED.match(name)
     if not ckpt.config.fused_projections or m is None or ckpt.has(key):
         return key, None

@@ -94,9 +94,11 @@ def make_plan(
 
     by_memory = None
     if available is not None and split is None and balance in ("memory", "speed"):
-        # Memory left for layers once the fixed costs are paid, in units of one layer's bytes.
+        # Memory left for layers once the fixed costs are paid, in units of an average layer's bytes
+        # (a mixture of experts may hold dense layers among sparse ones).
         fixed = memory([range(0, 0)] * n_ranks)
-        per_layer = memory([range(0, 1)] * n_ranks)[1]["peak_bytes"] - fixed[1]["peak_bytes"]
+        every = memory([range(0, config.n_layers)] * n_ranks)[-1]["peak_bytes"]
+        per_layer = (every - fixed[-1]["peak_bytes"]) / config.n_layers
         room = [max(1.0, (a - f["peak_bytes"]) / per_layer) for a, f in zip(available, fixed)]
         by_memory = split_layers(config.n_layers, n_ranks, 0.0, room)
     if split is not None:
@@ -129,12 +131,15 @@ def check_fit(plan: Plan, suggest: Callable[[], str] | None = None) -> None:
             )
 
 
-def suggestion(config: ModelConfig, dtype: torch.dtype, per_rank: int, **kw) -> str:
+def suggestion(config: ModelConfig, dtype: torch.dtype, per_rank: int, ranks: int | None = None, **kw) -> str:
     """The smallest rank count, or else a smaller dtype, or else a (smaller) ``--quant``, with which
-    every rank fits ``per_rank``."""
+    every rank fits ``per_rank``; when that rank count exceeds the job's ``ranks``, also the
+    smallest ``--quant`` with which ``ranks`` or fewer would fit (a big mixture of experts on a few
+    nodes)."""
     for n in range(1, config.n_layers + 1):
         if fits(make_plan(config, n, dtype, **kw).memory, [per_rank] * n):
-            return f"{n} ranks of this size would fit"
+            also = _quant_within(config, dtype, per_rank, ranks, **kw) if ranks is not None and n > ranks else ""
+            return f"{n} ranks of this size would fit{also}"
     if dtype == torch.float32:
         for n in range(1, config.n_layers + 1):
             if fits(make_plan(config, n, torch.bfloat16, **kw).memory, [per_rank] * n):
@@ -145,6 +150,17 @@ def suggestion(config: ModelConfig, dtype: torch.dtype, per_rank: int, **kw) -> 
             if fits(make_plan(config, n, dtype, quant=q, **kw).memory, [per_rank] * n):
                 return f"with --quant {q.kind}, {n} ranks of this size would fit"
     return "no rank count fits this memory: use a smaller --max-seq-len or --slots, or bigger nodes"
+
+
+def _quant_within(config: ModelConfig, dtype: torch.dtype, per_rank: int, ranks: int, **kw) -> str:
+    """``"; with --quant Q, N ranks"``: the first (smaller) ``--quant`` with which at most ``ranks``
+    ranks fit, or "" if none does."""
+    current = kw.pop("quant", None)
+    for q in [Quant("int8"), Quant("int4")][0 if current is None else 1 if current.kind == "int8" else 2:]:
+        for n in range(1, ranks + 1):
+            if fits(make_plan(config, n, dtype, quant=q, **kw).memory, [per_rank] * n):
+                return f"; with --quant {q.kind}, {n} ranks would"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -189,7 +205,7 @@ def plan_layout(config: ModelConfig, n_ranks: int, dtype: torch.dtype, layout: L
 def check_plan(plan: Plan, config: ModelConfig, dtype: torch.dtype, sizes: Sizes, quant: Quant | None) -> None:
     """``check_fit`` with the suggestion of the smallest layout that would fit."""
     if plan.available is not None:
-        check_fit(plan, lambda: suggestion(config, dtype, min(plan.available), **sizes.plan_kw(quant)))
+        check_fit(plan, lambda: suggestion(config, dtype, min(plan.available), len(plan.layers), **sizes.plan_kw(quant)))
 
 
 AUTO_FLOAT32_GAIN = 1.25  # float32 must decode this much faster to be worth twice the memory

@@ -1,5 +1,7 @@
 """The Llama-family decoder in plain PyTorch: RMSNorm, RoPE (also partial and longrope, phi3), GQA
-attention (with qwen3's per-head q/k norms), SwiGLU MLP.
+attention (with qwen3's per-head q/k norms, olmoe's whole-projection ones), SwiGLU MLP, and the
+sparse mixture of experts (``SparseMoE``: qwen3_moe, mixtral, qwen2_moe, olmoe, gpt_oss), and
+gpt_oss's attention sinks.
 
 Module and parameter names follow Hugging Face's so checkpoint tensors map one to one. Tokens are
 packed: a forward call sees ``T`` tokens from one or more sequences, described by a ``Batch``.
@@ -7,7 +9,9 @@ Nothing here knows about MPI.
 
 Batch invariance: every linear layer computes each row with a kernel of a fixed shape chosen per
 machine (``kernels.py``), so a token's result does not depend on which other tokens share its forward
-call, and output does not change with the number of ranks, slots or micro-batches.
+call, and output does not change with the number of ranks, slots or micro-batches. A mixture of
+experts keeps that: each expert's rows go through the same kernels (decode rows first, as in the
+whole call), and each row's expert outputs are summed in expert order (``SparseMoE``).
 """
 
 from __future__ import annotations
@@ -26,12 +30,17 @@ from mdi_mpi.quant import QuantWeight
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_single: int, kernels: ShapeKernels) -> torch.Tensor:
     """Batch-invariant linear: ``x`` [T, in] -> [T, out]; rows [:n_single] are decode rows (one
-    token of a sequence), the rest prompt rows, each computed with the kernels chosen for them."""
+    token of a sequence), the rest prompt rows, each computed with the kernels chosen for them.
+    The bias is added after the product, row by row: a bias fused into the kernels can round
+    differently between kernels too rarely for the start-up probe to see (bf16 ``addmv`` against
+    ``F.linear`` on AVX2), so kernels are chosen, and compute, without it."""
     if n_single == x.shape[0]:
-        return kernels.decode.apply(x, weight, bias)
-    if n_single == 0:
-        return kernels.prefill.apply(x, weight, bias)
-    return torch.cat([kernels.decode.apply(x[:n_single], weight, bias), kernels.prefill.apply(x[n_single:], weight, bias)])
+        y = kernels.decode.apply(x, weight, None)
+    elif n_single == 0:
+        y = kernels.prefill.apply(x, weight, None)
+    else:
+        y = torch.cat([kernels.decode.apply(x[:n_single], weight, None), kernels.prefill.apply(x[n_single:], weight, None)])
+    return y if bias is None else y + bias
 
 
 class Linear(nn.Linear):
@@ -40,9 +49,10 @@ class Linear(nn.Linear):
 
     kernels: ShapeKernels  # set by Stage.choose_kernels
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, quantizable: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.qweight: QuantWeight | None = None  # set by Stage.set_quantized
+        self.quantizable = quantizable  # False for a router, whose choices --quant must not move
 
     def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:  # type: ignore[override]
         if self.qweight is not None:
@@ -57,27 +67,36 @@ def pick_kernels(
     """Choose the kernels of every ``Linear`` under ``root`` (and of an LM ``head`` weight, whose
     rows are all decode rows; its kernels are returned) with ``kernels.choose_kernels``."""
     linears = [m for m in root.modules() if isinstance(m, Linear) and m.qweight is None]
-    weights = [(m.weight, m.bias, False) for m in linears] + ([(head, None, True)] if head is not None else [])
+    experts = [m for m in root.modules() if isinstance(m, Experts) and m.gate_up_q is None]
+    weights = [(m.weight, None, False) for m in linears]  # biases are added after the kernels (``linear``)
+    weights += [(w, None, False) for m in experts for w in (m.gate_up_proj[0], m.down_proj[0])]  # one shape each
+    weights += [(head, None, True)] if head is not None else []
     selection, chosen = choose_kernels(weights, forced, cache)
     for m, k in zip(linears, chosen):
         m.kernels = k
+    rest = iter(chosen[len(linears):])
+    for m in experts:
+        m.gate_up_kernels, m.down_kernels = next(rest), next(rest)
     return selection, chosen[-1] if head is not None else None
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, gemma: bool = False):
+    def __init__(self, dim: int, eps: float, gemma: bool = False, float_scale: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.gemma = gemma  # the weight is an offset from 1, applied in float32
+        self.float_scale = float_scale  # gpt_oss: the weight applied in float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale in the model dtype (gemma: in float32), as transformers does.
+        # Normalise in float32 and scale in the model dtype (gemma, gpt_oss: in float32), as transformers does.
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.gemma:
             return (x32 * (1.0 + self.weight.float())).to(dtype)
+        if self.float_scale:
+            return (self.weight * x32).to(dtype)
         return self.weight * x32.to(dtype)
 
 
@@ -116,20 +135,31 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = Linear(config.n_heads * hd, d, bias=config.o_bias)
-        # qwen3: RMSNorm over each head of q and of k, before RoPE
-        self.q_norm = RMSNorm(hd, config.rms_norm_eps, config.gemma) if config.qk_norm else None
-        self.k_norm = RMSNorm(hd, config.rms_norm_eps, config.gemma) if config.qk_norm else None
+        # qwen3: RMSNorm over each head of q and of k, before RoPE; olmoe: over the whole projections
+        self.full_qk_norm = config.qk_norm_full
+        q_dim, k_dim = (config.n_heads * hd, config.n_kv_heads * hd) if config.qk_norm_full else (hd, hd)
+        norm = config.qk_norm or config.qk_norm_full
+        self.q_norm = RMSNorm(q_dim, config.rms_norm_eps, config.gemma) if norm else None
+        self.k_norm = RMSNorm(k_dim, config.rms_norm_eps, config.gemma) if norm else None
+        self.clip = config.clip_qkv
+        # gpt_oss: a learned logit per head beside the keys' in the softmax (its probability is dropped)
+        self.sinks = nn.Parameter(torch.empty(config.n_heads)) if config.gpt_oss else None
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, D]; cos, sin: [T, 1, hd]
         t, ns = x.shape[0], batch.n_single
-        q = self.q_proj(x, ns).view(t, self.n_heads, self.head_dim)  # [T, H, hd]
-        k = self.k_proj(x, ns).view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, hd]
-        if self.q_norm is not None:
+        q, k, v = self.q_proj(x, ns), self.k_proj(x, ns), self.v_proj(x, ns)  # [T, H*hd], [T, Hkv*hd] x 2
+        if self.full_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (z.clamp(-self.clip, self.clip) for z in (q, k, v))
+        q = q.view(t, self.n_heads, self.head_dim)  # [T, H, hd]
+        k = k.view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, hd]
+        v = v.view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, hd]
+        if self.q_norm is not None and not self.full_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = self.v_proj(x, ns).view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, hd]
         outs = []
         off = 0
         for slot, start, n in zip(batch.slots, batch.starts, batch.lengths):
@@ -144,34 +174,40 @@ class Attention(nn.Module):
                 mask = kpos <= qpos  # [n, L - lo]
                 if self.window is not None:
                     mask &= kpos > qpos - self.window
-            if self.softcap is None:
+            if self.softcap is None and self.sinks is None:
                 o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True,
                                                    scale=self.scale)  # [1, H, n, hd]
             else:
-                o = self._softcapped(qs, keys, values, mask, causal)
+                o = self._explicit(qs, keys, values, mask, causal)
             outs.append(o[0].transpose(0, 1).reshape(n, -1))
             off += n
         y = outs[0] if len(outs) == 1 else torch.cat(outs)  # [T, H*hd]
         return self.o_proj(y, ns)
 
-    def _softcapped(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                    causal: bool) -> torch.Tensor:
-        """Attention with gemma2's tanh soft cap on the logits (SDPA has none): q [1, H, n, hd]."""
+    def _explicit(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                  causal: bool) -> torch.Tensor:
+        """Attention written out, for what SDPA lacks: gemma2's tanh soft cap on the logits, and
+        gpt_oss's sinks (a per-head logit in the softmax whose probability goes nowhere): q [1, H, n, hd]."""
         group = self.n_heads // self.n_kv_heads
         k, v = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)  # [1, H, L, hd]
         s = q @ k.transpose(2, 3) * (self.scale or self.head_dim**-0.5)  # [1, H, n, L]
-        s = torch.tanh(s / self.softcap) * self.softcap
+        if self.softcap is not None:
+            s = torch.tanh(s / self.softcap) * self.softcap
         if causal:
             mask = torch.ones(s.shape[-2:], dtype=torch.bool).tril()
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
-        return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        if self.sinks is None:
+            return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        s = torch.cat([s, self.sinks.view(1, -1, 1, 1).expand(*s.shape[:-1], 1).to(s.dtype)], dim=-1)  # [1, H, n, L + 1]
+        s = s - s.amax(dim=-1, keepdim=True)  # in the model dtype, as transformers' eager attention for sinks
+        return torch.softmax(s, dim=-1, dtype=s.dtype)[..., :-1] @ v
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate: int | None = None):
         super().__init__()
-        d, i = config.hidden_size, config.intermediate_size
+        d, i = config.hidden_size, intermediate or config.intermediate_size
         self.gate_proj = Linear(d, i, bias=False)
         self.up_proj = Linear(d, i, bias=False)
         self.down_proj = Linear(i, d, bias=False)
@@ -181,14 +217,128 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x, n_single)) * self.up_proj(x, n_single), n_single)
 
 
+class Experts(nn.Module):
+    """A sparse layer's SwiGLU experts, held as transformers holds them: ``gate_up_proj`` [E, 2I, D]
+    (each expert's gate rows, then its up rows) and ``down_proj`` [E, D, I]; or, quantized, one
+    ``QuantWeight`` per expert in ``gate_up_q`` and ``down_q`` (the 3-D parameters are then gone)."""
+
+    gate_up_kernels: ShapeKernels  # set by pick_kernels: every expert has the same shapes
+    down_kernels: ShapeKernels
+
+    def __init__(self, n_experts: int, hidden: int, inner: int, clamped: tuple[float, float] | None = None):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inner, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inner))
+        self.gate_up_q: nn.ModuleList | None = None  # set by Stage.set_quantized_experts
+        self.down_q: nn.ModuleList | None = None
+        # gpt_oss: biases, and the clamped SwiGLU (alpha, limit): (up + 1) * gate * sigmoid(alpha * gate)
+        self.clamped = clamped
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(n_experts, 2 * inner)) if clamped else None
+        self.down_proj_bias = nn.Parameter(torch.empty(n_experts, hidden)) if clamped else None
+
+    def biases(self, e: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Expert ``e``'s gate_up and down biases (None without)."""
+        if self.clamped is None:
+            return None, None
+        return self.gate_up_proj_bias[e], self.down_proj_bias[e]
+
+    def act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.clamped is None:
+            return F.silu(gate) * up
+        alpha, limit = self.clamped
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+    def forward(self, e: int, x: torch.Tensor, n_single: int) -> torch.Tensor:
+        """Expert ``e`` on its rows ``x`` [n, D] (the first ``n_single`` decode rows) -> [n, D]."""
+        b1, b2 = self.biases(e)
+        if self.gate_up_q is not None:
+            h = self.gate_up_q[e](x)  # [n, 2I]
+            h = h if b1 is None else h + b1
+        else:
+            h = linear(x, self.gate_up_proj[e], b1, n_single, self.gate_up_kernels)
+        a = self.act(*h.chunk(2, dim=-1))  # [n, I]
+        if self.down_q is not None:
+            y = self.down_q[e](a)
+            return y if b2 is None else y + b2
+        return linear(a, self.down_proj[e], b2, n_single, self.down_kernels)
+
+
+class SparseMoE(nn.Module):
+    """A mixture of experts in place of the MLP: a router (``gate``) picks each row's top-k
+    experts, only the experts some row chose are computed, each on its own rows, and a row's output
+    is the sum of its experts' outputs times their routing weights; qwen2_moe adds a shared expert
+    scaled by a sigmoid gate.
+
+    Batch invariance: an expert's rows keep their order in the call (decode rows first), so they go
+    through the same batch-invariant kernels as any linear layer; and each row's k weighted expert
+    outputs are added one after another in expert order, in float32 (k - 1 additions over all rows
+    at once), so a row's bits do not depend on which rows share its call or on how many of them
+    chose the same experts."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, n = config.hidden_size, config.n_experts
+        self.top_k, self.norm_topk = config.n_experts_per_tok, config.norm_topk_prob
+        self.float_weights = config.float_routing_weights
+        self.softmax_after_topk = config.gpt_oss  # gpt_oss: top-k of the logits, then softmax over them
+        self.gate = Linear(d, n, bias=config.gpt_oss, quantizable=False)  # the router
+        clamped = (config.swiglu_alpha, config.swiglu_limit) if config.gpt_oss else None
+        self.experts = Experts(n, d, config.expert_size, clamped)
+        shared = config.shared_expert_size
+        self.shared_expert = MLP(config, shared) if shared else None
+        self.shared_expert_gate = Linear(d, 1, bias=False, quantizable=False) if shared else None
+
+    def route(self, x: torch.Tensor, n_single: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's top-k experts [T, k] and their weights [T, k], as transformers computes them:
+        softmax in float32 over all experts, top-k, renormalised if the family does, in x's dtype
+        (mixtral: float32); gpt_oss: top-k of the logits, softmax over those in x's dtype."""
+        logits = self.gate(x, n_single)  # [T, E]
+        if self.softmax_after_topk:
+            top, chosen = torch.topk(logits, self.top_k, dim=-1)  # [T, k]
+            return chosen, torch.softmax(top, dim=-1, dtype=top.dtype)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return chosen, weights if self.float_weights else weights.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:
+        # x: [T, D]
+        t, k, n = x.shape[0], self.top_k, self.experts.n_experts
+        chosen, weights = self.route(x, n_single)
+        chosen, rank = chosen.sort(dim=-1)  # each row's experts in expert order: the order they are added in
+        weights = weights.gather(1, rank)
+        flat = chosen.flatten()  # [T*k]: row t's experts at t*k .. t*k+k-1
+        order = torch.argsort(flat, stable=True)  # the (row, expert) pairs grouped by expert, rows ascending
+        xs = x[order // k]  # [T*k, D]: each expert's rows together, its decode rows first
+        counts = torch.bincount(flat, minlength=n).tolist()
+        singles = torch.bincount(flat[: n_single * k], minlength=n).tolist()  # decode rows come first
+        ys, off = [], 0
+        for e in [e for e, c in enumerate(counts) if c]:  # only the experts some row chose
+            ys.append(self.experts(e, xs[off : off + counts[e]], singles[e]))
+            off += counts[e]
+        back = torch.empty_like(order)
+        back[order] = torch.arange(t * k)
+        y = (torch.cat(ys)[back] * weights.reshape(-1, 1)).view(t, k, -1)  # [T, k, D] by row, experts in order
+        out = y[:, 0].float()  # (a view of y in float32: y is not read again but for its other columns)
+        for j in range(1, k):  # a row's outputs added one by one in expert order, whatever the batch
+            out += y[:, j]
+        out = out.to(x.dtype)  # summed in float32 and rounded once, as transformers' grouped experts do
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x, n_single)) * self.shared_expert(x, n_single)
+        return out
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         d, eps, g = config.hidden_size, config.rms_norm_eps, config.gemma
-        self.input_layernorm = RMSNorm(d, eps, g)
+        self.input_layernorm = RMSNorm(d, eps, g, config.gpt_oss)
         self.self_attn = Attention(config, config.layer_windows[index])
-        self.post_attention_layernorm = RMSNorm(d, eps, g)  # llama: before the MLP; gemma: on the attention's output
-        self.mlp = MLP(config)
+        self.post_attention_layernorm = RMSNorm(d, eps, g, config.gpt_oss)  # llama: before the MLP; gemma: on the attention's output
+        self.mlp = SparseMoE(config) if config.is_sparse(index) else MLP(config)
         # gemma: norms before and after the MLP as well
         self.pre_feedforward_layernorm = RMSNorm(d, eps, g) if g else None
         self.post_feedforward_layernorm = RMSNorm(d, eps, g) if g else None

@@ -24,8 +24,10 @@ from mdi_mpi.errors import UserError
 
 def edge_cost(config: ModelConfig) -> float:
     """Rank 0's extra per-token work in units of one decoder layer: the LM head's matmul
-    (the embedding is a lookup and costs next to nothing)."""
-    return config.vocab_size * config.hidden_size / config.layer_param_count()
+    (the embedding is a lookup and costs next to nothing). A token computes with only its top-k
+    experts, so a mixture of experts' layer costs its active parameters."""
+    per_layer = config.layers_param_count(range(config.n_layers), active=True) / config.n_layers
+    return config.vocab_size * config.hidden_size / per_layer
 
 
 def parse_split(text: str) -> list[int]:
@@ -124,13 +126,15 @@ def stage_memory(
     quant: Quant | None = None,
     cache_slots: int = 0,
 ) -> dict[str, int]:
-    """Predicted bytes of one rank: weights (quantized with ``quant``), KV cache (for ``n_slots``
-    running slots and ``cache_slots`` that hold prefixes), message buffers,
-    and the predicted peak (those plus the runtime, the transient of loading the largest tensor in
-    full precision, and activations)."""
+    """Predicted bytes of one rank: weights (quantized with ``quant``; every expert of a mixture
+    of experts), KV cache (for ``n_slots`` running slots and ``cache_slots`` that hold prefixes),
+    message buffers, and the predicted peak (those plus the runtime, the transient of loading the
+    largest tensor in full precision, and activations). Experts are read and quantized one at a
+    time, so the largest tensor is a dense MLP's or one expert's."""
     per_weight = float(element_size) if quant is None else quant.bytes_per_weight(element_size)
-    weights = int(len(layers) * config.layer_param_count() * per_weight)
-    largest = config.hidden_size * config.intermediate_size * element_size
+    weights = int(config.layers_param_count(layers) * per_weight)
+    inner = max(config.intermediate_size, 2 * config.expert_size)
+    largest = config.hidden_size * inner * element_size
     if edges:
         weights += int(config.edge_param_count() * (element_size if quant is None else 1))  # int8 embedding and head
         largest = config.vocab_size * config.hidden_size * element_size
@@ -138,7 +142,7 @@ def stage_memory(
     rows = micro_batch * prefill_chunk
     groups = -(-n_slots // micro_batch)
     buffers = 0 if n_ranks == 1 else 2 * groups * (rows * config.hidden_size * element_size + 8 * (4 + 4 * micro_batch))
-    activations = rows * (4 * config.hidden_size + 3 * config.intermediate_size) * 4
+    activations = rows * (4 * config.hidden_size + 3 * inner + config.n_experts) * 4
     peak = RUNTIME_BYTES + weights + kv + buffers + largest + activations  # largest: a cast while loading
     return {"weight_bytes": weights, "kv_cache_bytes": kv, "buffer_bytes": buffers, "peak_bytes": peak}
 

@@ -100,7 +100,11 @@ def int4_fits(shape: tuple[int, int], group: int) -> bool:
 def quantize(w: torch.Tensor, quant: Quant) -> dict[str, torch.Tensor]:
     """The portable stored form of ``w`` [out, in] under ``quant`` (int4 falls back to int8 where the
     kernel cannot take the shape): ``q`` (int8, or uint8 0..15 for int4, unpacked), ``scale`` and,
-    for int4, ``zero`` (float32). The integer dtype of ``q`` tells the scheme."""
+    for int4, ``zero`` (float32). The integer dtype of ``q`` tells the scheme. Experts [E, out, in]
+    are quantized each on its own, and stacked."""
+    if w.dim() == 3:
+        parts = [quantize(x, quant) for x in w]
+        return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
     if quant.kind == "int4" and int4_fits(tuple(w.shape), quant.group):
         q, scale, zero = quantize_int4(w, quant.group)
         return {"q": q, "scale": scale, "zero": zero}

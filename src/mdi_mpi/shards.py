@@ -53,6 +53,8 @@ def write_shards(model: str, out: str, layers: list[range], dtype_name: str, qua
     if dest.exists():
         raise UserError(f"{out} already exists; choose a new --out directory")
     ckpt = Checkpoint(model)
+    if ckpt.config.gpt_oss:  # its experts are stored transposed and interleaved under the names of ours
+        raise UserError("split does not write gpt_oss shards yet; run generate on the checkpoint itself")
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     for rank, r in enumerate(layers):

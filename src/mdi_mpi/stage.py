@@ -16,7 +16,7 @@ from torch import nn
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.kernels import Selection, ShapeKernels
 from mdi_mpi.kv_cache import Batch, KVCache
-from mdi_mpi.model import DecoderLayer, Linear, RMSNorm, linear, pick_kernels, rope_tables
+from mdi_mpi.model import DecoderLayer, Experts, Linear, RMSNorm, linear, pick_kernels, rope_tables
 from mdi_mpi.prefix_cache import Copy
 from mdi_mpi.quant import QuantWeight, check_rows
 
@@ -31,7 +31,7 @@ class Stage(nn.Module):
         d, vocab = config.hidden_size, config.vocab_size
         self.embed_tokens = nn.Embedding(vocab, d) if edges else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in layers})
-        self.norm = RMSNorm(d, config.rms_norm_eps, config.gemma) if edges else None
+        self.norm = RMSNorm(d, config.rms_norm_eps, config.gemma, config.gpt_oss) if edges else None
         self.lm_head = Linear(d, vocab, bias=False) if edges and not config.tie_word_embeddings else None
         self.cos: torch.Tensor | None = None  # [L, rd] RoPE tables ([2L, rd] with longrope: short, then long)
         self.sin: torch.Tensor | None = None
@@ -62,10 +62,14 @@ class Stage(nn.Module):
 
     def quantizable(self) -> set[str]:
         """Names of the parameters a quantized stage stores as integers: every decoder-layer linear
-        weight, the embedding table and the LM head."""
-        names = {f"layers.{i}.{m}.weight" for i in self.layers for m in (
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+        weight but the routers, every expert (the 3-D ``gate_up_proj`` and ``down_proj``), the
+        embedding table and the LM head."""
+        names = set()
+        for n, m in self.layers.named_modules():
+            if isinstance(m, Linear) and m.quantizable:
+                names.add(f"layers.{n}.weight")
+            elif isinstance(m, Experts):
+                names |= {f"layers.{n}.gate_up_proj", f"layers.{n}.down_proj"}
         if self.has_edges:
             names.add("embed_tokens.weight")
             if self.lm_head is not None:
@@ -87,10 +91,23 @@ class Stage(nn.Module):
             m.qweight = qw
             del m.weight
 
+    def set_quantized_experts(self, owner: str, attr: str, qws: list[QuantWeight]) -> None:
+        """Store one ``QuantWeight`` per expert in place of the 3-D parameter ``attr`` (``gate_up_proj``
+        or ``down_proj``) of the ``Experts`` module ``owner``."""
+        m = self.get_submodule(owner)
+        setattr(m, attr.removesuffix("_proj") + "_q", nn.ModuleList(qws))
+        delattr(m, attr)
+
     def quant_summary(self) -> dict[str, int]:
-        """How many decoder-layer linear weights are int4, int8 or not quantized (a shape the
-        int4 kernel cannot take falls back to int8)."""
-        kinds = [m.qweight.kind if m.qweight is not None else "none" for m in self.layers.modules() if isinstance(m, Linear)]
+        """How many decoder-layer linear weights (each expert's two counted apart) are int4, int8
+        or not quantized (a shape the int4 kernel cannot take falls back to int8; routers stay
+        unquantized)."""
+        kinds = []
+        for m in self.layers.modules():
+            if isinstance(m, Linear):
+                kinds.append(m.qweight.kind if m.qweight is not None else "none")
+            elif isinstance(m, Experts):
+                kinds += [q.kind for q in m.gate_up_q] + [q.kind for q in m.down_q] if m.gate_up_q is not None else ["none"] * 2 * m.n_experts
         return {k: kinds.count(k) for k in ("int4", "int8", "none")}
 
     def choose_kernels(self, forced: str | None = None, cache: Path | None = None) -> Selection:

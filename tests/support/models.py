@@ -46,7 +46,22 @@ VARIANTS = {
         partial_rotary_factor=0.75, original_max_position_embeddings=128, pad_token_id=0,
         rope_scaling={"rope_type": "longrope", "short_factor": [1.0 + 0.2 * i for i in range(6)], "long_factor": [4.0] * 6},
     )),
+    # Mixtures of experts: a dense layer among sparse ones, renormalised top-k or not, a shared expert,
+    # a sliding window, whole-projection q/k norms.
+    "qwen3-moe": ("Qwen3MoeConfig", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                                         mlp_only_layers=[1], head_dim=24)),
+    "mixtral-window": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, sliding_window=6)),
+    "qwen2-moe": ("Qwen2MoeConfig", dict(num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48, norm_topk_prob=False, decoder_sparse_step=2)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32, clip_qkv=3.0)),
+    # gpt-oss: sinks, sliding and full layers, YaRN, a router with a bias, clamped SwiGLU experts with biases
+    "gpt-oss": ("GptOssConfig", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
+                                     sliding_window=6, swiglu_limit=1.0,
+                                     rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                                      "original_max_position_embeddings": 32, "rope_theta": 150000.0,
+                                                      "truncate": False})),
 }
+MOE_VARIANTS = ("qwen3-moe", "mixtral-window", "qwen2-moe", "olmoe", "gpt-oss")
 
 
 def build_hf_model(path: Path, kind: str, overrides: dict, seed: int = 0, **save_kwargs) -> Path:
@@ -56,5 +71,9 @@ def build_hf_model(path: Path, kind: str, overrides: dict, seed: int = 0, **save
     torch.manual_seed(seed)
     config = getattr(transformers, kind)(**{**TINY, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # transformers starts gpt-oss's expert biases at zero: make them count
+        for name, p in model.named_parameters():
+            if name.endswith(("gate_up_proj_bias", "down_proj_bias")):
+                p.normal_(0.0, 0.1)
     model.save_pretrained(path, **save_kwargs)
     return path
