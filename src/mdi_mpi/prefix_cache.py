@@ -9,9 +9,9 @@ Only *whole prompt chunks* are held: positions ``k*C .. (k+1)*C - 1`` (``C``, th
 that were computed as one chunk of prompt rows. A fresh request computes its prompt in exactly
 those chunks, so what it reuses is bit for bit what it would have computed, and its tokens are the
 same with the cache as without it (and so, as before, for any rank, slot and micro-batch count).
-A prompt's last, partial chunk goes through kernels for its own row count, and generated tokens
-through the decode kernels; a fresh prefill computes those positions differently, so they are not
-held. That makes the block ``C`` tokens long, and a match a whole number of blocks.
+A prompt's last, partial chunk has attention over another number of queries (one token: the decode
+kernels), and generated tokens go through the decode kernels; a fresh prefill computes those
+positions inside a whole chunk, so they are not held. That makes the block ``C`` tokens long, and a match a whole number of blocks.
 """
 
 from __future__ import annotations
