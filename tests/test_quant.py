@@ -54,6 +54,27 @@ def test_kernel_matches_dequantized_reference(kind, group, dtype, shape):
     torch.testing.assert_close(qw(x).float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_every_shape_residue_mod_64_gives_the_reference(kind):
+    """torch's int8 kernel crashes or reads garbage when the in-features are not a multiple of 16
+    (int4 falls back to it on such shapes): every residue of in- and out-features works."""
+    dtype, g = torch.bfloat16, torch.Generator().manual_seed(4)
+    shapes = [(out_f, in_f) for r in range(64) for out_f, in_f in ((64 + r, 64 + r), (80, 192 + r), (128 + r, 128))]
+    for out_f, in_f in shapes:
+        w = (torch.randn(out_f, in_f, generator=g) * 0.05).to(dtype)
+        qw = QuantWeight.of(w, Quant(kind, 32), dtype)
+        if qw.kind == "int8":
+            q, s = quantize_int8(w)
+            ref_w = dequantize_int8(q, s.to(dtype).float())
+        else:
+            ref_w = dequantize_int4(*quantize_int4(w, 32), 32)
+        for m in (1, 5, 33):
+            x = torch.randn(m, in_f, generator=g).to(dtype)
+            ref = x.float() @ ref_w.t()
+            torch.testing.assert_close(qw(x).float(), ref, atol=3e-2 * ref.abs().max().item(), rtol=0,
+                                       msg=lambda e, shape=(out_f, in_f, m): f"[out, in, rows] = {shape}: {e}")
+
+
 def test_int4_falls_back_to_int8_where_the_kernel_cannot_take_the_shape():
     assert QuantWeight.of(torch.randn(64, 100), Quant("int4", 32), torch.float32).kind == "int8"  # in not a multiple of 32
     assert QuantWeight.of(torch.randn(40, 256), Quant("int4", 32), torch.float32).kind == "int8"  # out not a multiple of 16

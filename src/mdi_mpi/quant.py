@@ -112,6 +112,7 @@ def quantize(w: torch.Tensor, quant: Quant) -> dict[str, torch.Tensor]:
     return {"q": q, "scale": scale}
 
 
+_INT8_K_MULTIPLE = 16  # in-features torch's int8 kernel takes: multiples of 16 (others crash or read garbage)
 _PACK_ROWS = 64  # rows per packing call: the packed layout is row-local in blocks of 16 (checked once)
 _pack_blocks_ok: bool | None = None
 
@@ -144,8 +145,12 @@ class QuantWeight(torch.nn.Module):
         self.kind = "int8" if zero is None else "int4"
         self.group = self.in_features // scale.shape[1] if zero is not None else 0
         self.per_row = False  # set where the kernel's rows turn out to depend on each other
+        self.pad = 0  # zero input columns added for the kernel (int8)
         if zero is None:
-            self.register_buffer("q", q.to(torch.int8))
+            # torch's int8 kernel reads past the end of rows (wrong values, or a segfault) unless the
+            # in-features are a multiple of 16: pad the weight with zero columns, and x at each call.
+            self.pad = -self.in_features % _INT8_K_MULTIPLE
+            self.register_buffer("q", torch.nn.functional.pad(q.to(torch.int8), (0, self.pad)))
             self.register_buffer("scale", scale.to(dtype))
         else:
             self.register_buffer("q", pack_int4(q))
@@ -169,17 +174,19 @@ class QuantWeight(torch.nn.Module):
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         if self.kind == "int8":
+            if self.pad:
+                x = torch.nn.functional.pad(x, (0, self.pad))
             return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.q, self.group, self.scale_zero)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows ``ids`` of the dequantized weight (an int8 embedding lookup) -> [T, in]."""
-        return self.q[ids].to(dtype) * self.scale[ids, None]
+        return self.q[ids, : self.in_features].to(dtype) * self.scale[ids, None]
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight these integers stand for (for checks against a reference)."""
         if self.kind == "int8":
-            return dequantize_int8(self.q, self.scale.float())
+            return dequantize_int8(self.q[:, : self.in_features], self.scale.float())
         eye = torch.eye(self.in_features, dtype=self.scale_zero.dtype)
         return self.forward(eye).float().t().contiguous()
 
