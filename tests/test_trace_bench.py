@@ -100,6 +100,7 @@ def test_bench_tiny_end_to_end(demo_dir, tmp_path):
                           "--hf-threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=280)
     assert res.returncode == 0, res.stderr
     table = json.loads(out.read_text())
+    assert table["read_bandwidth_bytes_per_s"] > 1e8
     kinds = {(r["engine"], r.get("ranks"), r.get("slots"), r.get("batch")) for r in table["rows"]}
     assert kinds == {("transformers", None, None, 1), ("mdi-mpi", 1, 1, None), ("mdi-mpi", 2, 1, None),
                      ("mdi-mpi", 2, 2, None)}
@@ -151,3 +152,20 @@ def test_a_cap_above_the_cpu_is_refused(monkeypatch, cap, flags, ok):
     else:
         with pytest.raises(UserError, match=f"--cap {cap} emulates a CPU with"):
             bench.check_cap(cap)
+
+
+def test_bench_reports_the_best_and_the_median_of_each_configuration_over_rounds():
+    from mdi_mpi.bench import best_and_median
+
+    def row(engine, tps, rnd, **kw):
+        return {"engine": engine, "dtype": "bfloat16", "threads": 1, "tokens_per_s": tps, "round": rnd, **kw}
+
+    mdi = {"ranks": 2, "slots": 4, "micro_batch": 2}
+    rows = [row("mdi-int4", 10.0, 1, **mdi), row("transformers", 5.0, 1, batch=1), row("mdi-int4", 12.0, 2, **mdi),
+            row("transformers", 4.0, 2, batch=1), row("mdi-int4", 11.0, 3, **mdi), row("transformers", 6.0, 3, batch=1),
+            row("mdi-int4", 30.0, 1, ranks=2, slots=8, micro_batch=4)]
+    out = best_and_median(rows)
+    assert [(s["engine"], s.get("slots"), s["best_tokens_per_s"], s["median_tokens_per_s"], s["tokens_per_s"]) for s in out] == [
+        ("mdi-int4", 4, 12.0, 11.0, [10.0, 12.0, 11.0]), ("transformers", None, 6.0, 5.0, [5.0, 4.0, 6.0]),
+        ("mdi-int4", 8, 30.0, 30.0, [30.0])]
+    assert best_and_median(rows[:4])[0]["median_tokens_per_s"] == 11.0  # an even count: the mean of the middle two

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mdi_mpi.cli import positive_int
 from mdi_mpi.demo import FAMILY_SHAPES
 from mdi_mpi.errors import UserError, cli_main
 from mdi_mpi.partition import default_micro_batch
@@ -450,6 +451,60 @@ def format_row(r: dict) -> str:
     return f"{cfg}{r['tokens_per_s']:>9.2f}{r['tokens_per_s_per_sequence']:>10.2f}{r['ttft_s']:>8.3f}  {rss:<24}{extra}"
 
 
+def _config_key(r: dict) -> tuple:
+    return (r["engine"], r["dtype"], r.get("ranks"), r.get("slots"), r.get("micro_batch"), r.get("batch"), r["threads"])
+
+
+def best_and_median(rows: list[dict]) -> list[dict]:
+    """Per configuration, over its rounds: the best and the median tokens/s (and the rounds' figures),
+    in the order the configurations first ran."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_config_key(r), []).append(r)
+    out = []
+    for runs in groups.values():
+        tps = sorted(r["tokens_per_s"] for r in runs)
+        n = len(tps)
+        median = tps[n // 2] if n % 2 else (tps[n // 2 - 1] + tps[n // 2]) / 2
+        keys = ("engine", "dtype", "ranks", "slots", "micro_batch", "batch", "threads")
+        out.append({**{k: runs[0][k] for k in keys if k in runs[0]}, "best_tokens_per_s": tps[-1],
+                    "median_tokens_per_s": median, "tokens_per_s": [r["tokens_per_s"] for r in runs]})
+    return out
+
+
+SUMMARY_HEADER = f"{'engine':<13}{'N':>3}{'K':>4}{'MB':>4}{'thr':>4}{'best':>9}{'median':>9}  rounds (tok/s)"
+
+
+def format_summary(s: dict) -> str:
+    """One configuration's line of the best-and-median table."""
+    if s["engine"] == "transformers":
+        cfg = f"{'transformers':<13}{1:>3}{s['batch']:>4}{'-':>4}{s['threads']:>4}"
+    else:
+        cfg = f"{s['engine']:<13}{s['ranks']:>3}{s['slots']:>4}{s['micro_batch']:>4}{s['threads']:>4}"
+    return f"{cfg}{s['best_tokens_per_s']:>9.2f}{s['median_tokens_per_s']:>9.2f}  " + " ".join(f"{t:.2f}" for t in s["tokens_per_s"])
+
+
+def read_bandwidth(n_bytes: int = 2**31, rounds: int = 3) -> float:
+    """Bytes per second that one thread reads: the best of ``rounds`` sums over ``n_bytes`` (the
+    bound that decoding one token at a time, which reads every weight once, cannot beat)."""
+    import time
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.ones(n_bytes // 4, dtype=torch.float32)
+        best = float("inf")
+        for _ in range(rounds):
+            t = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t)
+        return n_bytes / best
+    finally:
+        torch.set_num_threads(threads)
+
+
 def serve_table(model: str, dtype: str, threads: int, ranks: int, slots: int, clients: list[int], n_requests: int,
                 prompt_len: int, new_tokens: int, json_path: str | None) -> None:
     """The serving table: generate on the prompts, then the server under each client count."""
@@ -479,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="use the small demo model and few tokens (a quick check)")
     p.add_argument("--shape", choices=("tinyllama", *FAMILY_SHAPES), default="tinyllama",
                    help="random-weight model shape to build and run when no --model is given (default: tinyllama)")
+    p.add_argument("--layers", type=positive_int, metavar="L", help="--shape: only the first L decoder layers of the "
+                   "shape (for mixtures of experts too big for this machine whole; default: all of them)")
     p.add_argument("--dtypes", default="bfloat16", help="comma-separated dtypes (default: bfloat16)")
     p.add_argument("--ranks", default="1,2,3", help="rank counts N (default: 1,2,3)")
     p.add_argument("--slots", default="1,N,2N,8", help="slot counts K; N means the rank count (default: 1,N,2N,8)")
@@ -493,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--prefill-chunk", type=int, default=128, help="mdi-mpi's prompt tokens per slot per step (default: 128)")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeat", type=positive_int, default=1, metavar="R", help="run the whole table R times, "
+                   "every configuration once per round (interleaved), and report each one's best and median tokens/s "
+                   "(default: 1)")
     p.add_argument("--json", metavar="FILE", help="write the table as JSON")
     p.add_argument("--hot-path", action="store_true", help="instead of the table: profile what one decode step allocates")
     p.add_argument("--serve", metavar="C,...", help="instead of the table: load the server (on the first of --ranks "
@@ -513,10 +573,12 @@ def main(argv: list[str] | None = None) -> int:
             model = args.model
         elif args.tiny:
             model = str(demo.demo_model())
-        elif args.shape == "tinyllama":
+        elif args.shape == "tinyllama" and args.layers is None:
             model = str(demo.tinyllama_model())
+        elif args.shape == "tinyllama":
+            raise UserError("--layers applies to the family shapes, not to tinyllama")
         else:
-            model = str(demo.family_model(args.shape))
+            model = str(demo.family_model(args.shape, layers=args.layers))
         if args.tiny:
             args.new_tokens = min(args.new_tokens, 8)
         if args.hot_path:
@@ -535,33 +597,44 @@ def main(argv: list[str] | None = None) -> int:
         hf_batches = [int(x) for x in args.hf_batches.split(",")] if args.hf_batches else None
         configs = configurations(ranks, slots, not args.no_hf, [int(x) for x in args.hf_threads.split(",")],
                                  hf_batches, mb1=not args.no_mb1)
+        bandwidth = read_bandwidth()
         print(f"model {model}; prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens greedy; "
               f"{os.cpu_count()} cores, {args.threads} thread(s) per rank; CPU cap: {args.cap} {CAPS[args.cap]}; "
-              f"{cpu_flags()}", flush=True)
-        rows = []
+              f"{cpu_flags()}; read bandwidth {bandwidth / 1e9:.1f} GB/s on 1 thread", flush=True)
+        rows, summary = [], []
         with tempfile.TemporaryDirectory() as tmp:
             for dtype in args.dtypes.split(","):
-                print(f"\ndtype {dtype}\n{HEADER}", flush=True)
                 table = []
-                for c in configs:
-                    if c["engine"] == "transformers":
-                        r = run_hf(model, dtype, c["threads"], c["batch"], args.prompt_len, args.new_tokens, args.cap)
-                        rows_c = [{**c, "dtype": dtype, **r}]
-                    else:
-                        rows_c = []
-                        for q in args.quants.split(","):
-                            r = run_mdi(model, dtype, args.threads, c["ranks"], c["slots"], c["micro_batch"], args.prompt_len,
-                                        args.new_tokens, Path(tmp), cap=args.cap, quant=None if q == "none" else q,
-                                        prefill_chunk=args.prefill_chunk)
-                            rows_c.append({**c, "engine": "mdi-mpi" if q == "none" else f"mdi-{q}", "dtype": dtype,
-                                           "threads": args.threads, **r})
-                    for row in rows_c:
-                        table.append(row)
-                        print(format_row(row), flush=True)
+                for rnd in range(1, args.repeat + 1):  # rounds: every configuration once per round, interleaved
+                    print(f"\ndtype {dtype}" + (f", round {rnd} of {args.repeat}" if args.repeat > 1 else "") +
+                          f"\n{HEADER}", flush=True)
+                    for c in configs:
+                        if c["engine"] == "transformers":
+                            r = run_hf(model, dtype, c["threads"], c["batch"], args.prompt_len, args.new_tokens, args.cap)
+                            rows_c = [{**c, "dtype": dtype, **r}]
+                        else:
+                            rows_c = []
+                            for q in args.quants.split(","):
+                                r = run_mdi(model, dtype, args.threads, c["ranks"], c["slots"], c["micro_batch"],
+                                            args.prompt_len, args.new_tokens, Path(tmp), cap=args.cap,
+                                            quant=None if q == "none" else q, prefill_chunk=args.prefill_chunk)
+                                rows_c.append({**c, "engine": "mdi-mpi" if q == "none" else f"mdi-{q}", "dtype": dtype,
+                                               "threads": args.threads, **r})
+                        for row in rows_c:
+                            table.append({**row, "round": rnd})
+                            print(format_row(row), flush=True)
                 rows += table
+                if args.repeat > 1:
+                    summary += best_and_median(table)
+                    print(f"\ndtype {dtype}: best and median of {args.repeat} rounds\n{SUMMARY_HEADER}", flush=True)
+                    for s in summary:
+                        if s["dtype"] == dtype:
+                            print(format_summary(s), flush=True)
         if args.json:
-            Path(args.json).write_text(json.dumps({"model": model, "cpu": cpu_flags(), "cap": args.cap, "prompt_len": args.prompt_len,
-                                                   "new_tokens": args.new_tokens, "rows": rows}, indent=1))
+            Path(args.json).write_text(json.dumps({"model": model, "cpu": cpu_flags(), "cap": args.cap,
+                                                   "read_bandwidth_bytes_per_s": bandwidth, "prompt_len": args.prompt_len,
+                                                   "new_tokens": args.new_tokens, "repeat": args.repeat, "rows": rows,
+                                                   "summary": summary}, indent=1))
 
     return cli_main(body)
 
