@@ -178,13 +178,32 @@ FAMILY_SHAPES = {
         num_key_value_heads=8, max_position_embeddings=131072, original_max_position_embeddings=4096,
         partial_rotary_factor=0.75, tie_word_embeddings=True, pad_token_id=199999, bos_token_id=199999, eos_token_id=199999,
         rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.0 + i / 8 for i in range(48)]})),
+    # Mixtures of experts: far too big for one machine whole, so built with ``layers`` of their layers.
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=False)),
+    "gpt-oss-20b": ("GptOssConfig", dict(
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4,
+        num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"] * 12, max_position_embeddings=131072, rope_theta=150000.0,
+        rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                      "original_max_position_embeddings": 4096}, swiglu_limit=7.0, tie_word_embeddings=False,
+        pad_token_id=199999, eos_token_id=200002)),
 }
 
 
-def family_model(name: str, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """The random checkpoint of benchmark shape ``name`` (``FAMILY_SHAPES``), built on first use."""
+def family_model(name: str, dtype: torch.dtype = torch.bfloat16, layers: int | None = None) -> Path:
+    """The random checkpoint of benchmark shape ``name`` (``FAMILY_SHAPES``), built on first use; with
+    ``layers``, only the first ``layers`` decoder layers of that shape."""
     kind, config = FAMILY_SHAPES[name]
-    return build_checkpoint(cache_dir() / f"{name}-shape-{str(dtype).removeprefix('torch.')}", config, seed=0,
+    suffix = ""
+    if layers is not None and layers < config["num_hidden_layers"]:
+        config = {**config, "num_hidden_layers": layers}
+        if "layer_types" in config:
+            config["layer_types"] = config["layer_types"][:layers]
+        suffix = f"-{layers}l"
+    return build_checkpoint(cache_dir() / f"{name}{suffix}-shape-{str(dtype).removeprefix('torch.')}", config, seed=0,
                             dtype=dtype, tokenizer=False, kind=kind)
 
 
