@@ -13,7 +13,7 @@ from mdi_mpi.scheduler import Scheduler
 VOCAB = 2048
 
 
-def drive(sched: Scheduler, next_tokens: list[int], max_seq_len: int) -> int:
+def drive(sched: Scheduler, next_tokens: list[int], max_seq_len: int, vocab: int = VOCAB) -> int:
     """Run the scheduler with one slot group, answering every sampled row with the next of
     ``next_tokens`` (greedy: a one-hot logit); returns the highest position ever fed."""
     highest, i = -1, 0
@@ -23,7 +23,7 @@ def drive(sched: Scheduler, next_tokens: list[int], max_seq_len: int) -> int:
             return highest
         highest = max(highest, int(work.batch.positions.max()))
         assert highest < max_seq_len, "a position past the KV cache was fed"
-        logits = torch.full((len(work.sampled_segs), VOCAB), -1e9)
+        logits = torch.full((len(work.sampled_segs), vocab), -1e9)
         for row in range(len(work.sampled_segs)):
             logits[row, next_tokens[i % len(next_tokens)]] = 0.0
             i += 1
@@ -68,3 +68,43 @@ def test_a_prompt_near_the_context_gets_exactly_what_fits():
     # the last position's logits, and nothing more can be fed.
     assert res.finish_reason == "context" and res.tokens == [9, 9, 9]
     assert highest == length - 1
+
+
+@pytest.fixture(scope="module")
+def harmony_tokenizer(tokenizer):
+    """The demo tokenizer with gpt-oss's harmony marks as special tokens."""
+    import copy
+
+    from mdi_mpi.text import Harmony
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": list(Harmony.MARKS)})
+    return tok
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_harmony_chat_answer_shows_its_final_channel_only(harmony_tokenizer, chat):
+    """gpt-oss answers in channels: a chat answer's text (whole and streamed) is the final channel's
+    message, without the analysis or the marks; a plain completion shows every channel's words."""
+    tok = harmony_tokenizer
+
+    def ids(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=False)
+
+    answer = ids("<|channel|>analysis<|message|>think it over<|end|><|start|>assistant<|channel|>final<|message|>"
+                 "return self.value<|return|>")
+    ret = tok.convert_tokens_to_ids("<|return|>")
+    req = Request("a", 0, None, ids("<|start|>user<|message|>hi<|end|><|start|>assistant"),
+                  SamplingParams(max_new_tokens=len(answer) + 5), chat=chat)
+    sched = scheduler([req], 1, 128, 8, eos_ids=(ret,), tokenizer=tok)
+    streamed = []
+    sched.listener.token = lambda step: streamed.append(step.text)
+    drive(sched, answer, 128, vocab=len(tok))
+    (res,) = sched.listener.results
+    assert res.tokens == answer and res.finish_reason == "stop"
+    if chat:
+        assert res.text == "".join(streamed) == "return self.value"
+    else:
+        assert res.text == "".join(streamed) == tok.decode(answer, skip_special_tokens=True)
+        assert "think it over" in res.text and "return self.value" in res.text
+

@@ -26,6 +26,7 @@ class Request:
     input_ids: list[int]
     params: SamplingParams
     arrival: float | None = None  # perf_counter() when it arrived; times to first token count from here
+    chat: bool = False  # rendered by the chat template (its answer may have channels: text.Harmony)
 
 
 @dataclass
@@ -155,7 +156,7 @@ def build_requests(
             raise UserError(f"prompt {label}: logit_bias token ids must lie in [0, {vocab_size})")
         for k in range(n_samples):
             ident = label if n_samples == 1 else f"{label}-{k}"
-            requests.append(Request(ident, len(requests), p.text, ids, params))
+            requests.append(Request(ident, len(requests), p.text, ids, params, chat=chat and p.input_ids is None))
     return requests
 
 

@@ -30,7 +30,7 @@ from mdi_mpi.kv_cache import Batch
 from mdi_mpi.prefix_cache import Copy, Placement, PrefixCache
 from mdi_mpi.requests import Request, Result
 from mdi_mpi.sampling import request_generator, sample
-from mdi_mpi.text import TextStream
+from mdi_mpi.text import Harmony, TextStream
 
 
 @dataclass
@@ -105,13 +105,14 @@ class Listener:
 class _Occupant:
     """A request while it occupies a slot."""
 
-    def __init__(self, request: Request, tokenizer, cached: int, long: bool):
+    def __init__(self, request: Request, tokenizer, harmony: Harmony | None, cached: int, long: bool):
         self.request = request
         self.ids = list(request.input_ids)  # prompt, then generated tokens
         self.pos = cached  # tokens already in the cache
         self.cached = cached  # prompt tokens it found in the cache
         self.generator = request_generator(request.params.seed, request.index)
-        self.text = None if tokenizer is None else TextStream(tokenizer, request.params.stop)
+        self.text = None if tokenizer is None else TextStream(tokenizer, request.params.stop,
+                                                               harmony if request.chat else None)
         self.t_first: float | None = None
         self.cancelled = False
         self.long = long  # rotated with longrope's long factors
@@ -147,6 +148,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.eos_ids = frozenset(eos_ids)
         self.tokenizer = tokenizer
+        self.harmony = None if tokenizer is None else Harmony.of(tokenizer)  # chat answers show their final channel
         self.listener = listener or Listener()
 
     @property
@@ -228,7 +230,7 @@ class Scheduler:
                 self.cache.apply(place.copies)
                 copies.extend(place.copies)
             free.remove(place.slot)
-            seq = self.active[place.slot] = _Occupant(request, self.tokenizer, place.cached, long)
+            seq = self.active[place.slot] = _Occupant(request, self.tokenizer, self.harmony, place.cached, long)
             if self.cache is not None:
                 self.cache.occupy(place.slot, seq.ids, place.cached, long)
             self.listener.admitted(request, place.cached)
