@@ -245,6 +245,11 @@ def test_mxfp4_experts_decode_exactly_and_load_as_the_decoded_model(models, tmp_
     scales = torch.randint(118, 132, (3, 48, 2), dtype=torch.uint8, generator=g)
     ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32).transpose(1, 2)  # [E, out, in]
     assert torch.equal(torch.stack([decode_mxfp4(b, s, torch.float32) for b, s in zip(blocks, scales)]), ref)
+    every = torch.arange(256, dtype=torch.uint8).view(256, 1).expand(256, 2).contiguous()  # every scale, extremes too
+    wide = torch.randint(0, 256, (256, 2, 16), dtype=torch.uint8, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = convert_moe_packed_tensors(wide[None], every[None], dtype=dtype)[0].t()
+        assert torch.equal(decode_mxfp4(wide, every, dtype), ref), dtype
     byte = torch.tensor([[[0x71] + [0] * 15]], dtype=torch.uint8)  # low nibble 1 (0.5), high nibble 7 (6.0)
     assert decode_mxfp4(byte, torch.tensor([[128]], dtype=torch.uint8), torch.float32)[0, :3].tolist() == [1.0, 12.0, 0.0]
 

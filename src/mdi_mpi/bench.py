@@ -367,6 +367,71 @@ def _with_tokenizer(model: str, out: Path) -> str:
     return str(out)
 
 
+def mxfp4_load(work: Path, rounds: int = 3) -> dict:
+    """gpt-oss-20b's experts of one layer at their real widths (32 experts, gate_up [5760, 2880] and
+    down [2880, 2880]), loaded into bf16 as ``load_stage`` does: from MXFP4 (read and decoded), from
+    transformers' bf16 layout (read, transposed, de-interleaved), and the plain read of the same bf16
+    bytes. Seconds, the best of ``rounds`` from the page cache, and once each from the disk where
+    this process may drop the page cache (root)."""
+    import time
+
+    import torch
+    from safetensors.torch import save_file
+
+    from mdi_mpi.checkpoint import Checkpoint, decode_mxfp4, read_expert
+
+    kind, config = FAMILY_SHAPES["gpt-oss-20b"]
+    config = {**config, "num_hidden_layers": 1, "layer_types": config["layer_types"][:1], "model_type": "gpt_oss"}
+    n_exp, d, inter = config["num_local_experts"], config["hidden_size"], config["intermediate_size"]
+    shapes = {"gate_up_proj": (2 * inter, d), "down_proj": (d, inter)}  # ours: [out, in] per expert
+    g = torch.Generator().manual_seed(0)
+    dirs = {k: work / k for k in ("mxfp4", "bf16", "plain")}
+    stored: dict[str, dict] = {k: {} for k in dirs}
+    for name, (n_out, n_in) in shapes.items():
+        key = f"model.layers.0.mlp.experts.{name}"
+        blocks = torch.randint(0, 256, (n_exp, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
+        scales = torch.randint(118, 132, (n_exp, n_out, n_in // 32), dtype=torch.uint8, generator=g)
+        stored["mxfp4"] |= {f"{key}_blocks": blocks, f"{key}_scales": scales}
+        decoded = torch.stack([decode_mxfp4(b, s, torch.bfloat16) for b, s in zip(blocks, scales)])  # [E, out, in]
+        stored["bf16"][key] = decoded.transpose(1, 2).contiguous()  # transformers' [E, in, out], rows interleaved
+        stored["plain"][key] = decoded
+    for k, path in dirs.items():
+        path.mkdir()
+        save_file(stored[k], path / "model.safetensors")
+        quant = {"quantization_config": {"quant_method": "mxfp4"}} if k == "mxfp4" else {}
+        (path / "config.json").write_text(json.dumps({**config, **quant}))
+    del stored, decoded
+
+    def load(k: str) -> float:
+        ckpt = Checkpoint(dirs[k])
+        t = time.perf_counter()
+        for name, shape in shapes.items():
+            out = torch.empty((n_exp, *shape), dtype=torch.bfloat16)
+            if k == "plain":
+                ckpt.read_into(f"model.layers.0.mlp.experts.{name}", out)
+                continue
+            for e in range(n_exp):
+                read_expert(ckpt, f"layers.0.mlp.experts.{name}", e, out[e])
+        return time.perf_counter() - t
+
+    drop = Path("/proc/sys/vm/drop_caches")
+    cold = {}
+    if os.access(drop, os.W_OK):
+        for k in dirs:
+            os.sync()
+            drop.write_text("3\n")
+            cold[k] = load(k)
+    runs: dict[str, list[float]] = {k: [] for k in dirs}
+    for _ in range(rounds):  # interleaved
+        for k in dirs:
+            runs[k].append(load(k))
+    warm = {k: min(v) for k, v in runs.items()}
+    sizes = {k: (dirs[k] / "model.safetensors").stat().st_size for k in dirs}
+    return {"experts": n_exp, "shapes": shapes, "file_bytes": sizes, "warm_s": warm, "cold_s": cold,
+            "mxfp4_vs_plain_warm": warm["mxfp4"] / warm["plain"],
+            "mxfp4_vs_plain_cold": cold["mxfp4"] / cold["plain"] if cold else None}
+
+
 def hot_path(model: str, dtype: str, tokens: int = 64) -> dict:
     """Profile single-process decode: what torch allocates per token and whether RSS grows. The
     model is set up as ``generate`` sets it up (``job.start``, one rank, one thread, one slot)."""
@@ -555,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: 1)")
     p.add_argument("--json", metavar="FILE", help="write the table as JSON")
     p.add_argument("--hot-path", action="store_true", help="instead of the table: profile what one decode step allocates")
+    p.add_argument("--mxfp4-load", action="store_true", help="instead of the table: time loading one gpt-oss-20b "
+                   "layer's experts from MXFP4 against reading the same values in bf16 (writes 2.5 GB in a temporary "
+                   "directory)")
     p.add_argument("--serve", metavar="C,...", help="instead of the table: load the server (on the first of --ranks "
                    "and the last of --slots) with C concurrent streaming clients, against generate on the same prompts")
     p.add_argument("--requests", type=int, default=32, help="--serve: requests per client count (default: 32)")
@@ -568,6 +636,13 @@ def main(argv: list[str] | None = None) -> int:
         from mdi_mpi import demo
 
         check_cap(args.cap)
+        if args.mxfp4_load:
+            with tempfile.TemporaryDirectory() as tmp:
+                result = {"cpu": cpu_flags(), **mxfp4_load(Path(tmp))}
+            print(json.dumps(result, indent=1))
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=1))
+            return
 
         if args.model:
             model = args.model
