@@ -367,15 +367,17 @@ def _with_tokenizer(model: str, out: Path) -> str:
     return str(out)
 
 
-def mxfp4_load(work: Path, rounds: int = 3) -> dict:
+def mxfp4_load(work: Path, threads: int, rounds: int = 3) -> dict:
     """gpt-oss-20b's experts of one layer at their real widths (32 experts, gate_up [5760, 2880] and
     down [2880, 2880]), loaded into bf16 as ``load_stage`` does: from MXFP4 (read and decoded), from
     transformers' bf16 layout (read, transposed, de-interleaved), and the plain read of the same bf16
-    bytes. Seconds, the best of ``rounds`` from the page cache, and once each from the disk where
-    this process may drop the page cache (root)."""
+    bytes. Seconds on ``threads`` torch threads, the best of ``rounds`` from the page cache, and
+    once each from the disk where this process may drop the page cache (root)."""
     import time
 
     import torch
+
+    torch.set_num_threads(threads)
     from safetensors.torch import save_file
 
     from mdi_mpi.checkpoint import Checkpoint, decode_mxfp4, read_expert
@@ -427,7 +429,7 @@ def mxfp4_load(work: Path, rounds: int = 3) -> dict:
             runs[k].append(load(k))
     warm = {k: min(v) for k, v in runs.items()}
     sizes = {k: (dirs[k] / "model.safetensors").stat().st_size for k in dirs}
-    return {"experts": n_exp, "shapes": shapes, "file_bytes": sizes, "warm_s": warm, "cold_s": cold,
+    return {"threads": threads, "experts": n_exp, "shapes": shapes, "file_bytes": sizes, "warm_s": warm, "cold_s": cold,
             "mxfp4_vs_plain_warm": warm["mxfp4"] / warm["plain"],
             "mxfp4_vs_plain_cold": cold["mxfp4"] / cold["plain"] if cold else None}
 
@@ -638,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         check_cap(args.cap)
         if args.mxfp4_load:
             with tempfile.TemporaryDirectory() as tmp:
-                result = {"cpu": cpu_flags(), **mxfp4_load(Path(tmp))}
+                result = {"cpu": cpu_flags(), **mxfp4_load(Path(tmp), args.threads)}
             print(json.dumps(result, indent=1))
             if args.json:
                 Path(args.json).write_text(json.dumps(result, indent=1))
