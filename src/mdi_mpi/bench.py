@@ -376,13 +376,12 @@ def mxfp4_load(work: Path, threads: int, rounds: int = 3) -> dict:
     import time
 
     import torch
-
-    torch.set_num_threads(threads)
     from safetensors.torch import save_file
 
     from mdi_mpi.checkpoint import Checkpoint, decode_mxfp4, read_expert
 
-    kind, config = FAMILY_SHAPES["gpt-oss-20b"]
+    torch.set_num_threads(threads)
+    _, config = FAMILY_SHAPES["gpt-oss-20b"]
     config = {**config, "num_hidden_layers": 1, "layer_types": config["layer_types"][:1], "model_type": "gpt_oss"}
     n_exp, d, inter = config["num_local_experts"], config["hidden_size"], config["intermediate_size"]
     shapes = {"gate_up_proj": (2 * inter, d), "down_proj": (d, inter)}  # ours: [out, in] per expert
