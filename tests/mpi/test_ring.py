@@ -101,8 +101,9 @@ def test_transport_round_trip(comm):
         assert ring.recv().kind == STOP
         ring.send(signal_packet(STOP))
     ring.close()
-    # header int64s (4 fixed, one stats row per rank, 5 per segment for up to 3 segments) plus 2 bytes per value
-    assert ring.bytes_sent == 2 * 8 * (4 + n_stats * comm.size + 5 * 3) + 5 * 16 * 2
+    # header int64s (5 fixed, one stats row per rank, and for up to 3 segments 5 each and 3 for each of
+    # the 2 KV copies a segment may bring) plus 2 bytes per value
+    assert ring.bytes_sent == 2 * 8 * (5 + n_stats * comm.size + 5 * 3 + 3 * 2 * 3) + 5 * 16 * 2
 
 
 def test_transport_refuses_oversized_message(comm):
