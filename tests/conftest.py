@@ -32,8 +32,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """tests/mpi needs several ranks: it runs under ``mpirun -np 2`` and is skipped otherwise."""
     if collection_path.name == "mpi" and collection_path.parent == Path(__file__).parent:
-        from mpi4py import MPI
-
+        try:
+            from mpi4py import MPI
+        except ImportError:  # no MPI here (the arm64 lane): nothing runs them
+            return True
         return MPI.COMM_WORLD.Get_size() < 2
     return None
 
