@@ -75,10 +75,10 @@ def harmony_tokenizer(tokenizer):
     """The demo tokenizer with gpt-oss's harmony marks as special tokens."""
     import copy
 
-    from mdi_mpi.text import Harmony
+    from mdi_mpi.chat import HARMONY_MARKS
 
     tok = copy.deepcopy(tokenizer)
-    tok.add_special_tokens({"additional_special_tokens": list(Harmony.MARKS)})
+    tok.add_special_tokens({"additional_special_tokens": list(HARMONY_MARKS)})
     return tok
 
 

@@ -23,7 +23,7 @@ TEXTS = ["def main(argv):\n    return 0\n", "  leading spaces and   runs", "naï
 def test_pieces_add_up_to_the_whole_decode(tokenizer, text):
     ids = tokenizer.encode(text, add_special_tokens=False)
     stream = TextStream(tokenizer)
-    pieces = [stream.push(t) for t in ids] + [stream.rest()]
+    pieces = [stream.push(t).content for t in ids] + [stream.rest().content]
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True) == stream.text
     assert not any(p.endswith("\ufffd") for p in pieces)  # a character split across tokens waits for its end
 
@@ -36,11 +36,11 @@ def test_a_stop_string_is_never_shown(tokenizer, stops, shown):
     stream = TextStream(tokenizer, stops)
     pieces = []
     for t in ids:
-        pieces.append(stream.push(t))
+        pieces.append(stream.push(t).content)
         assert not any(s in "".join(pieces) for s in stops)
         if stream.stopped:
             break
-    pieces.append(stream.rest())
+    pieces.append(stream.rest().content)
     assert "".join(pieces) == stream.text == (text if shown is None else shown)
     assert stream.stopped == (shown is not None)
 
@@ -48,6 +48,6 @@ def test_a_stop_string_is_never_shown(tokenizer, stops, shown):
 def test_text_that_may_begin_a_stop_string_is_held_back(tokenizer):
     stream = TextStream(tokenizer, ["abcd"])
     ids = tokenizer.encode("xx abc", add_special_tokens=False)
-    shown = "".join(stream.push(t) for t in ids)
+    shown = "".join(stream.push(t).content for t in ids)
     assert shown == "xx " and stream.text == "xx abc"  # "abc" may begin "abcd"
-    assert stream.rest() == "abc"  # the sequence ended without it: shown at the end
+    assert stream.rest().content == "abc"  # the sequence ended without it: shown at the end

@@ -31,7 +31,9 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from mdi_mpi.chat import ChatFormat
 from mdi_mpi.errors import UserError
+from mdi_mpi.grammar import Grammars
 from mdi_mpi.metrics import Metrics, Ranks
 from mdi_mpi.protocol import (
     DONE,
@@ -143,6 +145,8 @@ class API:
         self.api_key = api_key
         self.settings: Settings | None = None
         self.tokenizer = None
+        self.chat_format: ChatFormat | None = None
+        self.grammars: Grammars | None = None
         self.inbox: Inbox | None = None
         self.bridge: Bridge | None = None
         self.prometheus: Metrics | None = None
@@ -152,10 +156,11 @@ class API:
         self.created = int(time.time())
         self.started = time.perf_counter()
 
-    def open(self, settings: Settings, tokenizer, inbox: Inbox, bridge: Bridge, metrics: Metrics, ranks: Ranks,
-             running: Callable[[], int]) -> None:
+    def open(self, settings: Settings, tokenizer, grammars: Grammars, inbox: Inbox, bridge: Bridge, metrics: Metrics,
+             ranks: Ranks, running: Callable[[], int]) -> None:
         """Every rank has loaded: start answering."""
         self.settings, self.tokenizer, self.inbox, self.bridge = settings, tokenizer, inbox, bridge
+        self.chat_format, self.grammars = ChatFormat.of(tokenizer), grammars
         self.prometheus, self.ranks, self.running = metrics, ranks, running
         self.ready.set()
 
@@ -234,10 +239,16 @@ class API:
                                       s.max_seq_len, chat=body.chat, n_samples=n)
         except UserError as e:
             raise APIError(400, str(e)) from None
+        grammar = body.grammar(self.chat_format)
+        if grammar is not None:
+            try:
+                self.grammars.check(grammar, "JSON schema" if body.response_format else "tool grammar")
+            except ValueError as e:
+                raise APIError(400, str(e), param="response_format") from None
         now = time.perf_counter()
         ident = f"{'chatcmpl' if body.chat else 'cmpl'}-{secrets.token_hex(12)}"
         for r in requests:
-            r.id, r.arrival = f"{ident}-{r.index}", now
+            r.id, r.arrival, r.grammar = f"{ident}-{r.index}", now, grammar
             if body.max_new_tokens() is None:  # up to the end of the context
                 r.params = replace(r.params, max_new_tokens=s.max_seq_len - len(r.input_ids) + 1)
         call = Call(requests)

@@ -46,6 +46,7 @@ from mdi_mpi.shards import read_split, shard_dir, shards_quant
 from mdi_mpi.stage import Stage, layer_speed
 
 if TYPE_CHECKING:  # MPI starts when transport is imported: after the watcher's fork and the netmod choice
+    from mdi_mpi.grammar import Grammars
     from mdi_mpi.ring import Link
     from mdi_mpi.transport import Comm
 
@@ -115,13 +116,13 @@ class Job:
     def size(self) -> int:
         return self.comm.size
 
-    def scheduler(self, eos_ids: list[int], tokenizer, listener: Listener) -> Scheduler:
+    def scheduler(self, eos_ids: list[int], tokenizer, listener: Listener, grammars: Grammars | None = None) -> Scheduler:
         """Rank 0's scheduler for this job's slots, context and prompt chunks, with the prefix
-        cache unless it is off."""
+        cache unless it is off (and ``grammars``, for requests with a grammar)."""
         s = self.sizes
         cache = PrefixCache(s.n_slots, s.cache_slots, s.prefill_chunk) if self.prefix_cache else None
         return Scheduler(s.n_slots, s.max_seq_len, s.prefill_chunk, eos_ids, tokenizer, listener,
-                         self.config.long_rope_after, cache)
+                         self.config.long_rope_after, cache, grammars)
 
     def run(self, planner: Planner | None = None, trace: bool = False, all_rows: bool = False,
             inbox: Inbox | None = None) -> Recorder:

@@ -88,6 +88,9 @@ class Scorer:
             if first + n == len(window):
                 self.active[slot] = None
 
+    def sent(self, work: Work) -> None:
+        """Nothing to prepare while a step travels."""
+
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m mdi_mpi.perplexity", description=__doc__.split("\n\n")[0],

@@ -127,6 +127,7 @@ def run_first(
         rec.add(_compute_kind(work.batch), g, t0, time.perf_counter())
         works[g] = work
         _send(ring, rec, g, work.batch, work.sampled_segs, h, is_last_rank, work.copies)
+        sched.sent(work)  # e.g. grammar masks, made while the group travels
         rec.steps += 1
         return True
 

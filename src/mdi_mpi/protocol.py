@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 
+from mdi_mpi.chat import ChatFormat
 from mdi_mpi.requests import Prompt
 from mdi_mpi.sampling import SamplingParams, to_sampling_params
 from mdi_mpi.scheduler import Step
@@ -36,8 +37,11 @@ from mdi_mpi.scheduler import Step
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_N = 16  # choices per prompt
 MAX_STOPS = 16
+MAX_TOOLS = 128  # tools per request
+TEMPLATE_OWN = ("messages", "conversation", "tools", "documents", "tokenize", "add_generation_prompt",
+                "continue_final_message", "return_dict", "return_tensors", "chat_template", "tokenizer_kwargs")
 DEFAULTS = SamplingParams(temperature=1.0)  # OpenAI's; the seed is drawn per request when none is given
-REASONS = {"stop": "stop", "length": "length", "context": "length"}  # ours -> OpenAI's finish_reason
+REASONS = {"stop": "stop", "length": "length", "context": "length", "tool_calls": "tool_calls"}  # ours -> OpenAI's
 DONE = "data: [DONE]\n\n"  # a stream's last event
 KEEPALIVE = ": keep-alive\n\n"  # an SSE comment, which clients skip
 
@@ -139,11 +143,109 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)  # strict: no "1" for 1, no true for 1
 
 
+class FunctionCall(_Model):
+    """The function of a call an assistant message made: its name and its arguments (JSON text)."""
+
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallIn(_Model):
+    """A tool call of an earlier assistant message, sent back by the client."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Model):
-    """One message of a conversation: its role and its text."""
+    """One message of a conversation: its role and its text; an assistant's tool calls, or the
+    result of one (role ``tool``)."""
 
     role: str
     content: Annotated[str, BeforeValidator(_text)] = ""
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    def for_template(self) -> dict:
+        """The message as chat templates take it: a call's arguments as an object where they parse
+        as one (templates render them with ``tojson``)."""
+        out = self.model_dump(exclude_none=True, exclude={"tool_calls"})
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                                 for c in self.tool_calls]
+        return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
+class FunctionDef(_Model):
+    """A function the model may call: its name, what it does, and its parameters' JSON schema."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Model):
+    """One of the ``tools`` of a chat request."""
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+def _tool_choice(value: Any) -> Any:
+    """``none``, ``auto``, ``required``, or ``{"type": "function", "function": {"name": ...}}``."""
+    if value in (None, "none", "auto", "required"):
+        return value
+    if (isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict)
+            and isinstance(value["function"].get("name"), str)):
+        return value
+    raise ValueError("must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
+
+
+class JSONSchema(_Model):
+    """``response_format``'s ``json_schema``."""
+
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    """The shape the output must take: any text, a JSON object, or JSON that a schema allows."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchema | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _needs_schema(cls, value: JSONSchema | None, info: ValidationInfo) -> JSONSchema | None:
+        if info.data.get("type") == "json_schema" and (value is None or value.json_schema is None):
+            raise ValueError("type json_schema needs json_schema.schema")
+        return value
+
+
+def _template_kwargs(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("must be an object")
+    taken = sorted(set(value) & set(TEMPLATE_OWN))
+    if taken:
+        raise ValueError(f"{', '.join(taken)} cannot be set here")
+    return value
 
 
 class StreamOptions(_Model):
@@ -169,6 +271,7 @@ class GenerationRequest(_Model):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None  # token id -> bias
+    response_format: ResponseFormat | None = None
 
     chat: ClassVar[bool] = False  # the chat template applies
 
@@ -187,6 +290,23 @@ class GenerationRequest(_Model):
     def choices(self) -> int:
         """Choices per prompt."""
         return self.n or 1
+
+    def calls_tools(self) -> bool:
+        """Whether the template is given tools, and calls are read from the answer."""
+        return False
+
+    def grammar(self, fmt: ChatFormat) -> str | None:
+        """The grammar every choice must follow (``fmt``: the model's chat format), or None; 400
+        when it cannot be made."""
+        from mdi_mpi.grammar import json_grammar
+
+        f = self.response_format
+        try:
+            if f is None or f.type == "text":
+                return None
+            return json_grammar(f.json_schema.json_schema if f.type == "json_schema" else None)
+        except ValueError as e:
+            raise APIError(400, str(e), param="response_format") from None
 
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk."""
@@ -220,8 +340,39 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = None  # needs logprobs
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Annotated[Any, PlainValidator(_tool_choice)] = None  # default: auto with tools, none without
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: Annotated[Any, PlainValidator(_template_kwargs)] = None
 
     chat: ClassVar[bool] = True
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _names_a_tool(cls, choice: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools") or []
+        if choice == "required" and not tools:
+            raise ValueError("'required' needs tools")
+        if isinstance(choice, dict) and choice["function"]["name"] not in {t.function.name for t in tools}:
+            raise ValueError(f"names no tool of this request: {choice['function']['name']!r}")
+        return choice
+
+    def calls_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def grammar(self, fmt: ChatFormat) -> str | None:
+        choice = self.tool_choice
+        if choice != "required" and not isinstance(choice, dict):
+            return super().grammar(fmt)
+        if self.response_format is not None and self.response_format.type != "text":
+            raise APIError(400, "give either a response_format or a tool_choice that forces a call, not both",
+                           param="response_format")
+        name = choice["function"]["name"] if isinstance(choice, dict) else None
+        tools = [t.model_dump(exclude_none=True) for t in self.tools]
+        try:
+            return fmt.call_grammar(tools, name, name is None and self.parallel_tool_calls is not False)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -231,7 +382,9 @@ class ChatCompletionRequest(GenerationRequest):
         return top
 
     def prompts(self) -> list[Prompt]:
-        return [Prompt(None, None, None, messages=[m.model_dump() for m in self.messages])]
+        tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.calls_tools() else None
+        return [Prompt(None, None, None, messages=[m.for_template() for m in self.messages], tools=tools,
+                       template_kwargs=self.chat_template_kwargs or {})]
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -317,6 +470,8 @@ class _Choice:
 
     def __init__(self):
         self.text = ""
+        self.reasoning = ""
+        self.calls: list[dict] = []  # OpenAI's tool-call objects
         self.logprobs: list[tuple[Step, str]] = []  # (step, token text)
         self.finish_reason: str | None = None
 
@@ -332,6 +487,8 @@ class Completion(_Response):
         """A choice's next token."""
         choice = self.choices[step.request.index]
         choice.text += step.text
+        choice.reasoning += step.reasoning
+        choice.calls += [c.to_openai() for c in step.calls]
         if step.logprob is not None:
             choice.logprobs.append(self._pair(step))
         self.completion_tokens += 1
@@ -347,10 +504,20 @@ class Completion(_Response):
         choices = []
         for index, c in sorted(self.choices.items()):
             logprobs = _logprobs(c.logprobs, self.tokenizer, self.chat) if c.logprobs else None
-            said = {"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text}
+            said = {"message": _message(c.text, c.reasoning, c.calls)} if self.chat else {"text": c.text}
             choices.append({"index": index, **said, "logprobs": logprobs, "finish_reason": c.finish_reason})
         return {**self.meta, "object": "chat.completion" if self.chat else "text_completion", "choices": choices,
                 "usage": self.usage()}
+
+
+def _message(text: str, reasoning: str, calls: list[dict]) -> dict:
+    """A chat choice's message: its content (null when it is only calls), reasoning and calls."""
+    message = {"role": "assistant", "content": None if calls and not text else text}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    return message
 
 
 class Chunks(_Response):
@@ -359,6 +526,7 @@ class Chunks(_Response):
     def __init__(self, ident: str, model: str, chat: bool, prompt_tokens: int, tokenizer, include_usage: bool):
         super().__init__(ident, model, chat, prompt_tokens, tokenizer)
         self.include_usage = include_usage  # every chunk has "usage": null, and a usage chunk comes last
+        self.calls: dict[int, int] = {}  # choice -> tool calls streamed so far
 
     def roles(self, indices: list[int]) -> str:
         """Chat's first chunk: each choice's role."""
@@ -368,9 +536,16 @@ class Chunks(_Response):
         """A choice's next token (None when it has neither text nor log-probabilities to show yet)."""
         self.completion_tokens += 1
         lp = None if step.logprob is None else _logprobs([self._pair(step)], self.tokenizer, self.chat)
-        if not step.text and lp is None:
+        if not (step.text or step.reasoning or step.calls) and lp is None:
             return None
-        return self._event([self._choice(step.request.index, step.text, lp)])
+        choice = self._choice(step.request.index, step.text, lp)
+        if self.chat and step.reasoning:
+            choice["delta"]["reasoning_content"] = step.reasoning
+        if self.chat and step.calls:
+            first = self.calls.get(step.request.index, 0)
+            self.calls[step.request.index] = first + len(step.calls)
+            choice["delta"]["tool_calls"] = [{"index": first + i, **c.to_openai()} for i, c in enumerate(step.calls)]
+        return self._event([choice])
 
     def finish(self, index: int, reason: str, cached: int) -> str:
         """A choice has ended, for ``reason`` (ours, mapped to OpenAI's), having found ``cached``

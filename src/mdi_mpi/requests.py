@@ -26,7 +26,10 @@ class Request:
     input_ids: list[int]
     params: SamplingParams
     arrival: float | None = None  # perf_counter() when it arrived; times to first token count from here
-    chat: bool = False  # rendered by the chat template (its answer may have channels: text.Harmony)
+    chat: bool = False  # rendered by the chat template (its answer is read by chat.Answer)
+    tools: bool = False  # the template was given tools: tool calls are parsed out of the answer
+    thinking: bool = False  # the prompt opened a <think> block: the answer starts in its reasoning
+    grammar: str | None = None  # the grammar its tokens must follow (grammar.py), checked when it was built
 
 
 @dataclass
@@ -38,6 +41,8 @@ class Prompt:
     input_ids: list[int] | None
     overrides: dict[str, Any] = field(default_factory=dict)  # sampling fields as given (to_sampling_params)
     messages: list[dict] | None = None  # a whole conversation for the chat template (instead of ``text``)
+    tools: list[dict] | None = None  # OpenAI's function tools, for the chat template
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # more variables for the chat template
 
 
 def parse_prompt_lines(lines: list[str], source: str) -> list[Prompt]:
@@ -127,6 +132,7 @@ def build_requests(
     requests = []
     for number, p in enumerate(prompts):
         label = p.id if p.id is not None else str(number)
+        thinking = False
         if p.input_ids is not None:
             ids = list(p.input_ids)
         elif tokenizer is None:
@@ -134,10 +140,12 @@ def build_requests(
         elif chat:
             messages = p.messages or [{"role": "user", "content": p.text}]
             try:
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                text = tokenizer.apply_chat_template(messages, tools=p.tools, tokenize=False, add_generation_prompt=True,
+                                                     **p.template_kwargs)
             except Exception as e:  # noqa: BLE001 - a template's own error (e.g. roles that must alternate)
                 raise UserError(f"prompt {label}: the chat template failed: {e}") from None
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            thinking = text.rstrip().endswith("<think>")
         else:
             ids = tokenizer(p.text)["input_ids"]
         if not ids:
@@ -156,7 +164,8 @@ def build_requests(
             raise UserError(f"prompt {label}: logit_bias token ids must lie in [0, {vocab_size})")
         for k in range(n_samples):
             ident = label if n_samples == 1 else f"{label}-{k}"
-            requests.append(Request(ident, len(requests), p.text, ids, params, chat=chat and p.input_ids is None))
+            requests.append(Request(ident, len(requests), p.text, ids, params, chat=chat and p.input_ids is None,
+                                    tools=bool(p.tools), thinking=thinking))
     return requests
 
 
@@ -199,10 +208,13 @@ class Result:
     input_ids: list[int]
     tokens: list[int]
     text: str | None
-    finish_reason: str  # "stop" (EOS or stop string), "length" (max_new_tokens), "context" (cache full) or "cancelled"
+    finish_reason: str  # "stop" (EOS, stop string, grammar done), "tool_calls", "length" (max_new_tokens),
+    # "context" (cache full) or "cancelled"
     ttft_s: float | None  # from its arrival (queueing included) to its first token; None if it had none
     duration_s: float  # from its arrival to its end
     cached_tokens: int = 0  # prompt tokens whose KV it found in the cache (not computed again)
+    reasoning: str | None = None  # a chat answer's reasoning, kept out of ``text``
+    tool_calls: list[dict] | None = None  # a chat answer's tool calls (OpenAI's objects); finish_reason tool_calls
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, ensure_ascii=False)

@@ -146,10 +146,14 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, generated: Seque
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, generated: Sequence[int] = ()) -> int:
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, generated: Sequence[int] = (),
+           allowed: torch.Tensor | None = None) -> int:
     """Pick the next token from float32 ``logits`` [V], after the penalties for ``generated`` (the
-    tokens this sequence has generated so far) and the logit bias."""
+    tokens this sequence has generated so far) and the logit bias, among the ``allowed`` tokens
+    ([V] bool, a grammar's mask; None: all)."""
     logits = adjust_logits(logits, params, generated)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if params.temperature == 0:
         return int(torch.argmax(logits))
     filtered = filter_logits(logits / params.temperature, params.top_k, params.top_p)

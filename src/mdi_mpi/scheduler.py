@@ -21,16 +21,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from mdi_mpi.chat import ChatFormat, Delta, ToolCall
 from mdi_mpi.kv_cache import Batch
 from mdi_mpi.prefix_cache import Copy, Placement, PrefixCache
 from mdi_mpi.requests import Request, Result
 from mdi_mpi.sampling import request_generator, sample
-from mdi_mpi.text import Harmony, TextStream
+from mdi_mpi.text import TextStream
+
+if TYPE_CHECKING:
+    from mdi_mpi.grammar import Grammars
 
 
 @dataclass
@@ -77,6 +81,8 @@ class Planner(Protocol):
 
     def complete(self, work: Work, logits: torch.Tensor) -> None: ...
 
+    def sent(self, work: Work) -> None: ...
+
 
 @dataclass
 class Step:
@@ -85,8 +91,10 @@ class Step:
     request: Request
     token: int
     text: str  # the text it lets a stream show: '' while held back (or without a tokenizer); the last step adds the rest
-    logprob: float | None  # its log-probability (raw logits), when the request asks for logprobs
-    top: list[tuple[int, float]]  # the request's top tokens and their log-probabilities, most likely first
+    reasoning: str = ""  # a chat answer's reasoning it shows
+    calls: tuple[ToolCall, ...] = ()  # the tool calls it completes
+    logprob: float | None = None  # its log-probability (raw logits), when the request asks for logprobs
+    top: list[tuple[int, float]] = field(default_factory=list)  # the top tokens and their log-probabilities
 
 
 class Listener:
@@ -105,14 +113,18 @@ class Listener:
 class _Occupant:
     """A request while it occupies a slot."""
 
-    def __init__(self, request: Request, tokenizer, harmony: Harmony | None, cached: int, long: bool):
+    def __init__(self, request: Request, tokenizer, fmt: ChatFormat | None, grammars: Grammars | None, cached: int,
+                 long: bool):
         self.request = request
         self.ids = list(request.input_ids)  # prompt, then generated tokens
         self.pos = cached  # tokens already in the cache
         self.cached = cached  # prompt tokens it found in the cache
         self.generator = request_generator(request.params.seed, request.index)
-        self.text = None if tokenizer is None else TextStream(tokenizer, request.params.stop,
-                                                               harmony if request.chat else None)
+        answer = None
+        if request.chat and fmt is not None and (fmt.tools or fmt.think):
+            answer = fmt.answer(request.tools, request.thinking)
+        self.text = None if tokenizer is None else TextStream(tokenizer, request.params.stop, answer)
+        self.matcher = None if request.grammar is None else grammars.matcher(request.grammar)
         self.t_first: float | None = None
         self.cancelled = False
         self.long = long  # rotated with longrope's long factors
@@ -135,6 +147,7 @@ class Scheduler:
         listener: Listener | None = None,
         long_rope_after: int | None = None,
         prefix_cache: PrefixCache | None = None,
+        grammars: Grammars | None = None,
     ):
         if n_slots < 1 or prefill_chunk < 1:
             raise ValueError("n_slots and prefill_chunk must be at least 1")
@@ -148,7 +161,8 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.eos_ids = frozenset(eos_ids)
         self.tokenizer = tokenizer
-        self.harmony = None if tokenizer is None else Harmony.of(tokenizer)  # chat answers show their final channel
+        self.format = None if tokenizer is None else ChatFormat.of(tokenizer)  # how chat answers mark reasoning, calls
+        self.grammars = grammars  # the matchers of requests with a grammar
         self.listener = listener or Listener()
 
     @property
@@ -230,7 +244,8 @@ class Scheduler:
                 self.cache.apply(place.copies)
                 copies.extend(place.copies)
             free.remove(place.slot)
-            seq = self.active[place.slot] = _Occupant(request, self.tokenizer, self.harmony, place.cached, long)
+            seq = self.active[place.slot] = _Occupant(request, self.tokenizer, self.format, self.grammars,
+                                                      place.cached, long)
             if self.cache is not None:
                 self.cache.occupy(place.slot, seq.ids, place.cached, long)
             self.listener.admitted(request, place.cached)
@@ -260,14 +275,16 @@ class Scheduler:
                 self._finish(slot, seq, "cancelled")
                 continue
             params = seq.request.params
-            token = sample(logits[row], params, seq.generator, seq.generated)
+            allowed = None if seq.matcher is None else seq.matcher.allowed()
+            token = sample(logits[row], params, seq.generator, seq.generated, allowed)
             seq.ids.append(token)
             if seq.t_first is None:
                 seq.t_first = time.perf_counter()
-            text = "" if seq.text is None else seq.text.push(token)
-            reason = self._finish_reason(seq, token)
+            complete = seq.matcher is not None and seq.matcher.consume(token)
+            delta = Delta() if seq.text is None else seq.text.push(token)
+            reason = self._finish_reason(seq, token) or ("stop" if complete else None)
             if reason is not None and seq.text is not None:
-                text += seq.text.rest()
+                delta += seq.text.rest()
             logprob, top = None, []
             if params.logprobs is not None:
                 lp = logits[row].float().log_softmax(-1)  # [V]
@@ -275,9 +292,16 @@ class Scheduler:
                 if params.logprobs:
                     values, ids = torch.topk(lp, params.logprobs)
                     top = list(zip(ids.tolist(), values.tolist()))
-            self.listener.token(Step(seq.request, token, text, logprob, top))
+            self.listener.token(Step(seq.request, token, delta.content, delta.reasoning, tuple(delta.calls), logprob, top))
             if reason is not None:
-                self._finish(slot, seq, reason)
+                self._finish(slot, seq, "tool_calls" if reason == "stop" and seq.text and seq.text.calls else reason)
+
+    def sent(self, work: Work) -> None:
+        """``work`` has left for the ring: compute the grammar masks its sampled rows will need."""
+        for seg in work.sampled_segs:
+            seq = self.active[work.batch.slots[seg]]
+            if seq is not None and seq.matcher is not None:
+                seq.matcher.prepare()
 
     def _finish_reason(self, seq: _Occupant, token: int) -> str | None:
         """Why ``seq`` ends after ``token``, or None if it goes on."""
@@ -294,9 +318,12 @@ class Scheduler:
 
     def _finish(self, slot: int, seq: _Occupant, reason: str) -> None:
         self.active[slot] = None
-        text = None if seq.text is None else seq.text.text
-        self.listener.finished(seq.request, self._result(seq.request, seq.generated, text, reason, seq.t_first,
-                                                         seq.cached))
+        result = self._result(seq.request, seq.generated, None if seq.text is None else seq.text.text, reason,
+                              seq.t_first, seq.cached)
+        if seq.text is not None and seq.request.chat:
+            result.reasoning = seq.text.reasoning or None
+            result.tool_calls = [c.to_openai() for c in seq.text.calls] or None
+        self.listener.finished(seq.request, result)
 
     @staticmethod
     def _result(r: Request, tokens: list[int], text: str | None, reason: str, t_first: float | None,

@@ -175,6 +175,7 @@ def _serve(job: Job, http: _HTTPThread, args: argparse.Namespace, timeout: float
     """Rank 0: answer requests until a signal drains the server."""
     from mdi_mpi import demo
     from mdi_mpi.api import Bridge, Settings
+    from mdi_mpi.grammar import Grammars
     from mdi_mpi.metrics import Metrics, Ranks
     from mdi_mpi.scheduler import Inbox, Scheduler
 
@@ -185,7 +186,8 @@ def _serve(job: Job, http: _HTTPThread, args: argparse.Namespace, timeout: float
     sched: Scheduler | None = None
     metrics = Metrics(lambda: sched.running if sched else 0, lambda: inbox.waiting, ranks)
     bridge = Bridge(inbox, metrics)
-    sched = job.scheduler(eos, job.prepared.tokenizer, bridge)
+    grammars = Grammars(http_tokenizer, job.config.vocab_size, eos)  # first used by the HTTP thread (every grammar is checked there first)
+    sched = job.scheduler(eos, job.prepared.tokenizer, bridge, grammars)
     name = args.served_model_name or ("mdi-mpi-demo" if job.is_demo else os.path.basename(os.path.normpath(job.model_dir)))
     settings = Settings(name, job.sizes.max_seq_len, job.config.vocab_size, job.sizes.n_slots, len(job.groups))
     http.on_exit = inbox.close
@@ -205,7 +207,7 @@ def _serve(job: Job, http: _HTTPThread, args: argparse.Namespace, timeout: float
 
     signal.signal(signal.SIGINT, drain)
     signal.signal(signal.SIGTERM, drain)
-    http.api.open(settings, http_tokenizer, inbox, bridge, metrics, ranks, lambda: sched.running)
+    http.api.open(settings, http_tokenizer, grammars, inbox, bridge, metrics, ranks, lambda: sched.running)
     if job.is_demo:
         print(demo.DEMO_NOTE, file=sys.stderr)
     print(f"serving {name} at {http.address()}/v1 on {socket.gethostname()} ({job.size} ranks, {job.sizes.n_slots} slots, micro-batch "
