@@ -1,6 +1,6 @@
 """Constrained sampling: a request's grammar (a JSON schema, any JSON object, or a tool call in its
 family's format) and, for each sequence, the matcher that masks the tokens its grammar forbids at
-rank 0's sampler. The engine is llguidance (the ``grammar`` extra): a grammar is its JSON or Lark
+rank 0's sampler. The engine is llguidance (in the ``serve`` extra): a grammar is its JSON or Lark
 text, checked against the tokenizer before the request is admitted.
 
 Only rank 0 imports this module, and only once a request asks for a constraint: a request without
@@ -22,7 +22,7 @@ def _engine():
     try:
         import llguidance
     except ImportError:
-        raise ValueError("constrained output needs llguidance: pip install 'mdi-mpi[grammar]'") from None
+        raise ValueError("constrained output needs llguidance: pip install 'mdi-mpi[serve]'") from None
     return llguidance
 
 

@@ -85,6 +85,6 @@ def chat_model(family: str, path: Path) -> Path:
     eos = tok.convert_tokens_to_ids(tok.eos_token)
     bos = tok.convert_tokens_to_ids(tok.bos_token)
     build_hf_model(path, kind, dict(overrides, vocab_size=vocab, eos_token_id=eos, bos_token_id=bos,
-                                    max_position_embeddings=1024), dtype=torch.float32)
+                                    max_position_embeddings=8192), dtype=torch.float32)
     tok.save_pretrained(path)
     return path

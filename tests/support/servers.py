@@ -14,7 +14,7 @@ import openai
 
 from support.launch import mpiexec, ranks_of
 
-READY = re.compile(r"serving \S+ at (http://\S+)/v1 ")
+READY = re.compile(r"serving (\S+) at (http://\S+)/v1 ")
 
 
 class Server:
@@ -30,6 +30,7 @@ class Server:
         self.stderr: list[str] = []
         self.ready = threading.Event()
         self.url = ""
+        self.model = ""  # the served model's name
         threading.Thread(target=self._read, daemon=True).start()
         if not self.ready.wait(120):
             self.kill()
@@ -40,7 +41,7 @@ class Server:
             self.stderr.append(line)
             m = READY.search(line)
             if m:
-                self.url = m.group(1)
+                self.model, self.url = m.group(1), m.group(2)
                 self.ready.set()
         self.ready.set()
 
