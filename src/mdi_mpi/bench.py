@@ -124,19 +124,19 @@ def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro:
 
 @contextmanager
 def serving(model: str, dtype: str, threads: int, ranks: int, slots: int, max_seq_len: int, max_waiting: int,
-            flags: tuple[str, ...] = ()) -> Iterator[str]:
-    """``mdi_mpi.serve`` on ``ranks`` ranks and ``slots`` slots (and ``flags``), stopped on exit:
-    yields its URL."""
+            flags: tuple[str, ...] = (), bpe: bool = False, env: dict | None = None) -> Iterator[str]:
+    """``mdi_mpi.serve`` on ``ranks`` ranks and ``slots`` slots (and ``flags``; ``bpe``: with a BPE
+    tokenizer where the model has none; ``env``: more environment), stopped on exit: yields its URL."""
     import re
     import signal
 
     tmp = Path(tempfile.mkdtemp(prefix="mdi-bench-serve-"))
-    served = _with_tokenizer(model, tmp)  # the model itself when it has a tokenizer: never removed
+    served = _with_tokenizer(model, tmp, bpe)  # the model itself when it has a tokenizer: never removed
     cmd = [_mpiexec(), "-n", str(ranks), sys.executable, "-m", "mdi_mpi.serve", "--model", served, "--dtype", dtype,
            "--threads", str(threads), "--slots", str(slots), "--port", "0", "--max-waiting", str(max_waiting),
            "--max-seq-len", str(max_seq_len), *flags]
     server = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env=_env(threads, "none"))
+                              env={**_env(threads, "none"), **(env or {})})
     try:
         url, lines = None, []
         for line in server.stderr:
@@ -155,14 +155,15 @@ def serving(model: str, dtype: str, threads: int, ranks: int, slots: int, max_se
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def _stream(client, url: str, ids: list[int], new_tokens: int, ttfts: list, gaps: list) -> tuple[int, int]:
-    """One streaming greedy completion of the token ids ``ids`` (EOS ignored); appends its time to
-    first token and its gaps between tokens; returns its completion tokens and the prompt tokens
-    the server found in its prefix cache."""
+async def _stream(client, url: str, ids: list[int], new_tokens: int, ttfts: list, gaps: list,
+                  extra: dict | None = None) -> tuple[int, int]:
+    """One streaming greedy completion of the token ids ``ids`` (EOS ignored; ``extra``: more body
+    fields); appends its time to first token and its gaps between tokens; returns its completion
+    tokens and the prompt tokens the server found in its prefix cache."""
     import time
 
     body = {"prompt": ids, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     t0 = time.perf_counter()
     last, usage = None, {}
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -193,7 +194,7 @@ def _httpx():
     return httpx
 
 
-def load_server(url: str, prompts: list[list[int]], clients: int, new_tokens: int) -> dict:
+def load_server(url: str, prompts: list[list[int]], clients: int, new_tokens: int, extra: dict | None = None) -> dict:
     """``clients`` clients stream greedy completions of ``prompts`` between them (after a warm-up
     request of the first prompt's first 16 tokens, too few to share a prompt chunk with it): the aggregate tokens/s and the p50 and p95 of time to first token and inter-token
     latency, as the clients see them."""
@@ -209,12 +210,12 @@ def load_server(url: str, prompts: list[list[int]], clients: int, new_tokens: in
             async def worker() -> int:
                 total = 0
                 while queue:
-                    n, found = await _stream(client, url, queue.pop(), new_tokens, ttfts, gaps)
+                    n, found = await _stream(client, url, queue.pop(), new_tokens, ttfts, gaps, extra)
                     total += n
                     cached.append(found)
                 return total
 
-            await _stream(client, url, prompts[0][:16], new_tokens, [], [])
+            await _stream(client, url, prompts[0][:16], new_tokens, [], [], extra)
             t0 = time.perf_counter()
             tokens = sum(await asyncio.gather(*(worker() for _ in range(clients))))
             wall = time.perf_counter() - t0
@@ -235,7 +236,10 @@ def run_serve(model: str, dtype: str, threads: int, ranks: int, slots: int, clie
         return [load_server(url, prompts, c, new_tokens) for c in clients]
 
 
-SCENARIOS = ("distinct", "conversation", "system-prompt")
+SCENARIOS = ("distinct", "conversation", "system-prompt", "json")
+# --scenario json: every token of the answer is masked, and most tokens are allowed (a string that never ends)
+LONG_STRING = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+    "type": "object", "properties": {"answer": {"type": "string", "minLength": 100000}}, "required": ["answer"]}}}
 # prompts of 1400, 1500, 1600 and 1700 tokens (--tiny: 200 .. 320), each the last, an answer and a question
 CONVERSATION = {False: dict(first=1400, answer=50, question=50, turns=4), True: dict(first=200, answer=20, question=20, turns=4)}
 SYSTEM_PROMPT = {False: dict(system=1000, question=50, clients=16, new_tokens=8),
@@ -346,10 +350,11 @@ def prefix_table(model: str, dtype: str, threads: int, ranks: int, scenario: str
                                                "ratio": round(ratio, 3), "copy_vs_prefill": cost}, indent=1))
 
 
-def _with_tokenizer(model: str, out: Path) -> str:
+def _with_tokenizer(model: str, out: Path, bpe: bool = False) -> str:
     """``model`` itself if it has a tokenizer; else a directory of links to its files plus a
     word-level tokenizer of made-up words ``t0``, ``t1``, ... covering its vocabulary (the server
-    needs one to show text; random benchmark checkpoints have none)."""
+    needs one to show text; random benchmark checkpoints have none), or with ``bpe`` a byte-level
+    BPE of the whole vocabulary (``bpe_tokenizer``), as a grammar engine needs."""
     from mdi_mpi.requests import TOKENIZER_FILES
 
     src = Path(model).resolve()
@@ -361,10 +366,37 @@ def _with_tokenizer(model: str, out: Path) -> str:
     for f in src.iterdir():
         (out / f.name).symlink_to(f)
     vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    if bpe:
+        bpe_tokenizer(vocab).save_pretrained(out)
+        return str(out)
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(out)
     return str(out)
+
+
+def bpe_tokenizer(vocab: int):
+    """A byte-level BPE of ``vocab`` tokens (the last being ``</s>``), trained on this Python's own
+    library sources and cached: a real tokenizer's size and shape, built without a download."""
+    import sysconfig
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mdi_mpi.probes import cache_dir
+
+    folder = cache_dir() / f"bench-bpe-{vocab}"
+    if not (folder / "tokenizer.json").is_file():
+        files = sorted(str(f) for f in Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))[:3000]
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train(files, trainer)
+        tok.add_special_tokens(["</s>"])
+        PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(folder)
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
 def mxfp4_load(work: Path, threads: int, rounds: int = 3) -> dict:
@@ -571,6 +603,45 @@ def read_bandwidth(n_bytes: int = 2**31, rounds: int = 3) -> float:
         torch.set_num_threads(threads)
 
 
+def json_table(model: str, dtype: str, threads: int, ranks: int, slots: int, n_requests: int, prompt_len: int,
+               new_tokens: int, rounds: int, json_path: str | None, base: str | None) -> None:
+    """What constrained decoding costs: ``slots`` clients stream ``n_requests`` completions each
+    round, free and then masked by ``LONG_STRING``'s grammar, on one server; with ``base`` (a
+    source tree of an earlier mdi-mpi), free requests on that version too, its server started
+    after this one's in every round."""
+    print(f"model {model}; {n_requests} requests of {prompt_len} prompt tokens, {new_tokens} new tokens greedy, "
+          f"{slots} clients; N = {ranks}, K = {slots}, {threads} thread(s) per rank, {dtype}; {cpu_flags()}", flush=True)
+    prompts = workload(model, n_requests, prompt_len)
+    sides = [("this", None)] + ([("base", {"PYTHONPATH": str(Path(base).resolve() / "src")})] if base else [])
+    rows = []
+    for rnd in range(1, rounds + 1):
+        for side, env in sides:
+            with serving(model, dtype, threads, ranks, slots, prompt_len + new_tokens + 1, n_requests,
+                         bpe=True, env=env) as url:
+                kinds = [("free", None)] + ([("json_schema", {"response_format": LONG_STRING})] if side == "this" else [])
+                for kind, extra in kinds:
+                    r = {"round": rnd, "version": side, "requests": kind,
+                         **load_server(url, prompts, slots, new_tokens, extra)}
+                    rows.append(r)
+                    print(f"round {rnd}  {side:>4}  {kind:<11}  {r['tokens_per_s']:>8.2f} tokens/s  "
+                          f"ITL p50 {r['itl_p50_s']:.4f}s", flush=True)
+    best = {}
+    for r in rows:
+        key = (r["version"], r["requests"])
+        best[key] = max(best.get(key, 0.0), r["tokens_per_s"])
+    free = best[("this", "free")]
+    summary = {"constrained_over_free": round(best[("this", "json_schema")] / free, 3)}
+    if base:
+        summary["free_over_base"] = round(free / best[("base", "free")], 3)
+    print(f"best of {rounds}: " + ", ".join(f"{k} {v}" for k, v in summary.items()), flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps({"model": model, "cpu": cpu_flags(), "ranks": ranks, "slots": slots,
+                                               "dtype": dtype, "requests": n_requests, "prompt_len": prompt_len,
+                                               "new_tokens": new_tokens, "schema": LONG_STRING, "rows": rows,
+                                               "best_tokens_per_s": {f"{v} {k}": t for (v, k), t in best.items()},
+                                               "summary": summary}, indent=1))
+
+
 def serve_table(model: str, dtype: str, threads: int, ranks: int, slots: int, clients: list[int], n_requests: int,
                 prompt_len: int, new_tokens: int, json_path: str | None) -> None:
     """The serving table: generate on the prompts, then the server under each client count."""
@@ -630,7 +701,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenario", choices=SCENARIOS, default="distinct", help="--serve: distinct prompts (default: the "
                    "table per client count), or a prefix-cache scenario run with the cache on and off: a conversation "
                    "growing from 1400 to 1700 tokens (N slots), or 16 clients sharing a 1000-token system prompt "
-                   "(16 slots)")
+                   "(16 slots); or json: K clients' requests free and then held to a JSON schema by the grammar engine "
+                   "(the model gets a byte-level BPE tokenizer of its vocabulary where it has none), --repeat rounds")
+    p.add_argument("--base", metavar="DIR", help="--scenario json: also serve free requests with the mdi-mpi source "
+                   "tree DIR (an earlier commit), one server after the other in each round")
     args = p.parse_args(argv)
 
     def body() -> None:
@@ -662,6 +736,10 @@ def main(argv: list[str] | None = None) -> int:
             return
         ranks = [int(x) for x in args.ranks.split(",")]
         slots = args.slots.split(",")
+        if args.serve and args.scenario == "json":
+            json_table(model, args.dtypes.split(",")[0], args.threads, ranks[0], _slot_count(slots[-1], ranks[0]),
+                       args.requests, args.prompt_len, args.new_tokens, args.repeat, args.json, args.base)
+            return
         if args.serve and args.scenario != "distinct":
             prefix_table(model, args.dtypes.split(",")[0], args.threads, ranks[0], args.scenario, args.tiny,
                          args.prefill_chunk, args.json)
