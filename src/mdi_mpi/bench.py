@@ -387,13 +387,13 @@ def bpe_tokenizer(vocab: int):
 
     folder = cache_dir() / f"bench-bpe-{vocab}"
     if not (folder / "tokenizer.json").is_file():
-        files = sorted(str(f) for f in Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))[:3000]
+        files = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))[:3000]
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=False)
-        tok.train(files, trainer)
+        tok.train_from_iterator((f.read_text(errors="ignore") for f in files), trainer=trainer)
         tok.add_special_tokens(["</s>"])
         PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(folder)
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
