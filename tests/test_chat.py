@@ -29,11 +29,13 @@ ANSWERS = {
     "qwen3": ("<think>\nlet me see\n</think>\n\nChecking.\n<tool_call>\n"
               '{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call><|im_end|>'),
     "llama3": '{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}<|eot_id|>',
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}]</s>',
     "gpt-oss": ("<|channel|>analysis<|message|>let me see<|end|><|start|>assistant<|channel|>commentary "
                 "to=functions.get_weather <|constrain|>json<|message|>"
                 '{"city": "Paris", "days": 2}<|call|>'),
 }
-EXPECTED = {"qwen3": ("let me see\n", "Checking.\n"), "llama3": ("", ""), "gpt-oss": ("let me see", "")}
+EXPECTED = {"qwen3": ("let me see\n", "Checking.\n"), "llama3": ("", ""), "gpt-oss": ("let me see", ""),
+            "mistral": ("", "")}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -64,7 +66,7 @@ def chat_request(tok, tools: list[dict] | None = None, max_new_tokens: int = 200
 def test_each_family_is_told_apart_by_its_template(family):
     name, tok = family
     fmt = ChatFormat.of(tok)
-    assert fmt.tools == {"qwen3": "hermes", "llama3": "llama3", "gpt-oss": "harmony"}[name]
+    assert fmt.tools == {"qwen3": "hermes", "llama3": "llama3", "gpt-oss": "harmony", "mistral": "mistral"}[name]
     assert fmt.think == (name == "qwen3")
 
 
@@ -73,7 +75,7 @@ def test_an_answer_splits_into_reasoning_content_and_calls_whole_and_streamed(fa
     req = chat_request(tok, [WEATHER, CLOCK])
     assert req.tools and not req.thinking
     answer = tok.encode(ANSWERS[name], add_special_tokens=False)
-    eos = tok.convert_tokens_to_ids(["<|im_end|>", "<|eot_id|>", "<|return|>", "<|call|>"])
+    eos = tok.convert_tokens_to_ids([tok.eos_token, "<|call|>"])
     sched = scheduler([req], 1, 4096, 64, eos_ids=[i for i in eos if i is not None], tokenizer=tok)
     steps = drive(sched, answer)
     (res,) = sched.listener.results
@@ -84,6 +86,7 @@ def test_an_answer_splits_into_reasoning_content_and_calls_whole_and_streamed(fa
     (call,) = [c for s in steps for c in s.calls]
     assert res.tool_calls == [call.to_openai()]
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris", "days": 2}
+    assert len(call.id) == 9 if name == "mistral" else call.id.startswith("call_")  # Mistral's templates want 9
 
 
 def test_without_tools_no_call_is_read(family):
@@ -107,9 +110,9 @@ def test_a_call_and_its_result_go_back_through_the_template(family):
     messages = [ChatMessage.model_validate(m).for_template() for m in (
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function",
+            {"id": "abcDEF123", "type": "function",
              "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"})]
+        {"role": "tool", "tool_call_id": "abcDEF123", "content": "sunny, 21 C"})]
     text = tok.apply_chat_template(messages, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
     assert "sunny, 21 C" in text and "Paris" in text.split("sunny")[0].rsplit("Weather in Paris?", 1)[1]
 

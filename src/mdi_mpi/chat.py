@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import string
 from dataclasses import dataclass, field
 
 from mdi_mpi.grammar import lark_json
@@ -31,13 +32,21 @@ HARMONY_MARKS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return
 RECIPIENT = re.compile(r"to=functions\.([^\s<]+)")
 
 
+def call_id(short: bool = False) -> str:
+    """A new call's id: OpenAI's ``call_`` and 24 hex digits, or 9 letters and digits (``short``),
+    which Mistral's templates insist on."""
+    if short:
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+    return "call_" + secrets.token_hex(12)
+
+
 @dataclass(frozen=True)
 class ToolCall:
     """One call the model made: the function's name and its arguments as JSON text."""
 
     name: str
     arguments: str
-    id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12))
+    id: str = field(default_factory=call_id)
 
     def to_openai(self) -> dict:
         """OpenAI's tool-call object."""
@@ -59,12 +68,13 @@ class Delta:
         return self
 
 
-def _call(obj: object, arguments_key: str) -> ToolCall | None:
+def _call(obj: object, arguments_key: str, short_id: bool = False) -> ToolCall | None:
     """The call in a parsed JSON object ``{"name": ..., arguments_key: {...}}``, or None."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get(arguments_key, obj.get("arguments", {}))
-    return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+    return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False),
+                    call_id(short_id))
 
 
 def _json(text: str) -> object:
@@ -258,7 +268,8 @@ class TextAnswer(Answer):
         if obj is None and ";" in text:
             obj = [_json(part) for part in text.split(";")]
         objs = obj if isinstance(obj, list) else [obj]
-        calls = [_call(o, "parameters" if self.fmt.tools == "llama3" else "arguments") for o in objs]
+        calls = [_call(o, "parameters" if self.fmt.tools == "llama3" else "arguments", self.fmt.tools == "mistral")
+                 for o in objs]
         if not calls or None in calls:
             return self._content(text)
         return Delta(calls=calls)

@@ -1,4 +1,5 @@
-"""Tiny random-weight chat models with the real chat templates of Qwen3, Llama 3.1 and gpt-oss, for
+"""Tiny random-weight chat models with the real chat templates of Qwen3, Llama 3.1, gpt-oss and
+Mistral (Nemo), for
 the tool-call and reasoning tests.
 
 The templates are the model authors' own, as llama.cpp keeps them (``models/templates``); they are
@@ -35,6 +36,9 @@ FAMILIES = {
                 dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=16, sliding_window=8),
                 ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>",
                  "<|endoftext|>"], [], "<|return|>"),
+    "mistral": ("mistralai-Mistral-Nemo-Instruct-2407.jinja", "MistralConfig", dict(sliding_window=None),
+                ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+                 "[/TOOL_RESULTS]"], [], "</s>"),
 }
 
 
