@@ -217,7 +217,9 @@ class Result:
     tool_calls: list[dict] | None = None  # a chat answer's tool calls (OpenAI's objects); finish_reason tool_calls
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, ensure_ascii=False)
+        """The JSONL record; ``reasoning`` and ``tool_calls`` only where a chat answer had them."""
+        record = {k: v for k, v in self.__dict__.items() if v is not None or k not in ("reasoning", "tool_calls")}
+        return json.dumps(record, ensure_ascii=False)
 
 
 def stop_token_ids(config_eos: tuple[int, ...], tokenizer_dir: str | Path, tokenizer) -> tuple[int, ...]:
