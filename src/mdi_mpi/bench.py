@@ -507,6 +507,67 @@ def hot_path(model: str, dtype: str, tokens: int = 64) -> dict:
     }
 
 
+# --profile: torch op names by where a decode step's time goes
+PROFILE_KINDS = {
+    "matmul kernels": ("linear", "mm", "addmm", "mv", "addmv", "matmul", "_weight_int8pack_mm", "_weight_int4pack_mm",
+                       "_weight_int4pack_mm_for_cpu", "bmm"),
+    "attention": ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu", "softmax", "_softmax",
+                  "index_copy_", "copy_", "narrow", "slice"),
+    "norms, RoPE, activations": ("pow", "mean", "rsqrt", "mul", "add", "sub", "neg", "cat", "silu", "to", "_to_copy",
+                                 "float", "type_as", "view_as_real", "stack"),
+    "tensor views and allocation": ("as_strided", "empty", "empty_strided", "view", "reshape", "transpose", "unsqueeze",
+                                    "select", "expand", "contiguous", "clone", "zeros", "index", "t", "resize_"),
+}
+
+
+def step_profile(model: str, dtype: str, quant: str | None, tokens: int = 32) -> dict:
+    """Where one decode step's time goes on one rank of one thread (the whole model, one slot, set
+    up as ``generate`` sets it up): each category's share of the wall time, from torch's profiler
+    (the ops' own CPU time), and the rest, Python and the framework between the ops."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mdi_mpi.config import parse_dtype
+    from mdi_mpi.job import JobSpec, Prepared, start
+    from mdi_mpi.kv_cache import Batch
+    from mdi_mpi.layout import Layout
+    from mdi_mpi.quant import Quant
+    from mdi_mpi.transport import world
+
+    layout = Layout(max_seq_len=3 * tokens + 32, slots=1, quant=None if quant is None else Quant(quant))
+    stage = start(world(), JobSpec(model, parse_dtype(dtype), threads=1, layout=layout),
+                  lambda config, tokenizer_dir, max_seq_len: Prepared(None, 1)).stage
+    token = torch.tensor([5])
+
+    def decode(first: int, n: int) -> float:
+        t0 = time.perf_counter()
+        for pos in range(first, first + n):
+            stage.head(stage.forward_layers(stage.embed(token), Batch.make([0], [pos], [1])))
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        stage.forward_layers(stage.embed(torch.arange(3, 19)), Batch.make([0], [0], [16]))
+        decode(16, 8)
+        plain = decode(24, tokens)  # without the profiler's own cost
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            wall = decode(24 + tokens, tokens)
+    names = {name: kind for kind, ops in PROFILE_KINDS.items() for name in ops}
+    spent = dict.fromkeys([*PROFILE_KINDS, "other ops"], 0.0)
+    others = []
+    for e in prof.key_averages():
+        kind = names.get(e.key.removeprefix("aten::"), "other ops")
+        spent[kind] += e.self_cpu_time_total / 1e6
+        if kind == "other ops":
+            others.append((e.key, round(e.self_cpu_time_total / 1e6 / wall, 3)))
+    shares = {k: round(v / wall, 3) for k, v in spent.items()}
+    shares["Python and the framework"] = round(1 - sum(shares.values()), 3)
+    return {"dtype": dtype, "quant": quant or "none", "ms_per_token": round(plain / tokens * 1e3, 2),
+            "ms_per_token_profiled": round(wall / tokens * 1e3, 2), "shares": shares,
+            "top_other_ops": sorted(others, key=lambda o: -o[1])[:8]}
+
+
 def configurations(ranks: list[int], slots: list[str], hf: bool, hf_threads: list[int],
                    hf_batches: list[int] | None = None, mb1: bool = True) -> list[dict]:
     """The configurations of one table: transformers baselines (batch sizes ``hf_batches``, default:
@@ -692,6 +753,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: 1)")
     p.add_argument("--json", metavar="FILE", help="write the table as JSON")
     p.add_argument("--hot-path", action="store_true", help="instead of the table: profile what one decode step allocates")
+    p.add_argument("--profile", action="store_true", help="instead of the table: where one decode step's time goes "
+                   "(one rank, one thread, one slot), for each of --quants: matmul kernels, attention, norms and RoPE, "
+                   "other ops, Python")
     p.add_argument("--mxfp4-load", action="store_true", help="instead of the table: time loading one gpt-oss-20b "
                    "layer's experts from MXFP4 against reading the same values in bf16 (writes 2.5 GB in a temporary "
                    "directory)")
@@ -733,6 +797,13 @@ def main(argv: list[str] | None = None) -> int:
             args.new_tokens = min(args.new_tokens, 8)
         if args.hot_path:
             print(json.dumps(hot_path(model, args.dtypes.split(",")[0]), indent=1))
+            return
+        if args.profile:
+            profiles = [step_profile(model, args.dtypes.split(",")[0], None if q == "none" else q)
+                        for q in args.quants.split(",")]
+            print(json.dumps({"model": model, "cpu": cpu_flags(), "profiles": profiles}, indent=1))
+            if args.json:
+                Path(args.json).write_text(json.dumps({"model": model, "cpu": cpu_flags(), "profiles": profiles}, indent=1))
             return
         ranks = [int(x) for x in args.ranks.split(",")]
         slots = args.slots.split(",")
