@@ -509,7 +509,7 @@ def hot_path(model: str, dtype: str, tokens: int = 64) -> dict:
 
 # --profile: torch op names by where a decode step's time goes
 PROFILE_KINDS = {
-    "matmul kernels": ("linear", "mm", "addmm", "mv", "addmv", "matmul", "_weight_int8pack_mm", "_weight_int4pack_mm",
+    "matmul kernels": ("linear", "mm", "addmm", "mv", "addmv", "addmv_", "matmul", "_weight_int8pack_mm", "_weight_int4pack_mm",
                        "_weight_int4pack_mm_for_cpu", "bmm"),
     "attention": ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu", "softmax", "_softmax",
                   "index_copy_", "copy_", "narrow", "slice"),
