@@ -189,3 +189,21 @@ def test_an_invalid_schema_is_refused_with_the_reason(schema, reason):
     tok = chat_tokenizer("qwen3")
     with pytest.raises(ValueError, match=f"(?s)invalid JSON schema: .*{reason}"):
         Grammars(tok, VOCAB, [tok.eos_token_id]).check(json_grammar(schema), "JSON schema")
+
+
+def test_a_grammar_that_allows_nothing_more_ends_the_sequence():
+    """A matcher whose mask is empty (llguidance's state after an error) ends its sequence with
+    stop; sampling from no token at all would crash rank 0, and with it the server."""
+    from mdi_mpi.requests import Request
+
+    tok = chat_tokenizer("qwen3")
+    grammars = Grammars(tok, VOCAB, [tok.eos_token_id])
+    req = Request("a", 0, None, [5, 6, 7], SamplingParams(max_new_tokens=8, temperature=1.0))
+    req.grammar = json_grammar(None)
+    sched = scheduler([req], 1, 64, 8, eos_ids=[tok.eos_token_id], tokenizer=tok)
+    sched.grammars = grammars
+    work = sched.next_work([0])
+    sched.active[0].matcher.allowed = lambda: torch.zeros(VOCAB, dtype=torch.bool)
+    sched.complete(work, torch.zeros(1, VOCAB))
+    (res,) = sched.listener.results
+    assert res.finish_reason == "stop" and res.tokens == []

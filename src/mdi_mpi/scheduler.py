@@ -276,6 +276,9 @@ class Scheduler:
                 continue
             params = seq.request.params
             allowed = None if seq.matcher is None else seq.matcher.allowed()
+            if allowed is not None and not allowed.any():  # the grammar allows nothing more: end, never crash
+                self._finish(slot, seq, "stop")
+                continue
             token = sample(logits[row], params, seq.generator, seq.generated, allowed)
             seq.ids.append(token)
             if seq.t_first is None:
