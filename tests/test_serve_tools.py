@@ -145,6 +145,8 @@ def test_json_object_and_seeded_constraints_are_the_same_for_any_layout(qwen3, t
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),
     ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools", "tools[0].function.name"),
     ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs", "cannot be set"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "description": "f", "parameters": {"type": "objekt"}}}],
+      "tool_choice": "required"}, "tools", "Invalid type: objekt"),
 ])
 def test_bad_tools_and_formats_get_400(qwen3, body, param, text):
     r = httpx.post(qwen3.url + "/v1/chat/completions", json={"messages": ASK, **body}, timeout=30)

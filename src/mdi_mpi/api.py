@@ -241,10 +241,11 @@ class API:
             raise APIError(400, str(e)) from None
         grammar = body.grammar(self.chat_format)
         if grammar is not None:
+            schema = body.response_format is not None and body.response_format.type != "text"
             try:
-                self.grammars.check(grammar, "JSON schema" if body.response_format else "tool grammar")
+                self.grammars.check(grammar, "JSON schema" if schema else "tool parameters' schema")
             except ValueError as e:
-                raise APIError(400, str(e), param="response_format") from None
+                raise APIError(400, str(e), param="response_format" if schema else "tools") from None
         now = time.perf_counter()
         ident = f"{'chatcmpl' if body.chat else 'cmpl'}-{secrets.token_hex(12)}"
         for r in requests:
