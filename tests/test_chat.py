@@ -8,7 +8,7 @@ import json
 import jsonschema
 import pytest
 import torch
-from support.chat_models import FAMILIES, chat_tokenizer
+from support.chat_models import CLOCK, FAMILIES, WEATHER, chat_tokenizer
 from support.stages import scheduler
 
 from mdi_mpi.chat import ChatFormat
@@ -17,13 +17,6 @@ from mdi_mpi.requests import Prompt, build_requests
 from mdi_mpi.sampling import SamplingParams, request_generator, sample
 
 VOCAB = 384
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-                   "required": ["city", "days"], "additionalProperties": False}}}
-CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time", "parameters": {
-    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}
 # Each family's answer: reasoning "let me see", content "Checking." (where the format has any), one call.
 ANSWERS = {
     "qwen3": ("<think>\nlet me see\n</think>\n\nChecking.\n<tool_call>\n"

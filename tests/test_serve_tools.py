@@ -12,17 +12,10 @@ import openai
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from support.chat_models import chat_model, chat_tokenizer
+from support.chat_models import CLOCK, WEATHER, chat_model, chat_tokenizer
 from support.servers import Server
 
 pytestmark = [pytest.mark.server, pytest.mark.mpi]
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-                   "required": ["city", "days"], "additionalProperties": False}}}
-CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time", "parameters": {
-    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 10}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
     "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}, "member": {"type": "boolean"}},

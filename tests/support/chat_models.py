@@ -41,6 +41,14 @@ FAMILIES = {
                  "[/TOOL_RESULTS]"], [], "</s>"),
 }
 
+# Two tools the tests offer: a call's arguments are short, so that random weights under a grammar end soon
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}
 
 def cache_dir() -> Path:
     return Path(os.environ["MDI_MPI_CACHE"])
