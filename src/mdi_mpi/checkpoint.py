@@ -23,6 +23,7 @@ from torch import nn
 
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.errors import UserError
+from mdi_mpi.model import WHOLE, RowParallel, TensorSplit
 from mdi_mpi.quant import Quant, QuantWeight, quantize_int8
 from mdi_mpi.stage import Stage
 
@@ -184,19 +185,22 @@ class Checkpoint:
         file.read_into(name, out, rows)
 
 
-def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype, quant: Quant | None = None) -> Stage:
+def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype, quant: Quant | None = None,
+               split: TensorSplit = WHOLE) -> Stage:
     """Build the stage for ``layers`` (plus the edges if ``edges``) and fill it from ``ckpt``,
     reading only its own tensors, one at a time, casting them to ``dtype``. With ``quant``, each
     linear weight (and the embedding and LM head, as int8) is quantized as soon as it is read, so that
     at most one full-precision tensor exists at a time; weights that ``ckpt`` stores quantized
-    (``split --quant`` shards: ``NAME.q``, ``NAME.scale``, ``NAME.zero``) are read as they are."""
+    (``split --quant`` shards: ``NAME.q``, ``NAME.scale``, ``NAME.zero``) are read as they are. With
+    ``split`` (``--tp``), only this rank's blocks of each split weight are kept."""
     with torch.device("meta"):
-        stage = Stage(ckpt.config, layers, edges).to(dtype)
+        stage = Stage(ckpt.config, layers, edges, split).to(dtype)
     quantized = stage.quantizable() if quant is not None else set()
     with torch.no_grad():
         for name, param in list(stage.named_parameters()):
             owner, _, attr = name.rpartition(".")
-            key = ckpt.key(name)
+            name_in_ckpt, rows, cols = block_of(stage, name, param.shape)
+            key = ckpt.key(name_in_ckpt)
             if _EXPERTS.match(name):
                 _load_experts(ckpt, stage, name, param.shape, dtype, quant if name in quantized else None)
                 continue
@@ -204,14 +208,15 @@ def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype,
                 zero = ckpt.read(f"{key}.zero") if ckpt.has(f"{key}.zero") else None
                 stage.set_quantized(owner, QuantWeight(ckpt.read(f"{key}.q"), ckpt.read(f"{key}.scale"), zero, dtype))
                 continue
-            src, row0 = source(ckpt, name)
+            src, row0 = source(ckpt, name_in_ckpt)
+            if rows is not None:
+                row0 = (row0 or 0) + rows.start
             if name in quantized and layer_quant(name, quant).kind == "int8":  # read and quantized in row blocks
-                rows = functools.partial(_read_rows, ckpt, src, row0, shape=param.shape, dtype=dtype)
-                q, scale = quantize_int8(param.shape, rows)
+                read = functools.partial(_read_rows, ckpt, src, row0, shape=param.shape, dtype=dtype, cols=cols)
+                q, scale = quantize_int8(param.shape, read)
                 stage.set_quantized(owner, QuantWeight(q, scale, None, dtype))
                 continue
-            tensor = torch.empty(param.shape, dtype=dtype)
-            ckpt.read_into(src, tensor, None if row0 is None else (row0, row0 + param.shape[0]))
+            tensor = _read_rows(ckpt, src, row0, 0, param.shape[0], param.shape, dtype, cols)
             if ckpt.config.gpt_oss and name.endswith(".mlp.experts.gate_up_proj_bias"):
                 tensor = _deinterleave(tensor.t()).t().contiguous()  # [E, 2I]: gate, then up
             if name in quantized:
@@ -335,11 +340,39 @@ def _deinterleave(w: torch.Tensor) -> torch.Tensor:
 
 
 def _read_rows(ckpt: Checkpoint, name: str, row0: int | None, a: int, b: int, shape: tuple[int, ...],
-               dtype: torch.dtype) -> torch.Tensor:
-    """Rows a..b-1 of our tensor, which starts at row ``row0`` of tensor ``name``, cast to ``dtype``."""
-    out = torch.empty((b - a, *shape[1:]), dtype=dtype)
-    ckpt.read_into(name, out, ((row0 or 0) + a, (row0 or 0) + b))
-    return out
+               dtype: torch.dtype, cols: range | None = None) -> torch.Tensor:
+    """Rows a..b-1 of our tensor, which starts at row ``row0`` of tensor ``name`` (and is its
+    columns ``cols``, when given), cast to ``dtype``."""
+    if cols is None and row0 is None and (a, b) == (0, shape[0]):
+        out = torch.empty(shape, dtype=dtype)
+        ckpt.read_into(name, out)
+        return out
+    if cols is None:
+        out = torch.empty((b - a, *shape[1:]), dtype=dtype)
+        ckpt.read_into(name, out, ((row0 or 0) + a, (row0 or 0) + b))
+        return out
+    if name not in ckpt.files:
+        raise UserError(f"tensor {name} is missing from the checkpoint {ckpt.path}")
+    whole = torch.empty((b - a, ckpt.files[name].tensors[name]["shape"][-1]), dtype=dtype)
+    ckpt.read_into(name, whole, ((row0 or 0) + a, (row0 or 0) + b))
+    return whole[:, cols.start : cols.stop].contiguous()
+
+
+_BLOCK = re.compile(r"(.*)\.parts\.(\d+)\.(weight|bias)$")
+
+
+def block_of(stage: Stage, name: str, shape: torch.Size) -> tuple[str, range | None, range | None]:
+    """Where parameter ``name`` of a split stage (``--tp``) lies in the whole model's tensor: that
+    tensor's name, and the rows (a column-parallel block) or columns (a row-parallel block) it holds;
+    (``name``, None, None) for a parameter held whole."""
+    m = _BLOCK.match(name)
+    if m is None:
+        return name, None, None
+    owner, i, attr = m.group(1), int(m.group(2)), m.group(3)
+    block = stage.split.blocks[i]
+    if isinstance(stage.get_submodule(owner), RowParallel):
+        return f"{owner}.{attr}", None, range(block * shape[1], (block + 1) * shape[1])
+    return f"{owner}.{attr}", range(block * shape[0], (block + 1) * shape[0]), None
 
 
 _FUSED = re.compile(r"layers\.(\d+)\.(self_attn\.[qkv]_proj|mlp\.gate_proj|mlp\.up_proj)\.weight$")

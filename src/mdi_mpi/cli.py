@@ -61,6 +61,12 @@ def add_layout_arguments(p, prefix_cache: bool = True) -> None:
     p.add_argument("--balance", choices=BALANCES, default="cost",
                    help="how to split layers: cost (default: even compute, rank 0 runs the head), memory "
                    "(in proportion to rank memory), speed (in proportion to measured speed, within memory)")
+    p.add_argument("--tp", type=positive_int, default=1, metavar="T", help="tensor parallelism: T ranks (a power of two) "
+                   "hold each pipeline stage together, splitting its attention heads and MLP, so that one sequence gets "
+                   "faster; the job's N ranks make N/T stages, ranks sT..sT+T-1 stage s (default: 1, a pipeline)")
+    p.add_argument("--tp-parts", type=positive_int, metavar="C", help="blocks each split weight is computed in "
+                   "(a multiple of --tp that divides the KV heads): jobs with the same C give the same tokens whatever "
+                   "their --tp, at some cost in speed; default: --tp")
 
 
 def add_job_arguments(p: argparse.ArgumentParser, prefix_cache: bool = True) -> None:
@@ -109,6 +115,8 @@ def layout_of(args: argparse.Namespace) -> Layout:
         mem_per_rank=parse_bytes(args.mem_per_rank) if args.mem_per_rank else None,
         mem=tuple(parse_bytes(m) for m in args.mem.split(",")) if args.mem else None,
         balance=args.balance,
+        tp=args.tp,
+        tp_parts=args.tp_parts,
     )
 
 

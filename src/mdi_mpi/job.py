@@ -12,7 +12,7 @@ then runs the same steps, in this order, each a function below:
 7. ``_plan``: every rank's layers, checked against every rank's memory;
 8. load this rank's layers (quantized with ``--quant``) and allocate its KV cache;
 9. choose the matmul kernels on this machine;
-10. open the ring.
+10. open the ring (of the stages' leaders) and, with ``--tp``, each stage's peers.
 
 Input errors are agreed with one collective per step (``Comm.agree``), so every rank raises
 ``AgreedError`` and the command exits 2 with one message. Every collective is a typed call of
@@ -35,9 +35,10 @@ from mdi_mpi.checkpoint import Checkpoint, load_stage
 from mdi_mpi.config import DEFAULT_CONTEXT, ModelConfig
 from mdi_mpi.errors import UserError
 from mdi_mpi.kernels import Selection, decode_row_ms, default_cache
-from mdi_mpi.layout import Layout, Plan, Sizes, fits, make_plan, pick_dtype, plan_layout
+from mdi_mpi.layout import Layout, Plan, Sizes, fits, pick_dtype, plan_layout
+from mdi_mpi.model import TensorSplit
 from mdi_mpi.partition import default_micro_batch, slot_groups, split_layers
-from mdi_mpi.pipeline import Recorder, run_first, run_worker
+from mdi_mpi.pipeline import Recorder, run_first, run_member, run_worker
 from mdi_mpi.prefix_cache import PrefixCache
 from mdi_mpi.probes import available_memory, peak_rss
 from mdi_mpi.quant import Quant
@@ -48,7 +49,7 @@ from mdi_mpi.stage import Stage, layer_speed
 if TYPE_CHECKING:  # MPI starts when transport is imported: after the watcher's fork and the netmod choice
     from mdi_mpi.grammar import Grammars
     from mdi_mpi.ring import Link
-    from mdi_mpi.transport import Comm
+    from mdi_mpi.transport import Comm, Peers
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ class Job:
     groups: list[list[int]]
     plan: Plan
     stage: Stage
-    ring: Link
+    ring: Link | None  # None on a stage's ranks other than its leader (--tp)
+    peers: Peers | None  # the stage's ranks, with --tp
     kernels: Selection
     threads: int
     startup_s: float
@@ -115,6 +117,20 @@ class Job:
     @property
     def size(self) -> int:
         return self.comm.size
+
+    @property
+    def tp(self) -> int:
+        return self.stage.split.size
+
+    @property
+    def stage_index(self) -> int:
+        """Which pipeline stage this rank holds (a share of, with ``--tp``)."""
+        return self.rank // self.tp
+
+    @property
+    def leads(self) -> bool:
+        """Whether this rank is its stage's rank in the ring (with ``--tp 1``, every rank)."""
+        return self.rank % self.tp == 0
 
     def scheduler(self, eos_ids: list[int], tokenizer, listener: Listener, grammars: Grammars | None = None) -> Scheduler:
         """Rank 0's scheduler for this job's slots, context and prompt chunks, with the prefix
@@ -133,9 +149,11 @@ class Job:
         self.comm.barrier()
         rec = Recorder(trace=trace)
         if self.rank == 0:
-            run_first(self.stage, planner, self.ring, self.groups, rec, all_rows=all_rows, inbox=inbox)
+            run_first(self.stage, planner, self.ring, self.groups, rec, all_rows=all_rows, inbox=inbox, peers=self.peers)
+        elif self.leads:
+            run_worker(self.stage, self.ring, rec, all_rows=all_rows, peers=self.peers)
         else:
-            run_worker(self.stage, self.ring, rec, all_rows=all_rows)
+            run_member(self.stage, self.peers, rec)
         return rec
 
     def gather(self, value: Any) -> list | None:
@@ -143,23 +161,24 @@ class Job:
         return self.comm.gather(value)
 
     def placement(self) -> dict:
-        """Where this rank sits in the job: host, layers and their bytes."""
-        layers = self.plan.layers[self.rank]
-        return {"rank": self.rank, "host": socket.gethostname(), "layers": [layers.start, layers.stop],
+        """Where this rank sits in the job: host, stage, place in the stage, layers and their bytes."""
+        layers = self.plan.layers[self.stage_index]
+        return {"rank": self.rank, "host": socket.gethostname(), "stage": self.stage_index,
+                "tensor": [self.stage.split.index, self.tp], "layers": [layers.start, layers.stop],
                 "weight_bytes": self.stage.weight_bytes(), "kv_cache_bytes": self.stage.cache_bytes()}
 
     def rank_stats(self, rec: Recorder) -> dict:
         """This rank's share of the run summary (``rec``: the loop's ``pipeline.Recorder``)."""
         return {
             **self.placement(),
-            "predicted_peak_bytes": self.plan.memory[self.rank]["peak_bytes"],
-            "buffer_bytes": self.ring.buffer_bytes(),
+            "predicted_peak_bytes": self.plan.memory[self.stage_index]["peak_bytes"],
+            "buffer_bytes": (self.ring.buffer_bytes() if self.ring else 0) + (self.peers.buffer_bytes() if self.peers else 0),
             "peak_rss_bytes": peak_rss(),
             "load_s": round(self.load_s, 3),
             "kernels": self.kernels.describe(),
             "quantized_linears": self.stage.quant_summary(),
             "threads": self.threads,
-            "bytes_sent": self.ring.bytes_sent,
+            "bytes_sent": (self.ring.bytes_sent if self.ring else 0) + (self.peers.bytes_sent if self.peers else 0),
             **rec.summary(),
         }
 
@@ -173,6 +192,8 @@ class Job:
             "quant": self.quant.kind if self.quant else None,
             "quant_group": self.quant.group if self.quant and self.quant.kind == "int4" else None,
             "ranks": self.size,
+            "tp": self.tp,
+            "tp_parts": self.stage.split.parts,
             "slots": self.sizes.n_slots,
             "prefix_cache": self.prefix_cache,
             "cache_slots": self.sizes.cache_slots,
@@ -193,9 +214,11 @@ def start(comm: Comm, spec: JobSpec, prepare: Callable[[ModelConfig, str, int], 
     model_dir, is_demo = _model_dir(comm, spec)
     opened = comm.agree(lambda: _open(comm, spec, model_dir, default_max_seq_len))
     cfg = opened.ckpt.config
+    tp = spec.layout.tp
+    split = TensorSplit(comm.rank % tp, tp, spec.layout.parts)
     work, shape = comm.agree(lambda: _prepare(comm, spec, prepare, opened))
     n_slots, micro = comm.bcast(shape)
-    sizes = Sizes(n_slots, opened.max_seq_len, micro, spec.layout.prefill_chunk, spec.layout.cache_slots)
+    sizes = Sizes(n_slots, opened.max_seq_len, micro, spec.layout.prefill_chunk, spec.layout.cache_slots, tp)
     memory = spec.layout.memory(comm.size) or comm.allgather(available_memory(comm.local_ranks()))
     kernel_cache = default_cache()
     dtype, dtype_reason = _dtype(comm, spec, opened, sizes, memory, kernel_cache)
@@ -203,13 +226,21 @@ def start(comm: Comm, spec: JobSpec, prepare: Callable[[ModelConfig, str, int], 
     layout = replace(spec.layout, split=opened.split)  # a split checkpoint's own split
     plan = comm.agree(lambda: plan_layout(cfg, comm.size, dtype, layout, sizes, opened.quant, memory, speeds))
     t_load = time.perf_counter()
-    stage = comm.agree(lambda: load_stage(opened.ckpt, plan.layers[comm.rank], comm.rank == 0, dtype, opened.quant))
+    stage_index = comm.rank // tp
+    stage = comm.agree(lambda: load_stage(opened.ckpt, plan.layers[stage_index], comm.rank == 0, dtype, opened.quant, split))
     stage.setup_cache(n_slots + sizes.cache_slots, sizes.max_seq_len)
     load_s = time.perf_counter() - t_load
     kernels = comm.agree(lambda: stage.choose_kernels(spec.kernel, kernel_cache))
     groups = slot_groups(n_slots, micro)
-    ring = comm.ring(max(2, len(groups)), micro, micro * sizes.prefill_chunk, cfg.hidden_size, dtype, spec.timeout_s)
-    return Job(comm, model_dir, is_demo, cfg, sizes, dtype, dtype_reason, opened.quant, groups, plan, stage, ring,
+    ring_comm = comm.split(split.index) if tp > 1 else comm  # the leaders (index 0) make the ring
+    ring = ring_comm.ring(max(2, len(groups)), micro, micro * sizes.prefill_chunk, cfg.hidden_size, dtype,
+                          spec.timeout_s) if split.index == 0 else None
+    peers = None
+    if tp > 1:
+        peers = comm.split(stage_index).peers(micro, micro * sizes.prefill_chunk, cfg.hidden_size, dtype, spec.timeout_s,
+                                              stage_index * tp)
+        stage.set_combine(peers.combine)
+    return Job(comm, model_dir, is_demo, cfg, sizes, dtype, dtype_reason, opened.quant, groups, plan, stage, ring, peers,
                kernels, threads, t_load - t0, load_s, checked, work, spec.layout.prefix_cache)
 
 
@@ -241,6 +272,9 @@ def _open(comm: Comm, spec: JobSpec, model_dir: str, default_max_seq_len: int) -
     """Every rank opens its checkpoint itself (each node may have its own copy or its own shard)."""
     layout, split, quant = spec.layout, spec.layout.split, spec.layout.quant
     shards = read_split(model_dir)
+    stages = layout.stages(comm.size)
+    if shards is not None and layout.tp > 1:
+        raise UserError(f"{model_dir} holds split shards, one per pipeline stage: run --tp jobs from the whole checkpoint")
     if shards is not None:
         if shards["ranks"] != comm.size:
             raise UserError(f"{model_dir} is split for {shards['ranks']} ranks, but the job has {comm.size}")
@@ -255,7 +289,8 @@ def _open(comm: Comm, spec: JobSpec, model_dir: str, default_max_seq_len: int) -
         ckpt, tokenizer_dir = Checkpoint(model_dir), model_dir
     max_seq_len = layout.max_seq_len or ckpt.config.default_context(default_max_seq_len)
     ckpt.config.check_context(max_seq_len)
-    split_layers(ckpt.config.n_layers, comm.size, split=list(split) if split else None)  # too many ranks, a bad split
+    TensorSplit(0, layout.tp, layout.parts).check(ckpt.config)
+    split_layers(ckpt.config.n_layers, stages, split=list(split) if split else None)  # too many stages, a bad split
     layout.memory(comm.size)  # a --mem list of the wrong length
     return _Opened(ckpt, tokenizer_dir, split, max_seq_len, quant)
 
@@ -266,7 +301,7 @@ def _prepare(comm: Comm, spec: JobSpec, prepare: Callable[[ModelConfig, str, int
     if comm.rank != 0:
         return None, None
     work = prepare(opened.ckpt.config, opened.tokenizer_dir, opened.max_seq_len)
-    n, size = work.n_requests, comm.size
+    n, size = work.n_requests, spec.layout.stages(comm.size)
     n_slots = spec.layout.slots or (4 * size if n is None else max(size, min(n, 4 * size)))
     micro = spec.layout.micro_batch or default_micro_batch(n_slots, size)
     if micro > n_slots:
@@ -285,8 +320,9 @@ def _dtype(comm: Comm, spec: JobSpec, opened: _Opened, sizes: Sizes, memory: lis
     shape = (cfg.intermediate_size, cfg.hidden_size)
     dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
     ms = comm.allgather({name: decode_row_ms(shape, d, kernel_cache) for name, d in dtypes.items()})
-    float32_plan = make_plan(cfg, comm.size, torch.float32, split=opened.split, available=memory, **sizes.plan_kw(None))
-    return pick_dtype({d: sum(m[d] for m in ms) for d in dtypes}, fits(float32_plan.memory, memory))
+    float32_plan = plan_layout(cfg, comm.size, torch.float32, replace(spec.layout, split=opened.split), sizes, None,
+                               memory, check=False)
+    return pick_dtype({d: sum(m[d] for m in ms) for d in dtypes}, fits(float32_plan.memory, float32_plan.available))
 
 
 def check_launcher(size: int) -> None:

@@ -44,6 +44,18 @@ class Layout:
     mem_per_rank: int | None = None  # bytes, every rank
     mem: tuple[int, ...] | None = None  # bytes, per rank
     balance: str = "cost"
+    tp: int = 1  # --tp: ranks that hold each pipeline stage together
+    tp_parts: int | None = None  # --tp-parts: blocks of each split weight (default: --tp)
+
+    @property
+    def parts(self) -> int:
+        return self.tp_parts or self.tp
+
+    def stages(self, n_ranks: int) -> int:
+        """Pipeline stages of a job of ``n_ranks`` ranks: ``UserError`` unless ``--tp`` divides it."""
+        if n_ranks % self.tp:
+            raise UserError(f"--tp {self.tp} does not divide the job's {n_ranks} ranks (stages x --tp ranks)")
+        return n_ranks // self.tp
 
     def memory(self, n_ranks: int) -> list[int] | None:
         """Per-rank memory as ``--mem-per-rank`` or ``--mem`` give it; None when neither does."""
@@ -60,9 +72,16 @@ class Layout:
 class Plan:
     """Layer ranges and predicted memory per rank."""
 
-    layers: list[range]
-    memory: list[dict[str, int]]  # per rank: weight_bytes, kv_cache_bytes, buffer_bytes, peak_bytes
-    available: list[int] | None  # per rank memory, when known
+    layers: list[range]  # per stage
+    memory: list[dict[str, int]]  # per stage (of each of its ranks): weight_bytes, kv_cache_bytes, buffer_bytes, peak_bytes
+    available: list[int] | None  # per stage (its ranks' least) memory, when known
+    tp: int = 1  # ranks per stage
+
+    def who(self, stage: int) -> str:
+        """How messages name a stage: ``rank R``, or ``stage S (ranks A-B)`` with ``--tp``."""
+        if self.tp == 1:
+            return f"rank {stage}"
+        return f"stage {stage} (ranks {stage * self.tp}-{(stage + 1) * self.tp - 1})"
 
 
 def make_plan(
@@ -79,16 +98,18 @@ def make_plan(
     speeds: list[float] | None = None,
     quant: Quant | None = None,
     cache_slots: int = 0,
+    tp: int = 1,
 ) -> Plan:
-    """Split the layers (explicit ``split`` > ``balance``) and predict each rank's memory."""
+    """Split the layers over ``n_ranks`` stages (explicit ``split`` > ``balance``) and predict each
+    stage's memory (with ``tp``, that of each of its ranks: the leader's, which holds the edges)."""
     if balance not in BALANCES:
         raise UserError(f"--balance must be one of {', '.join(BALANCES)}")
     esize = torch.empty((), dtype=dtype).element_size()
 
     def memory(ranges: list[range]) -> list[dict[str, int]]:
         return [
-            stage_memory(config, r, i == 0, esize, n_slots, max_seq_len, micro_batch, prefill_chunk, n_ranks, quant,
-                         cache_slots)
+            stage_memory(config, r, i == 0, esize, n_slots, max_seq_len, micro_batch, prefill_chunk, n_ranks * tp, quant,
+                         cache_slots, tp)
             for i, r in enumerate(ranges)
         ]
 
@@ -111,7 +132,7 @@ def make_plan(
             ranges = by_memory  # the fastest split does not fit: fall back to memory proportions
     else:
         ranges = split_layers(config.n_layers, n_ranks, edge_cost(config))
-    return Plan(ranges, memory(ranges), available)
+    return Plan(ranges, memory(ranges), available, tp)
 
 
 def fits(memory: list[dict[str, int]], available: list[int]) -> bool:
@@ -126,7 +147,7 @@ def check_fit(plan: Plan, suggest: Callable[[], str] | None = None) -> None:
         if m["peak_bytes"] > a:
             hint = f"; {suggest()}" if suggest else ""
             raise UserError(
-                f"rank {rank} (layers {plan.layers[rank].start}-{plan.layers[rank].stop - 1}) needs about "
+                f"{plan.who(rank)} (layers {plan.layers[rank].start}-{plan.layers[rank].stop - 1}) needs about "
                 f"{gib(m['peak_bytes'])} but has {gib(a)}{hint}"
             )
 
@@ -136,10 +157,11 @@ def suggestion(config: ModelConfig, dtype: torch.dtype, per_rank: int, ranks: in
     every rank fits ``per_rank``; when that rank count exceeds the job's ``ranks``, also the
     smallest ``--quant`` with which ``ranks`` or fewer would fit (a big mixture of experts on a few
     nodes)."""
+    tp = kw.get("tp", 1)
     for n in range(1, config.n_layers + 1):
         if fits(make_plan(config, n, dtype, **kw).memory, [per_rank] * n):
             also = _quant_within(config, dtype, per_rank, ranks, **kw) if ranks is not None and n > ranks else ""
-            return f"{n} ranks of this size would fit{also}"
+            return f"{n * tp} ranks of this size would fit{also}"
     if dtype == torch.float32:
         for n in range(1, config.n_layers + 1):
             if fits(make_plan(config, n, torch.bfloat16, **kw).memory, [per_rank] * n):
@@ -172,31 +194,40 @@ class Sizes:
     micro_batch: int
     prefill_chunk: int
     cache_slots: int = 0  # KV slots beyond n_slots that only hold cached prefixes
+    tp: int = 1  # ranks per stage
 
     @classmethod
     def of(cls, layout: Layout, config: ModelConfig, n_ranks: int, n_slots: int | None = None,
            max_seq_len: int | None = None) -> Sizes:
         """The sizes a layout gives (a job's own slot count and context win; the defaults of
         ``plan`` and ``split``: one slot per rank, the model's context up to 2048)."""
-        slots = n_slots or layout.slots or n_ranks
+        stages = layout.stages(n_ranks)
+        slots = n_slots or layout.slots or stages
         return cls(slots, max_seq_len or layout.max_seq_len or config.default_context(),
-                   layout.micro_batch or default_micro_batch(slots, n_ranks), layout.prefill_chunk, layout.cache_slots)
+                   layout.micro_batch or default_micro_batch(slots, stages), layout.prefill_chunk, layout.cache_slots,
+                   layout.tp)
 
     def plan_kw(self, quant: Quant | None) -> dict:
         """These sizes (and ``quant``) as ``make_plan``'s and ``suggestion``'s keyword arguments."""
         return dict(n_slots=self.n_slots, max_seq_len=self.max_seq_len, micro_batch=self.micro_batch,
-                    prefill_chunk=self.prefill_chunk, quant=quant, cache_slots=self.cache_slots)
+                    prefill_chunk=self.prefill_chunk, quant=quant, cache_slots=self.cache_slots, tp=self.tp)
 
 
 def plan_layout(config: ModelConfig, n_ranks: int, dtype: torch.dtype, layout: Layout, sizes: Sizes,
                 quant: Quant | None, available: list[int] | None = None, speeds: list[float] | None = None,
                 check: bool = True) -> Plan:
     """The plan of ``layout`` for ``n_ranks`` ranks of ``available`` bytes each (default: the
-    layout's ``--mem``/``--mem-per-rank``); with ``check``, a ``UserError`` that names the first rank
+    layout's ``--mem``/``--mem-per-rank``; ``speeds``: each rank's, for ``--balance speed``), in
+    ``n_ranks / --tp`` stages; with ``check``, a ``UserError`` that names the first rank or stage
     that does not fit and suggests what would."""
+    stages, tp = layout.stages(n_ranks), layout.tp
     mems = layout.memory(n_ranks) if available is None else available
-    plan = make_plan(config, n_ranks, dtype, split=layout.split, available=mems, balance=layout.balance,
-                     speeds=speeds, **sizes.plan_kw(quant))
+
+    def per_stage(xs: list | None) -> list | None:  # a stage's least
+        return None if xs is None else [min(xs[s * tp : (s + 1) * tp]) for s in range(stages)]
+
+    plan = make_plan(config, stages, dtype, split=layout.split, available=per_stage(mems), balance=layout.balance,
+                     speeds=per_stage(speeds), **sizes.plan_kw(quant))
     if check:
         check_plan(plan, config, dtype, sizes, quant)
     return plan
@@ -230,8 +261,12 @@ def gib(n: float) -> str:
 
 
 def print_plan(plan: Plan, dtype: torch.dtype, quant: Quant | None = None) -> None:
-    """The plan as a table: each rank's layers, weight, KV cache, buffer and peak bytes."""
-    print(f"{'rank':>4}  {'layers':>7}  {'weights':>10}  {'KV cache':>10}  {'buffers':>10}  {'peak':>10}  {'memory':>10}")
+    """The plan as a table: each rank's layers, weight, KV cache, buffer and peak bytes (with
+    ``--tp``: each stage's, per rank of the stage)."""
+    if plan.tp > 1:
+        print(f"{len(plan.layers)} stages of {plan.tp} ranks (--tp {plan.tp}): ranks sT..sT+T-1 hold stage s; "
+              "bytes are per rank (the leader's: it also holds stage 0's embedding and head)")
+    print(f"{'rank' if plan.tp == 1 else 'stage':>4}  {'layers':>7}  {'weights':>10}  {'KV cache':>10}  {'buffers':>10}  {'peak':>10}  {'memory':>10}")
     for r, (layers, m) in enumerate(zip(plan.layers, plan.memory)):
         mem = gib(plan.available[r]) if plan.available else "-"
         ok = "" if not plan.available else ("  ok" if m["peak_bytes"] <= plan.available[r] else "  DOES NOT FIT")

@@ -16,6 +16,8 @@ whole call), and each row's expert outputs are summed in expert order (``SparseM
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdi_mpi.config import ModelConfig
+from mdi_mpi.errors import UserError
 from mdi_mpi.kernels import Selection, ShapeKernels, choose_kernels
 from mdi_mpi.kv_cache import Batch, KVCache
 from mdi_mpi.quant import QuantWeight
@@ -59,6 +62,98 @@ class Linear(nn.Linear):
             y = self.qweight(x)
             return y if self.bias is None else y + self.bias
         return linear(x, self.weight, self.bias, n_single, self.kernels)
+
+
+@dataclass(frozen=True)
+class TensorSplit:
+    """This rank's share of every decoder layer when ``size`` ranks hold a stage together (``--tp``):
+    attention by KV-head groups (each query head stays with its KV head), the MLP by intermediate
+    columns. Each split weight is held as ``parts`` blocks in all, ``parts / size`` on each rank,
+    and each block is computed on its own: column-parallel ones (q, k, v, gate, up) give some
+    output columns each, row-parallel ones (o_proj, down_proj) a partial product each, added in one
+    fixed tree over the blocks (``tree_sum``). So a token's bits depend on ``parts``, never on
+    ``size``: every layout with the same ``parts`` gives the same tokens. ``parts == 1`` (one
+    rank, the default) is the unsplit model."""
+
+    index: int = 0  # this rank's place among the stage's ranks
+    size: int = 1
+    parts: int = 1
+
+    @property
+    def blocks(self) -> range:
+        """The blocks this rank holds, of ``parts``."""
+        n = self.parts // self.size
+        return range(self.index * n, (self.index + 1) * n)
+
+    def check(self, config: ModelConfig) -> None:
+        """``UserError`` unless this split divides the model: a power-of-two ``size`` that divides
+        ``parts``, which divides the KV heads, and heads, KV heads and intermediate by ``parts``."""
+        t, c = self.size, self.parts
+        if t & (t - 1) or c % t:
+            raise UserError(f"--tp {t} must be a power of two that divides --tp-parts {c}")
+        if c == 1:
+            return
+        if config.n_experts or config.qk_norm_full:
+            raise UserError(f"--tp and --tp-parts do not split {config.model_type} (a mixture of experts) yet: "
+                            "use a pipeline (--tp 1) for it")
+        if config.n_kv_heads % c or config.intermediate_size % c:
+            raise UserError(f"--tp-parts {c} must divide the model's {config.n_kv_heads} KV heads and its "
+                            f"intermediate size {config.intermediate_size}")
+
+
+WHOLE = TensorSplit()  # the model not split: one rank holds every layer whole
+
+
+def tree_sum(xs: list[torch.Tensor]) -> torch.Tensor:
+    """``xs`` added in one fixed order: each half summed, then the halves. Ranks that hold equal
+    power-of-two shares of the blocks sum their own first, and the result does not change."""
+    if len(xs) == 1:
+        return xs[0]
+    mid = len(xs) // 2
+    return tree_sum(xs[:mid]) + tree_sum(xs[mid:])
+
+
+class ColumnParallel(nn.Module):
+    """A linear layer split by output columns into ``split.parts`` blocks, of which this rank holds
+    ``split.blocks`` (``parts.i`` is block ``split.blocks[i]``, with its bias): x [T, in] ->
+    [T, out * len(blocks) / parts]."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, split: TensorSplit):
+        super().__init__()
+        self.parts = nn.ModuleList(Linear(d_in, d_out // split.parts, bias=bias) for _ in split.blocks)
+
+    def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:
+        ys = [p(x, n_single) for p in self.parts]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+
+
+class RowParallel(nn.Module):
+    """A linear layer split by input columns into ``split.parts`` blocks, of which this rank holds
+    ``split.blocks``: x [T, in * len(blocks) / parts] -> [T, out]. Each block's product is summed in
+    float32 in ``tree_sum``'s order, first on this rank, then across the stage's ranks by
+    ``combine`` (set by ``Stage.set_combine``; alone, a rank holds every block), rounded once, and
+    the bias (held whole) added."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, split: TensorSplit):
+        super().__init__()
+        self.parts = nn.ModuleList(Linear(d_in // split.parts, d_out, bias=False) for _ in split.blocks)
+        self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
+        self.combine: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+
+    def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:
+        xs = x.chunk(len(self.parts), dim=-1)
+        y = self.combine(tree_sum([p(xi, n_single).float() for p, xi in zip(self.parts, xs)])).to(x.dtype)  # [T, out]
+        return y if self.bias is None else y + self.bias
+
+
+def column(d_in: int, d_out: int, bias: bool, split: TensorSplit) -> nn.Module:
+    """A column-parallel linear layer, or a plain ``Linear`` when the model is not split."""
+    return Linear(d_in, d_out, bias=bias) if split.parts == 1 else ColumnParallel(d_in, d_out, bias, split)
+
+
+def row(d_in: int, d_out: int, bias: bool, split: TensorSplit) -> nn.Module:
+    """A row-parallel linear layer, or a plain ``Linear`` when the model is not split."""
+    return Linear(d_in, d_out, bias=bias) if split.parts == 1 else RowParallel(d_in, d_out, bias, split)
 
 
 def pick_kernels(
@@ -124,17 +219,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, window: int | None = None):
+    def __init__(self, config: ModelConfig, window: int | None = None, split: TensorSplit = WHOLE):
         super().__init__()
         self.window = window  # sliding window: a query sees only the last ``window`` keys (None: all)
         self.scale = config.attn_scale or None
         self.softcap = config.attn_softcap
-        d, hd = config.hidden_size, config.head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, hd
-        self.q_proj = Linear(d, config.n_heads * hd, bias=config.qkv_bias)
-        self.k_proj = Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
-        self.v_proj = Linear(d, config.n_kv_heads * hd, bias=config.qkv_bias)
-        self.o_proj = Linear(config.n_heads * hd, d, bias=config.o_bias)
+        d, hd, held = config.hidden_size, config.head_dim, len(split.blocks)
+        self.n_heads, self.n_kv_heads = config.n_heads * held // split.parts, config.n_kv_heads * held // split.parts  # this rank's
+        self.head_dim = hd
+        self.q_proj = column(d, config.n_heads * hd, config.qkv_bias, split)
+        self.k_proj = column(d, config.n_kv_heads * hd, config.qkv_bias, split)
+        self.v_proj = column(d, config.n_kv_heads * hd, config.qkv_bias, split)
+        self.o_proj = row(config.n_heads * hd, d, config.o_bias, split)
         # qwen3: RMSNorm over each head of q and of k, before RoPE; olmoe: over the whole projections
         self.full_qk_norm = config.qk_norm_full
         q_dim, k_dim = (config.n_heads * hd, config.n_kv_heads * hd) if config.qk_norm_full else (hd, hd)
@@ -205,12 +301,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, intermediate: int | None = None):
+    def __init__(self, config: ModelConfig, intermediate: int | None = None, split: TensorSplit = WHOLE):
         super().__init__()
         d, i = config.hidden_size, intermediate or config.intermediate_size
-        self.gate_proj = Linear(d, i, bias=False)
-        self.up_proj = Linear(d, i, bias=False)
-        self.down_proj = Linear(i, d, bias=False)
+        self.gate_proj = column(d, i, False, split)
+        self.up_proj = column(d, i, False, split)
+        self.down_proj = row(i, d, False, split)
         self.act = (lambda g: F.gelu(g, approximate="tanh")) if config.gemma else F.silu  # GeGLU or SwiGLU
 
     def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:
@@ -332,13 +428,13 @@ class SparseMoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, index: int):
+    def __init__(self, config: ModelConfig, index: int, split: TensorSplit = WHOLE):
         super().__init__()
         d, eps, g = config.hidden_size, config.rms_norm_eps, config.gemma
         self.input_layernorm = RMSNorm(d, eps, g, config.gpt_oss)
-        self.self_attn = Attention(config, config.layer_windows[index])
+        self.self_attn = Attention(config, config.layer_windows[index], split)
         self.post_attention_layernorm = RMSNorm(d, eps, g, config.gpt_oss)  # llama: before the MLP; gemma: on the attention's output
-        self.mlp = SparseMoE(config) if config.is_sparse(index) else MLP(config)
+        self.mlp = SparseMoE(config) if config.is_sparse(index) else MLP(config, split=split)
         # gemma: norms before and after the MLP as well
         self.pre_feedforward_layernorm = RMSNorm(d, eps, g) if g else None
         self.post_feedforward_layernorm = RMSNorm(d, eps, g) if g else None

@@ -125,23 +125,28 @@ def stage_memory(
     n_ranks: int,
     quant: Quant | None = None,
     cache_slots: int = 0,
+    tp: int = 1,
 ) -> dict[str, int]:
-    """Predicted bytes of one rank: weights (quantized with ``quant``; every expert of a mixture
+    """Predicted bytes of one rank (with ``tp``, of a stage's leader, which holds its share of the
+    layers and the whole edges): weights (quantized with ``quant``; every expert of a mixture
     of experts), KV cache (for ``n_slots`` running slots and ``cache_slots`` that hold prefixes),
     message buffers, and the predicted peak (those plus the runtime, the transient of loading the
     largest tensor in full precision, and activations). Experts are read and quantized one at a
     time, so the largest tensor is a dense MLP's or one expert's."""
     per_weight = float(element_size) if quant is None else quant.bytes_per_weight(element_size)
-    weights = int(config.layers_param_count(layers) * per_weight)
+    weights = int(config.layers_param_count(layers) * per_weight / tp)
     inner = max(config.intermediate_size, 2 * config.expert_size)
     largest = config.hidden_size * inner * element_size
     if edges:
         weights += int(config.edge_param_count() * (element_size if quant is None else 1))  # int8 embedding and head
         largest = config.vocab_size * config.hidden_size * element_size
-    kv = (n_slots + cache_slots) * max_seq_len * len(layers) * 2 * config.n_kv_heads * config.head_dim * element_size
+    kv = (n_slots + cache_slots) * max_seq_len * len(layers) * 2 * config.n_kv_heads * config.head_dim * element_size // tp
     rows = micro_batch * prefill_chunk
     groups = -(-n_slots // micro_batch)
-    buffers = 0 if n_ranks == 1 else 2 * groups * (rows * config.hidden_size * element_size + 8 * (4 + 4 * micro_batch))
+    message = rows * config.hidden_size * element_size + 8 * (4 + 4 * micro_batch)
+    buffers = 0 if n_ranks == 1 else 2 * groups * message
+    if tp > 1:  # the message the leader shares, and every rank's float32 partial products
+        buffers += message + tp * rows * config.hidden_size * 4
     activations = rows * (4 * config.hidden_size + 3 * inner + config.n_experts) * 4
     peak = RUNTIME_BYTES + weights + kv + buffers + largest + activations  # largest: a cast while loading
     return {"weight_bytes": weights, "kv_cache_bytes": kv, "buffer_bytes": buffers, "peak_bytes": peak}

@@ -9,11 +9,16 @@ A server's rank 0 also takes requests that arrive over time, from an ``Inbox``: 
 flight it waits on the inbox, and every ``heartbeat_s`` of quiet it sends a heartbeat round the ring,
 so that the other ranks (which end the job after ``--timeout`` without a message) know it is alive,
 and a rank that has died or frozen is noticed while the server is idle, as under load.
+
+A stage held by several ranks (``--tp``): its leader is the stage's rank in the ring and shares
+every message with the others (its ``StagePeers``) before it runs it; they run ``run_member``, and
+all of them add their row-parallel products through the peers inside the layers.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,6 +30,14 @@ from mdi_mpi.ring import HEARTBEAT, STOP, WORK, Link, Packet, signal_packet
 from mdi_mpi.scheduler import Inbox, Planner, Work
 from mdi_mpi.stage import Stage
 from mdi_mpi.stats import COMPUTE, EVENT_KINDS, PREFILL, RECV, SAMPLE, SEND, to_row
+
+
+class StagePeers(Protocol):
+    """The ranks of one stage as the loops see them (``transport.Group``)."""
+
+    def share(self, packet: Packet) -> None: ...
+
+    def receive(self) -> Packet: ...
 
 
 class Recorder:
@@ -91,8 +104,10 @@ def _report(ring: Link, rec: Recorder) -> None:
     ring.stats[ring.rank] = to_row(rec.totals, rec.peak_rss_kib)
 
 
-def _signal(ring: Link, rec: Recorder, kind: int) -> None:
-    """Send a message with no work (a stop or a heartbeat) to the next rank."""
+def _signal(ring: Link, rec: Recorder, kind: int, peers: StagePeers | None) -> None:
+    """Send a message with no work (a stop or a heartbeat) to the stage's other ranks and the next rank."""
+    if peers is not None:
+        peers.share(signal_packet(kind))
     _report(ring, rec)
     ring.send(signal_packet(kind))
 
@@ -106,6 +121,7 @@ def run_first(
     rec: Recorder,
     all_rows: bool = False,
     inbox: Inbox | None = None,
+    peers: StagePeers | None = None,
 ) -> None:
     """Rank 0: feed every group into the ring, sample what comes back, refill, then stop the ring.
     ``sched`` plans each group's next step and takes the logits of its sampled segments' last tokens
@@ -121,7 +137,10 @@ def run_first(
             return False
         t0 = time.perf_counter()
         stage.copy_kv(work.copies)
-        h = stage.forward_layers(stage.embed(work.ids), work.batch)  # [T, D]
+        h = stage.embed(work.ids)  # [T, D]
+        if peers is not None:
+            peers.share(Packet(WORK, g, work.batch, work.sampled_segs, h, copies=work.copies))
+        h = stage.forward_layers(h, work.batch)
         if is_last_rank:
             h = _rows_to_return(h, work.batch, work.sampled_segs, all_rows)
         rec.add(_compute_kind(work.batch), g, t0, time.perf_counter())
@@ -138,7 +157,7 @@ def run_first(
             if quiet and inbox.closed:
                 break
             if not inbox.deliver(sched, inbox.heartbeat_s if quiet else 0.0) and quiet:
-                _signal(ring, rec, HEARTBEAT)
+                _signal(ring, rec, HEARTBEAT, peers)
                 _expect(ring, rec, HEARTBEAT)
                 continue
         idle = [g for g in idle if not launch(g)]
@@ -157,7 +176,7 @@ def run_first(
             rec.add(SAMPLE, msg.group, t1, time.perf_counter())
         ring.release(msg)
         idle.append(msg.group)
-    _signal(ring, rec, STOP)
+    _signal(ring, rec, STOP, peers)
     _expect(ring, rec, STOP)
     ring.close()
     rec.wall_s = time.perf_counter() - rec.origin
@@ -172,20 +191,22 @@ def _expect(ring: Link, rec: Recorder, kind: int) -> None:
 
 
 @torch.inference_mode()
-def run_worker(stage: Stage, ring: Link, rec: Recorder, all_rows: bool = False) -> None:
-    """Ranks 1..N-1: run this stage on each message and pass it on, until the stop message. The last
-    rank sends back only the rows rank 0 samples from, or every row with ``all_rows``."""
+def run_worker(stage: Stage, ring: Link, rec: Recorder, all_rows: bool = False, peers: StagePeers | None = None) -> None:
+    """Ranks 1..N-1 of the ring: run this stage on each message and pass it on, until the stop
+    message. The last rank sends back only the rows rank 0 samples from, or every row with ``all_rows``."""
     is_last_rank = ring.rank == ring.size - 1
     while True:
         msg = _recv(ring, rec)
         if msg.kind != WORK:  # a stop or a heartbeat: pass it on
             ring.release(msg)
-            _signal(ring, rec, msg.kind)
+            _signal(ring, rec, msg.kind, peers)
             if msg.kind == STOP:
                 break
             continue
         t0 = time.perf_counter()
         batch = msg.batch
+        if peers is not None:
+            peers.share(msg)
         stage.copy_kv(msg.copies)
         h = stage.forward_layers(msg.rows, batch)  # [T, D]
         ring.release(msg)
@@ -197,3 +218,23 @@ def run_worker(stage: Stage, ring: Link, rec: Recorder, all_rows: bool = False) 
     ring.close()
     rec.wall_s = time.perf_counter() - rec.origin
 
+
+
+@torch.inference_mode()
+def run_member(stage: Stage, peers: StagePeers, rec: Recorder) -> None:
+    """A stage's ranks other than its leader (``--tp``): run this rank's share of the stage on each
+    message the leader shares, until the stop message."""
+    while True:
+        t0 = time.perf_counter()
+        msg = peers.receive()
+        rec.add(RECV, msg.group, t0, time.perf_counter())
+        if msg.kind == STOP:
+            break
+        if msg.kind != WORK:
+            continue
+        t0 = time.perf_counter()
+        stage.copy_kv(msg.copies)
+        stage.forward_layers(msg.rows, msg.batch)
+        rec.add(_compute_kind(msg.batch), msg.group, t0, time.perf_counter())
+        rec.steps += 1
+    rec.wall_s = time.perf_counter() - rec.origin

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.balance == "speed":
             raise UserError("--balance speed measures the ranks themselves: split with --layers from a generate run")
         layout = layout_of(args)
+        if layout.tp > 1:
+            raise UserError("split writes one shard per pipeline stage, not tensor-parallel slices yet: run --tp jobs "
+                            "from the whole checkpoint (each rank reads only its slices)")
         ckpt = Checkpoint(args.model)
         dtype = parse_dtype(args.dtype)
         plan = plan_layout(ckpt.config, args.ranks, dtype, layout, Sizes.of(layout, ckpt.config, args.ranks),

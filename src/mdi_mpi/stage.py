@@ -7,7 +7,7 @@ embedding, the final norm and the LM head exist only on the stage that owns the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -16,21 +16,34 @@ from torch import nn
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.kernels import Selection, ShapeKernels
 from mdi_mpi.kv_cache import Batch, KVCache
-from mdi_mpi.model import DecoderLayer, Experts, Linear, RMSNorm, linear, pick_kernels, rope_tables
+from mdi_mpi.model import (
+    WHOLE,
+    DecoderLayer,
+    Experts,
+    Linear,
+    RMSNorm,
+    RowParallel,
+    TensorSplit,
+    linear,
+    pick_kernels,
+    rope_tables,
+)
 from mdi_mpi.prefix_cache import Copy
 from mdi_mpi.quant import QuantWeight, check_rows
 
 
 class Stage(nn.Module):
-    """Decoder layers ``layers`` (a range of global indices), plus the edges when ``edges`` is true."""
+    """Decoder layers ``layers`` (a range of global indices), plus the edges when ``edges`` is true;
+    with ``split``, this rank's share of each layer (``--tp``: the edges stay whole, on one rank)."""
 
-    def __init__(self, config: ModelConfig, layers: range, edges: bool):
+    def __init__(self, config: ModelConfig, layers: range, edges: bool, split: TensorSplit = WHOLE):
         super().__init__()
         self.config = config
         self.layer_range = layers
+        self.split = split
         d, vocab = config.hidden_size, config.vocab_size
         self.embed_tokens = nn.Embedding(vocab, d) if edges else None
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in layers})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, split) for i in layers})
         self.norm = RMSNorm(d, config.rms_norm_eps, config.gemma, config.gpt_oss) if edges else None
         self.lm_head = Linear(d, vocab, bias=False) if edges and not config.tie_word_embeddings else None
         self.cos: torch.Tensor | None = None  # [L, rd] RoPE tables ([2L, rd] with longrope: short, then long)
@@ -55,10 +68,18 @@ class Stage(nn.Module):
         c = self.config
         self.max_seq_len = max_seq_len
         for layer in self.layers.values():
-            layer.self_attn.kv_cache = KVCache(n_slots, c.n_kv_heads, max_seq_len, c.head_dim, self.dtype)
+            attn = layer.self_attn
+            attn.kv_cache = KVCache(n_slots, attn.n_kv_heads, max_seq_len, c.head_dim, self.dtype)
         self.cos, self.sin = rope_tables(c, max_seq_len, self.dtype)
         if any(layer.local_rope for layer in self.layers.values()):
             self.local_cos, self.local_sin = rope_tables(c, max_seq_len, self.dtype, local=True)
+
+    def set_combine(self, combine: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Have every row-parallel layer add its partial products [T, D] (float32) with those of
+        the stage's other ranks through ``combine`` (the transport's ``Group.combine``)."""
+        for m in self.layers.modules():
+            if isinstance(m, RowParallel):
+                m.combine = combine
 
     def quantizable(self) -> set[str]:
         """Names of the parameters a quantized stage stores as integers: every decoder-layer linear

@@ -5,6 +5,8 @@
   sub-communicator, so that a pipeline stage can be held by a group of ranks of its own.
 - ``Ring``: one rank's neighbour links over MPI, a ``ring.Link`` (as ``ring.LocalRing`` is for a
   job of one rank), carrying ``ring.Packet``s.
+- ``Peers``: the ranks that hold one stage together (``--tp``): the leader shares each message with
+  them, and they add their partial products in a fixed order.
 
 Each ring message is one preallocated byte buffer: a fixed header of int64s followed by the
 activation payload in the model dtype (bf16 travels as 2 bytes per value). Per-token traffic uses
@@ -34,6 +36,7 @@ from mpi4py import MPI
 
 from mdi_mpi.errors import AgreedError, UserError
 from mdi_mpi.kv_cache import Batch
+from mdi_mpi.model import tree_sum
 from mdi_mpi.prefix_cache import Copy
 from mdi_mpi.ring import Link, LocalRing, Packet
 from mdi_mpi.stats import FIELDS
@@ -46,6 +49,7 @@ TAG = 7
 ABORT_GRACE_S = 1.0  # time for the launcher to forward a failing rank's last words before the abort
 ABORT_DEADLINE_S = 5  # a rank whose abort has not ended it by then ends itself
 MAX_NAP_S = 5e-4  # longest sleep between two checks of a pending request
+SPIN_S = 2e-4  # how long a wait within a stage's ranks checks without sleeping
 
 T = TypeVar("T")
 
@@ -127,19 +131,33 @@ class Comm:
         return Ring(self, n_buffers, max_segments, max_rows, dim, dtype, timeout_s, self.hosts())
 
 
+    def peers(self, max_segments: int, max_rows: int, dim: int, dtype: torch.dtype, timeout_s: float | None = None,
+              first_rank: int = 0) -> Peers:
+        """This communicator as the ranks of one stage (``--tp``); ``first_rank``: its leader's rank in the job."""
+        return Peers(self, max_segments, max_rows, dim, dtype, timeout_s, self.hosts(), first_rank)
+
+
 def world() -> Comm:
     """The job's communicator (MPI starts here, on the first call)."""
     return Comm(MPI.COMM_WORLD)
 
 
-def wait(req: MPI.Request, timeout_s: float | None = None) -> bool:
+def wait(req: MPI.Request, timeout_s: float | None = None, spin_s: float = 0.0) -> bool:
     """Complete ``req`` without holding a core: check it, then sleep in naps that grow from 10 us
     to ``MAX_NAP_S``. ``MPI_Wait`` would spin, taking a core from the ranks that compute whenever a
     node runs more ranks than it has cores, and heating a Pi that needs its thermal headroom; a
     message that arrives mid-nap waits at most 0.5 ms, well under a stage's time per token.
 
+    ``spin_s``: check without sleeping for that long first, for a wait that is usually short (the
+    stage's ranks finishing the same layer at about the same time).
+
     Gives up after ``timeout_s`` seconds (None: never) and returns False: a frozen or unreachable
     node must end the job, not hang it until the scheduler's time limit."""
+    if spin_s:
+        until = time.perf_counter() + spin_s
+        while time.perf_counter() < until:
+            if req.Test():
+                return True
     nap = 1e-5
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not req.Test():
@@ -148,6 +166,72 @@ def wait(req: MPI.Request, timeout_s: float | None = None) -> bool:
         time.sleep(nap)
         nap = min(2 * nap, MAX_NAP_S)
     return True
+
+
+class Codec:
+    """The layout of one message in a byte buffer: the header of int64s (``header_len`` of them:
+    kind, group, counts, ``n_stats`` rows of stats, segments, KV copies), then the rows."""
+
+    def __init__(self, n_stats: int, max_segments: int, max_rows: int, dim: int, dtype: torch.dtype):
+        self.stats_shape = (n_stats, len(FIELDS))
+        self.max_segments, self.max_copies, self.max_rows = max_segments, COPIES_PER_SEGMENT * max_segments, max_rows
+        self.seg_at = _FIXED + n_stats * len(FIELDS)
+        self.copy_at = self.seg_at + _PER_SEG * max_segments
+        self.header_len = self.copy_at + _PER_COPY * self.max_copies
+        self.dim, self.dtype = dim, dtype
+        self.row_bytes = dim * torch.empty((), dtype=dtype).element_size()
+        self.nbytes = 8 * self.header_len + max_rows * self.row_bytes
+
+    def pack(self, packet: Packet, buf: torch.Tensor, stats: np.ndarray | None = None) -> int:
+        """Write ``packet`` (and the ``stats`` rows) into ``buf`` (uint8); returns the bytes used."""
+        batch, rows = packet.batch, packet.rows
+        header = buf[: 8 * self.header_len].numpy().view(np.int64)
+        n_rows = 0 if rows is None else rows.shape[0]
+        if n_rows > self.max_rows:
+            raise RuntimeError(f"message of {n_rows} rows exceeds the buffer ({self.max_rows} rows)")
+        n = 0 if batch is None else len(batch.slots)
+        n_copies = len(packet.copies)
+        if n_copies > self.max_copies:
+            raise RuntimeError(f"message of {n_copies} KV copies exceeds the header ({self.max_copies})")
+        header[:_FIXED] = (packet.kind, packet.group, n, n_rows, n_copies)
+        if stats is not None:
+            header[_FIXED : self.seg_at].reshape(self.stats_shape)[:] = stats
+        if n:
+            seg = header[self.seg_at : self.seg_at + _PER_SEG * n].reshape(n, _PER_SEG)
+            seg[:, 0], seg[:, 1], seg[:, 2] = batch.slots, batch.starts, batch.lengths
+            seg[:, 3] = 0
+            seg[packet.sampled_segs, 3] = 1
+            seg[:, 4] = batch.long
+        if n_copies:
+            header[self.copy_at : self.copy_at + _PER_COPY * n_copies] = [
+                x for cp in packet.copies for x in (cp.src, cp.dst, cp.length)]
+        end = 8 * self.header_len
+        if n_rows:
+            buf[end : end + n_rows * self.row_bytes].view(self.dtype).view(n_rows, self.dim).copy_(rows)
+            end += n_rows * self.row_bytes
+        return end
+
+    def n_rows(self, buf: torch.Tensor) -> int:
+        """The row count of the message whose header is in ``buf``."""
+        return int(buf[: 8 * _FIXED].numpy().view(np.int64)[3])
+
+    def unpack(self, buf: torch.Tensor, index: int = 0) -> tuple[Packet, np.ndarray]:
+        """The message in ``buf`` (its rows a view of ``buf``; ``index``: which buffer it is), and
+        its stats rows (a view of the header)."""
+        header = buf[: 8 * self.header_len].numpy().view(np.int64)
+        kind, group, n, n_rows, n_copies = (int(x) for x in header[:_FIXED])
+        batch, sampled = None, []
+        if n:
+            seg = header[self.seg_at : self.seg_at + _PER_SEG * n].reshape(n, _PER_SEG).tolist()
+            batch = Batch.make([s[0] for s in seg], [s[1] for s in seg], [s[2] for s in seg], [bool(s[4]) for s in seg])
+            sampled = [j for j, s in enumerate(seg) if s[3]]
+        flat = header[self.copy_at : self.copy_at + _PER_COPY * n_copies].tolist()
+        copies = tuple(Copy(*flat[j : j + _PER_COPY]) for j in range(0, len(flat), _PER_COPY))
+        rows = None
+        if n_rows:
+            start = 8 * self.header_len
+            rows = buf[start : start + n_rows * self.row_bytes].view(self.dtype).view(n_rows, self.dim)
+        return Packet(kind, group, batch, sampled, rows, index, copies), header[_FIXED : self.seg_at].reshape(self.stats_shape)
 
 
 class Ring:
@@ -170,15 +254,9 @@ class Ring:
         self.dest, self.src = (self.rank + 1) % self.size, (self.rank - 1) % self.size
         self.hosts = hosts  # every rank's host, to name a neighbour that stops answering
         self.stats = np.zeros((self.size, len(FIELDS)), dtype=np.int64)
-        self.max_copies = COPIES_PER_SEGMENT * max_segments
-        self.header_len = _FIXED + self.stats.size + _PER_SEG * max_segments + _PER_COPY * self.max_copies
-        self._copy_at = _FIXED + self.stats.size + _PER_SEG * max_segments
-        self.dim, self.dtype = dim, dtype
-        self.row_bytes = dim * torch.empty((), dtype=dtype).element_size()
-        nbytes = 8 * self.header_len + max_rows * self.row_bytes
-        self.max_rows = max_rows
-        self.recv_bufs = [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(n_buffers)]
-        self.send_bufs = [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(n_buffers)]
+        self.codec = Codec(self.size, max_segments, max_rows, dim, dtype)
+        self.recv_bufs = [torch.zeros(self.codec.nbytes, dtype=torch.uint8) for _ in range(n_buffers)]
+        self.send_bufs = [torch.zeros(self.codec.nbytes, dtype=torch.uint8) for _ in range(n_buffers)]
         self.recv_views = [b.numpy() for b in self.recv_bufs]
         self.send_views = [b.numpy() for b in self.send_bufs]
         self.send_reqs: list[MPI.Request] = [MPI.REQUEST_NULL] * n_buffers
@@ -190,10 +268,6 @@ class Ring:
     def _name(self, rank: int) -> str:
         return f"rank {rank}" + (f" on {self.hosts[rank]}" if self.hosts else "")
 
-    @property
-    def _seg_at(self) -> int:
-        return _FIXED + self.stats.size
-
     def buffer_bytes(self) -> int:
         return sum(b.nbytes for b in self.recv_bufs + self.send_bufs)
 
@@ -203,34 +277,10 @@ class Ring:
     def send(self, packet: Packet) -> None:
         """Send ``packet`` to the next rank from its group's send buffer (waiting for that buffer's
         previous send first); its rows [n_rows, D] are copied into the buffer."""
-        buf, batch, rows = packet.group, packet.batch, packet.rows
+        buf = packet.group
         self._wait_send(buf)
-        view = self.send_views[buf]
-        header = view[: 8 * self.header_len].view(np.int64)
-        n_rows = 0 if rows is None else rows.shape[0]
-        if n_rows > self.max_rows:
-            raise RuntimeError(f"message of {n_rows} rows exceeds the buffer ({self.max_rows} rows)")
-        n = 0 if batch is None else len(batch.slots)
-        n_copies = len(packet.copies)
-        if n_copies > self.max_copies:
-            raise RuntimeError(f"message of {n_copies} KV copies exceeds the header ({self.max_copies})")
-        header[:_FIXED] = (packet.kind, packet.group, n, n_rows, n_copies)
-        header[_FIXED : self._seg_at].reshape(self.stats.shape)[:] = self.stats
-        if n:
-            seg = header[self._seg_at : self._seg_at + _PER_SEG * n].reshape(n, _PER_SEG)
-            seg[:, 0], seg[:, 1], seg[:, 2] = batch.slots, batch.starts, batch.lengths
-            seg[:, 3] = 0
-            seg[packet.sampled_segs, 3] = 1
-            seg[:, 4] = batch.long
-        if n_copies:
-            header[self._copy_at : self._copy_at + _PER_COPY * n_copies] = [
-                x for cp in packet.copies for x in (cp.src, cp.dst, cp.length)]
-        end = 8 * self.header_len
-        if n_rows:
-            payload = self.send_bufs[buf][end : end + n_rows * self.row_bytes].view(self.dtype).view(n_rows, self.dim)
-            payload.copy_(rows)
-            end += n_rows * self.row_bytes
-        self.send_reqs[buf] = self.mpi.Isend([view[:end], MPI.BYTE], dest=self.dest, tag=TAG)
+        end = self.codec.pack(packet, self.send_bufs[buf], self.stats)
+        self.send_reqs[buf] = self.mpi.Isend([self.send_views[buf][:end], MPI.BYTE], dest=self.dest, tag=TAG)
         self.bytes_sent += end
 
     def _wait_send(self, buf: int) -> None:
@@ -244,23 +294,11 @@ class Ring:
         if not wait(req, self.timeout_s):
             raise TimeoutError(f"no message from {self._name(self.src)} for {self.timeout_s:g} s: it has hung or lost "
                                "its connection, or one trip round the ring takes longer than --timeout")
-        header = self.recv_views[i][: 8 * self.header_len].view(np.int64)
-        kind, group, n, n_rows, n_copies = (int(x) for x in header[:_FIXED])
+        packet, stats = self.codec.unpack(self.recv_bufs[i], i)
         mine = self.stats[self.rank].copy()
-        self.stats[:] = header[_FIXED : self._seg_at].reshape(self.stats.shape)
+        self.stats[:] = stats
         self.stats[self.rank] = mine
-        batch, sampled = None, []
-        if n:
-            seg = header[self._seg_at : self._seg_at + _PER_SEG * n].reshape(n, _PER_SEG).tolist()
-            batch = Batch.make([s[0] for s in seg], [s[1] for s in seg], [s[2] for s in seg], [bool(s[4]) for s in seg])
-            sampled = [j for j, s in enumerate(seg) if s[3]]
-        flat = header[self._copy_at : self._copy_at + _PER_COPY * n_copies].tolist()
-        copies = tuple(Copy(*flat[j : j + _PER_COPY]) for j in range(0, len(flat), _PER_COPY))
-        rows = None
-        if n_rows:
-            start = 8 * self.header_len
-            rows = self.recv_bufs[i][start : start + n_rows * self.row_bytes].view(self.dtype).view(n_rows, self.dim)
-        return Packet(kind, group, batch, sampled, rows, i, copies)
+        return packet
 
     def release(self, packet: Packet) -> None:
         """Hand a packet's buffer back to MPI for the next receive."""
@@ -274,3 +312,62 @@ class Ring:
             req.Cancel()
             req.Wait()
         self.pending.clear()
+
+
+class Peers:
+    """The ranks that hold one pipeline stage together (``--tp``), from one rank's side. The
+    leader (index 0) is the stage's rank in the ring: it shares each message it runs with the
+    others (``share``, two broadcasts: the header, then the rows), which take it with ``receive``;
+    every rank then computes its share of each layer, and ``combine`` adds the row-parallel
+    partial products of all of them.
+
+    ``combine`` gathers every rank's float32 partial [T, D] (an all-gather, not an all-reduce: an
+    all-reduce's summation order is MPI's) and adds them in ``tree_sum``'s order, the same on every
+    rank and for every group size, so the tokens do not depend on how many ranks hold a stage."""
+
+    def __init__(self, comm: Comm, max_segments: int, max_rows: int, dim: int, dtype: torch.dtype,
+                 timeout_s: float | None = None, hosts: list[str] | None = None, first_rank: int = 0):
+        self.mpi = comm.mpi
+        self.index, self.size = comm.rank, comm.size
+        self.timeout_s = timeout_s
+        self.names = f"ranks {first_rank}-{first_rank + comm.size - 1}" + (f" on {', '.join(sorted(set(hosts)))}" if hosts else "")
+        self.codec = Codec(0, max_segments, max_rows, dim, dtype)
+        self.buf = torch.zeros(self.codec.nbytes, dtype=torch.uint8)
+        self.view = self.buf.numpy()
+        self.partials = torch.zeros(comm.size * max_rows * dim, dtype=torch.float32)  # every rank's, in rank order
+        self.bytes_sent = 0
+
+    def buffer_bytes(self) -> int:
+        return self.buf.nbytes + self.partials.nbytes
+
+    def _wait(self, req: MPI.Request, what: str) -> None:
+        if not wait(req, self.timeout_s, spin_s=SPIN_S):
+            raise TimeoutError(f"{what} for {self.timeout_s:g} s among the stage's {self.names}: one of them has hung "
+                               "or lost its connection")
+
+    def share(self, packet: Packet) -> None:
+        """The leader: send ``packet`` (its rows copied) to the stage's other ranks."""
+        end = self.codec.pack(packet, self.buf)
+        head = 8 * self.codec.header_len
+        self._wait(self.mpi.Ibcast([self.view[:head], MPI.BYTE], root=0), "no answer to a message")
+        if end > head:
+            self._wait(self.mpi.Ibcast([self.view[head:end], MPI.BYTE], root=0), "no answer to a message")
+        self.bytes_sent += (self.size - 1) * end
+
+    def receive(self) -> Packet:
+        """Another rank than the leader: the next message the leader shares (valid until the next)."""
+        head = 8 * self.codec.header_len
+        self._wait(self.mpi.Ibcast([self.view[:head], MPI.BYTE], root=0), "no message from the stage's leader")
+        end = head + self.codec.n_rows(self.buf) * self.codec.row_bytes
+        if end > head:
+            self._wait(self.mpi.Ibcast([self.view[head:end], MPI.BYTE], root=0), "no message from the stage's leader")
+        return self.codec.unpack(self.buf)[0]
+
+    def combine(self, partial: torch.Tensor) -> torch.Tensor:
+        """Every rank's float32 ``partial`` [T, D], added in ``tree_sum``'s order: [T, D]."""
+        n = partial.numel()
+        gathered = self.partials[: self.size * n]
+        self._wait(self.mpi.Iallgather([partial.contiguous().numpy(), MPI.FLOAT], [gathered.numpy(), MPI.FLOAT]),
+                   "no partial product")
+        self.bytes_sent += 4 * n
+        return tree_sum(list(gathered.view(self.size, *partial.shape).unbind(0)))
