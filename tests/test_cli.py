@@ -283,14 +283,15 @@ def test_a_failing_rank_ends_the_job_and_keeps_results(models, tmp_path, kind, l
     assert 2 <= len(done) < len(PROMPTS) * 3
 
 
-def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str], launcher: bool = False) -> tuple[str, float]:
-    """Start a 3-rank job, wait for two finished records, send ``sig`` to rank 1 (or the launcher),
+def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str], launcher: bool = False,
+                          ranks: int = 3) -> tuple[str, float]:
+    """Start a 3-rank job (or ``ranks``), wait for two finished records, send ``sig`` to rank 1 (or the launcher),
     check that the whole job ends with its records intact; return its stderr and the seconds from
     the signal to the launcher's exit."""
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 20, max_new_tokens=30)
     out = tmp_path / "out.jsonl"
     tag = tmp_path.name
-    cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "mdi_mpi.generate", "--model", str(models["llama-tied"]),
+    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mdi_mpi.generate", "--model", str(models["llama-tied"]),
            "--prompts-file", prompts, "--slots", "1", "--output", str(out), "--quiet", *extra]
     job = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "MDI_TEST_TAG": tag},
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -299,7 +300,7 @@ def _start_and_hit_rank_1(models, tmp_path, sig: int, extra: list[str], launcher
         while not (out.is_file() and out.read_text().count("\n") >= 2) and time.time() < deadline:
             time.sleep(0.1)
         pids = ranks_of(tag)
-        assert set(pids) == {0, 1, 2} and job.poll() is None, (pids, job.poll())
+        assert set(pids) == set(range(ranks)) and job.poll() is None, (pids, job.poll())
         sent = time.time()
         os.kill(job.pid if launcher else pids[1], sig)
         _, stderr = job.communicate(timeout=30)  # no hang: the other ranks end too
@@ -354,6 +355,30 @@ def test_a_frozen_rank_ends_the_job_after_the_timeout(models, tmp_path):
     assert f"no message from rank 1 on {HOST} for 3 s" in stderr or f"rank 1 on {HOST} has not taken a message for 3 s" in stderr, stderr
     assert "Traceback" not in stderr
     assert 3 <= took < 15  # the --timeout, not something else, ended it
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig, line", [
+    (signal.SIGKILL, f"rank 1 on {HOST}: killed by SIGKILL"),
+    (signal.SIGSTOP, f"for 3 s among the stage's ranks 0-1 on {HOST}: one of them has hung or lost its connection")])
+@pytest.mark.mpi
+def test_a_tensor_rank_that_dies_or_freezes_ends_the_job(models, tmp_path, sig, line):
+    # Rank 1 holds half of stage 0 with rank 0 (--tp 2): it is in no ring, only in its stage's exchanges.
+    stderr, took = _start_and_hit_rank_1(models, tmp_path, sig, ["--tp", "2", "--timeout", "3"], ranks=4)
+    assert line in stderr, stderr
+    assert took < 15 and "Traceback" not in stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.mpi
+def test_an_error_on_a_tensor_rank_ends_the_job(models, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS * 3, max_new_tokens=2)
+    res = run_cli(["--model", str(models["llama-tied"]), "--prompts-file", prompts, "--tp", "2", "--slots", "1",
+                   "--output", str(tmp_path / "out.jsonl"), "--quiet"], ranks=4, timeout=60,
+                  env={"MDI_TEST_FAIL": "3:7:error", "PYTHONPATH": INJECT})
+    assert res.returncode != 0
+    assert f"rank 3 on {HOST}: RuntimeError: injected failure at call 7" in res.stderr, res.stderr
+    assert 2 <= len(records(tmp_path / "out.jsonl")) < len(PROMPTS) * 3
 
 
 @pytest.mark.timeout(120)

@@ -141,7 +141,7 @@ class RowParallel(nn.Module):
         self.combine: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
 
     def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:
-        xs = x.chunk(len(self.parts), dim=-1)
+        xs = [xi.contiguous() for xi in x.chunk(len(self.parts), dim=-1)]  # the kernels were chosen on whole rows
         y = self.combine(tree_sum([p(xi, n_single).float() for p, xi in zip(self.parts, xs)])).to(x.dtype)  # [T, out]
         return y if self.bias is None else y + self.bias
 

@@ -14,9 +14,11 @@ def mpiexec() -> str:
     return shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 
 
-def run_cli(args: list[str], ranks: int = 1, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m mdi_mpi.generate`` (under mpiexec when ``ranks`` > 1) and capture its output."""
-    cmd = [sys.executable, "-m", "mdi_mpi.generate", *args]
+def run_cli(args: list[str], ranks: int = 1, timeout: float = 120, env: dict | None = None,
+            module: str = "mdi_mpi.generate") -> subprocess.CompletedProcess:
+    """Run ``python -m mdi_mpi.generate`` (or another ``module``; under mpiexec when ``ranks`` > 1)
+    and capture its output."""
+    cmd = [sys.executable, "-m", module, *args]
     if ranks > 1:
         cmd = [mpiexec(), "-n", str(ranks), *cmd]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
