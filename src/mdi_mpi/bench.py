@@ -81,9 +81,9 @@ def workload(model: str, n: int, prompt_len: int) -> list[list[int]]:
 
 def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro: int, prompt_len: int,
             new_tokens: int, work: Path, trace: str | None = None, cap: str = "none", quant: str | None = None,
-            prefill_chunk: int = 128, n_requests: int | None = None) -> dict:
+            prefill_chunk: int = 128, n_requests: int | None = None, tp: int = 1) -> dict:
     """``mpiexec -n ranks python -m mdi_mpi.generate`` on the workload (``n_requests`` prompts,
-    default one per slot); returns its summary."""
+    default one per slot; ``tp``: ranks per stage); returns its summary."""
     prompts = work / "prompts.jsonl"
     with prompts.open("w") as f:
         for i, ids in enumerate(workload(model, n_requests or slots, prompt_len)):
@@ -97,6 +97,8 @@ def run_mdi(model: str, dtype: str, threads: int, ranks: int, slots: int, micro:
         cmd += ["--trace", trace]
     if quant:
         cmd += ["--quant", quant]
+    if tp > 1:
+        cmd += ["--tp", str(tp)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(threads, cap))
     if out.returncode:
         raise RuntimeError(f"mdi-mpi run failed ({' '.join(cmd)}): {out.stderr[-2000:]}")
@@ -569,17 +571,20 @@ def step_profile(model: str, dtype: str, quant: str | None, tokens: int = 32) ->
 
 
 def configurations(ranks: list[int], slots: list[str], hf: bool, hf_threads: list[int],
-                   hf_batches: list[int] | None = None, mb1: bool = True) -> list[dict]:
+                   hf_batches: list[int] | None = None, mb1: bool = True, tps: tuple[int, ...] = (1,)) -> list[dict]:
     """The configurations of one table: transformers baselines (batch sizes ``hf_batches``, default:
-    the slot counts at N = 1), then mdi-mpi per N, K, and micro-batching (with ``mb1``, also one slot
-    per message)."""
+    the slot counts at N = 1), then mdi-mpi per N, T (each of ``tps`` that divides N), K, and
+    micro-batching (with ``mb1``, also one slot per message)."""
     out = []
     for n in ranks:
         ks = sorted({_slot_count(k, n) for k in slots})
-        for k in ks:
-            out.append({"engine": "mdi-mpi", "ranks": n, "slots": k, "micro_batch": default_micro_batch(k, n)})
-            if mb1 and k > n:  # without micro-batching: one slot per message, K groups
-                out.append({"engine": "mdi-mpi", "ranks": n, "slots": k, "micro_batch": 1})
+        for t in [t for t in tps if n % t == 0]:
+            stages = n // t
+            for k in ks:
+                out.append({"engine": "mdi-mpi", "ranks": n, "tp": t, "slots": k,
+                            "micro_batch": default_micro_batch(k, stages)})
+                if mb1 and k > stages:  # without micro-batching: one slot per message, K groups
+                    out.append({"engine": "mdi-mpi", "ranks": n, "tp": t, "slots": k, "micro_batch": 1})
     if hf:
         batches = sorted(set(hf_batches) if hf_batches else {_slot_count(k, 1) for k in slots} | {1})
         out = [{"engine": "transformers", "batch": b, "threads": t} for t in hf_threads for b in batches] + out
@@ -594,24 +599,25 @@ def _slot_count(spec: str, n: int) -> int:
     return int(spec)
 
 
-HEADER = f"{'engine':<13}{'N':>3}{'K':>4}{'MB':>4}{'thr':>4}{'tok/s':>9}{'tok/s/seq':>10}{'TTFT s':>8}  {'peak RSS GiB per rank':<24}{'B/token':>9}  max recv-wait"
+HEADER = f"{'engine':<13}{'N':>3}{'T':>3}{'K':>4}{'MB':>4}{'thr':>4}{'tok/s':>9}{'tok/s/seq':>10}{'TTFT s':>8}  {'peak RSS GiB per rank':<24}{'B/token':>9}  max recv-wait"
 
 
 def format_row(r: dict) -> str:
     """One configuration's line of the table."""
     rss = ",".join(f"{b / 2**30:.2f}" for b in r["peak_rss_bytes"])
     if r["engine"] == "transformers":
-        cfg = f"{'transformers':<13}{1:>3}{r['batch']:>4}{'-':>4}{r['threads']:>4}"
+        cfg = f"{'transformers':<13}{1:>3}{'-':>3}{r['batch']:>4}{'-':>4}{r['threads']:>4}"
         extra = f"{'-':>9}  -"
     else:
-        cfg = f"{r['engine']:<13}{r['ranks']:>3}{r['slots']:>4}{r['micro_batch']:>4}{r['threads']:>4}"
+        cfg = f"{r['engine']:<13}{r['ranks']:>3}{r.get('tp', 1):>3}{r['slots']:>4}{r['micro_batch']:>4}{r['threads']:>4}"
         wait = max(f["recv_wait"] for f in r["fractions"]) if r["ranks"] > 1 else 0.0
         extra = f"{r['bytes_sent_per_token']:>9.0f}  {100 * wait:.1f}%"
     return f"{cfg}{r['tokens_per_s']:>9.2f}{r['tokens_per_s_per_sequence']:>10.2f}{r['ttft_s']:>8.3f}  {rss:<24}{extra}"
 
 
 def _config_key(r: dict) -> tuple:
-    return (r["engine"], r["dtype"], r.get("ranks"), r.get("slots"), r.get("micro_batch"), r.get("batch"), r["threads"])
+    return (r["engine"], r["dtype"], r.get("ranks"), r.get("tp"), r.get("slots"), r.get("micro_batch"), r.get("batch"),
+            r["threads"])
 
 
 def best_and_median(rows: list[dict]) -> list[dict]:
@@ -625,21 +631,21 @@ def best_and_median(rows: list[dict]) -> list[dict]:
         tps = sorted(r["tokens_per_s"] for r in runs)
         n = len(tps)
         median = tps[n // 2] if n % 2 else (tps[n // 2 - 1] + tps[n // 2]) / 2
-        keys = ("engine", "dtype", "ranks", "slots", "micro_batch", "batch", "threads")
+        keys = ("engine", "dtype", "ranks", "tp", "slots", "micro_batch", "batch", "threads")
         out.append({**{k: runs[0][k] for k in keys if k in runs[0]}, "best_tokens_per_s": tps[-1],
                     "median_tokens_per_s": median, "tokens_per_s": [r["tokens_per_s"] for r in runs]})
     return out
 
 
-SUMMARY_HEADER = f"{'engine':<13}{'N':>3}{'K':>4}{'MB':>4}{'thr':>4}{'best':>9}{'median':>9}  rounds (tok/s)"
+SUMMARY_HEADER = f"{'engine':<13}{'N':>3}{'T':>3}{'K':>4}{'MB':>4}{'thr':>4}{'best':>9}{'median':>9}  rounds (tok/s)"
 
 
 def format_summary(s: dict) -> str:
     """One configuration's line of the best-and-median table."""
     if s["engine"] == "transformers":
-        cfg = f"{'transformers':<13}{1:>3}{s['batch']:>4}{'-':>4}{s['threads']:>4}"
+        cfg = f"{'transformers':<13}{1:>3}{'-':>3}{s['batch']:>4}{'-':>4}{s['threads']:>4}"
     else:
-        cfg = f"{s['engine']:<13}{s['ranks']:>3}{s['slots']:>4}{s['micro_batch']:>4}{s['threads']:>4}"
+        cfg = f"{s['engine']:<13}{s['ranks']:>3}{s.get('tp', 1):>3}{s['slots']:>4}{s['micro_batch']:>4}{s['threads']:>4}"
     return f"{cfg}{s['best_tokens_per_s']:>9.2f}{s['median_tokens_per_s']:>9.2f}  " + " ".join(f"{t:.2f}" for t in s["tokens_per_s"])
 
 
@@ -736,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
                    "shape (for mixtures of experts too big for this machine whole; default: all of them)")
     p.add_argument("--dtypes", default="bfloat16", help="comma-separated dtypes (default: bfloat16)")
     p.add_argument("--ranks", default="1,2,3", help="rank counts N (default: 1,2,3)")
+    p.add_argument("--tp", default="1", metavar="T,...", help="ranks per stage (--tp) for mdi-mpi, each with every "
+                   "rank count N it divides (default: 1)")
     p.add_argument("--slots", default="1,N,2N,8", help="slot counts K; N means the rank count (default: 1,N,2N,8)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default: 1)")
     p.add_argument("--hf-threads", default="1,2", help="thread counts for the transformers baseline (default: 1,2)")
@@ -821,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         hf_batches = [int(x) for x in args.hf_batches.split(",")] if args.hf_batches else None
         configs = configurations(ranks, slots, not args.no_hf, [int(x) for x in args.hf_threads.split(",")],
-                                 hf_batches, mb1=not args.no_mb1)
+                                 hf_batches, mb1=not args.no_mb1, tps=tuple(int(x) for x in args.tp.split(",")))
         bandwidth = read_bandwidth()
         print(f"model {model}; prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens greedy; "
               f"{os.cpu_count()} cores, {args.threads} thread(s) per rank; CPU cap: {args.cap} {CAPS[args.cap]}; "
@@ -842,7 +850,8 @@ def main(argv: list[str] | None = None) -> int:
                             for q in args.quants.split(","):
                                 r = run_mdi(model, dtype, args.threads, c["ranks"], c["slots"], c["micro_batch"],
                                             args.prompt_len, args.new_tokens, Path(tmp), cap=args.cap,
-                                            quant=None if q == "none" else q, prefill_chunk=args.prefill_chunk)
+                                            quant=None if q == "none" else q, prefill_chunk=args.prefill_chunk,
+                                            tp=c["tp"])
                                 rows_c.append({**c, "engine": "mdi-mpi" if q == "none" else f"mdi-{q}", "dtype": dtype,
                                                "threads": args.threads, **r})
                         for row in rows_c:

@@ -22,6 +22,7 @@ its time, at most one trip round the ring late, at no extra message.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -49,7 +50,7 @@ TAG = 7
 ABORT_GRACE_S = 1.0  # time for the launcher to forward a failing rank's last words before the abort
 ABORT_DEADLINE_S = 5  # a rank whose abort has not ended it by then ends itself
 MAX_NAP_S = 5e-4  # longest sleep between two checks of a pending request
-SPIN_S = 2e-4  # how long a wait within a stage's ranks checks without sleeping
+SPIN_S = 0.01  # how long a stage's rank waits for its leader's next message without sleeping
 
 T = TypeVar("T")
 
@@ -148,18 +149,29 @@ def wait(req: MPI.Request, timeout_s: float | None = None, spin_s: float = 0.0) 
     node runs more ranks than it has cores, and heating a Pi that needs its thermal headroom; a
     message that arrives mid-nap waits at most 0.5 ms, well under a stage's time per token.
 
-    ``spin_s``: check without sleeping for that long first, for a wait that is usually short (the
-    stage's ranks finishing the same layer at about the same time).
+    ``spin_s``: first check for that long without sleeping, yielding the core to any other process
+    that wants it between checks, for the waits that are short and many (a stage's ranks meet twice
+    per layer, and a nap there would cost more than the layer).
 
     Gives up after ``timeout_s`` seconds (None: never) and returns False: a frozen or unreachable
     node must end the job, not hang it until the scheduler's time limit."""
-    if spin_s:
-        until = time.perf_counter() + spin_s
-        while time.perf_counter() < until:
-            if req.Test():
-                return True
+    start = time.monotonic()
+    deadline = None if timeout_s is None else start + timeout_s
+    spin_until = start + spin_s
+    checks = 0
+    while not req.Test():
+        checks += 1
+        if checks % 64:
+            os.sched_yield()
+            continue
+        now = time.monotonic()
+        if deadline is not None and now > deadline:
+            return False
+        if now > spin_until:
+            break
+    else:
+        return True
     nap = 1e-5
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not req.Test():
         if deadline is not None and time.monotonic() > deadline:
             return False
@@ -340,8 +352,8 @@ class Peers:
     def buffer_bytes(self) -> int:
         return self.buf.nbytes + self.partials.nbytes
 
-    def _wait(self, req: MPI.Request, what: str) -> None:
-        if not wait(req, self.timeout_s, spin_s=SPIN_S):
+    def _wait(self, req: MPI.Request, what: str, spin_s: float = float("inf")) -> None:
+        if not wait(req, self.timeout_s, spin_s):
             raise TimeoutError(f"{what} for {self.timeout_s:g} s among the stage's {self.names}: one of them has hung "
                                "or lost its connection")
 
@@ -357,7 +369,7 @@ class Peers:
     def receive(self) -> Packet:
         """Another rank than the leader: the next message the leader shares (valid until the next)."""
         head = 8 * self.codec.header_len
-        self._wait(self.mpi.Ibcast([self.view[:head], MPI.BYTE], root=0), "no message from the stage's leader")
+        self._wait(self.mpi.Ibcast([self.view[:head], MPI.BYTE], root=0), "no message from the stage's leader", SPIN_S)
         end = head + self.codec.n_rows(self.buf) * self.codec.row_bytes
         if end > head:
             self._wait(self.mpi.Ibcast([self.view[head:end], MPI.BYTE], root=0), "no message from the stage's leader")
