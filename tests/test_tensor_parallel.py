@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -15,9 +16,11 @@ from support.models import build_hf_model
 from transformers import AutoModelForCausalLM
 
 from mdi_mpi.checkpoint import Checkpoint, load_stage
+from mdi_mpi.config import ModelConfig
 from mdi_mpi.errors import UserError
 from mdi_mpi.kernels import default_cache
 from mdi_mpi.kv_cache import Batch
+from mdi_mpi.layout import Link, predict
 from mdi_mpi.model import TensorSplit, tree_sum
 from mdi_mpi.quant import Quant
 
@@ -57,7 +60,7 @@ def test_tree_sum_of_each_ranks_share_is_the_tree_of_all():
     assert not torch.equal(sum(xs[1:], xs[0]), whole)  # these values do round differently in another order
 
 
-@pytest.mark.parametrize("tp, parts, needs", [(3, 3, "power of two"), (2, 1, "divides --tp-parts"), (2, 8, "KV heads"),
+@pytest.mark.parametrize("tp, parts, needs", [(3, 3, "power of two"), (2, 1, "divides --tp-parts"), (8, 8, "KV heads"),
                                               (4, 4, None), (1, 2, None)])
 def test_a_split_must_divide_the_model(tp_models, tp, parts, needs):
     config = Checkpoint(tp_models["llama"]).config
@@ -120,8 +123,8 @@ def _threaded(path, tp: int, parts: int, dtype, quant) -> list[list[torch.Tensor
 def test_logits_are_bitwise_the_same_for_any_tp_with_the_same_parts(tp_models, name, dtype, quant):
     one = _logits(tp_models[name], TensorSplit(0, 1, 4), dtype, quant)
     for tp in (2, 4):
-        for i, logits in enumerate(_threaded(tp_models[name], tp, 4, dtype, quant)):
-            assert all(torch.equal(a, b) for a, b in zip(logits, one)), (tp, i)
+        shares = _threaded(tp_models[name], tp, 4, dtype, quant)  # each rank's columns of the vocabulary
+        assert all(torch.equal(torch.cat([s[step] for s in shares], dim=-1), one[step]) for step in range(len(one))), tp
 
 
 @pytest.mark.parametrize("name", list(TP_VARIANTS))
@@ -129,17 +132,20 @@ def test_split_logits_match_transformers(tp_models, name):
     hf = AutoModelForCausalLM.from_pretrained(tp_models[name], dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(torch.arange(3, 23)[None]).logits[0]
-    for logits in _threaded(tp_models[name], 2, 2, torch.float32, None):
-        assert (logits[0] - ref).abs().max().item() < 1e-4
+    shares = _threaded(tp_models[name], 2, 2, torch.float32, None)
+    assert (torch.cat([s[0] for s in shares], dim=-1) - ref).abs().max().item() < 1e-4
 
 
-def test_a_rank_holds_its_share_of_the_weights(tp_models):
-    """Target 4: a rank of a 2-rank stage holds at most 0.55x of the bytes of a whole one."""
-    ckpt = Checkpoint(tp_models["llama"])
+@pytest.mark.parametrize("name", ["llama", "qwen3"])  # an LM head of its own, and one tied to the embedding
+def test_a_rank_holds_its_share_of_the_weights(tp_models, name):
+    """Target 4: each rank of a 2-rank stage holds at most 0.55x of the bytes of a whole one, stage 0's
+    embedding and LM head included."""
+    ckpt = Checkpoint(tp_models[name])
     for quant in (None, Quant("int8"), Quant("int4", 32)):
-        whole = load_stage(ckpt, range(4), False, torch.bfloat16, quant).weight_bytes()
-        half = load_stage(ckpt, range(4), False, torch.bfloat16, quant, TensorSplit(1, 2, 2)).weight_bytes()
-        assert half <= 0.55 * whole, (quant, half / whole)
+        whole = load_stage(ckpt, range(4), True, torch.bfloat16, quant).weight_bytes()
+        for i in (0, 1):
+            half = load_stage(ckpt, range(4), True, torch.bfloat16, quant, TensorSplit(i, 2, 2)).weight_bytes()
+            assert half <= 0.55 * whole, (quant, i, half / whole)
 
 
 PROMPTS = [[5, 9, 17], list(range(3, 30)), [7], list(range(40, 52)), [100, 3, 4, 5, 6]]
@@ -224,3 +230,82 @@ def test_perplexity_is_bitwise_the_same_on_every_layout(tmp_path):
         assert res.returncode == 0, res.stderr
         nll[(stages, tp)] = json.loads(out.read_text())["nll_per_token"]
     assert len(set(nll.values())) == 1, nll
+
+
+SERVER_PROMPTS = ["def main(", "import os\n", "class Foo:", "for i in range(", "return self.", "if __name__ =="]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.server
+@pytest.mark.mpi
+def test_a_server_on_two_stages_of_two_ranks(tmp_path):
+    """Continuous batching, cancellation, the dashboard's rows and the drain under --tp 2: the tokens
+    are those of one rank with the same --tp-parts."""
+    import asyncio
+
+    import httpx
+    import openai
+    from support.launch import ranks_of
+    from support.servers import Server
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(SERVER_PROMPTS)))
+    out = tmp_path / "one.jsonl"
+    res = run_cli(["--prompts-file", str(prompts), "--max-new-tokens", "20", "--tp-parts", "2", "--dtype", "bfloat16",
+                   "--output", str(out), "--quiet"])
+    assert res.returncode == 0, res.stderr
+    one = [json.loads(line) for line in out.read_text().splitlines()]
+    one = {SERVER_PROMPTS[int(r["id"])]: r["text"] for r in one}
+    server = Server(4, "--tp", "2", "--tp-parts", "2", "--dtype", "bfloat16", "--slots", "3", "--threads", "1",
+                    tag=tmp_path.name)
+    try:
+        async def main() -> list[str]:
+            c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+            async def complete(p: str) -> str:
+                r = await c.completions.create(model=server.model, prompt=p, max_tokens=20, temperature=0)
+                return r.choices[0].text
+
+            return await asyncio.gather(*(complete(p) for p in SERVER_PROMPTS * 2))  # 12 requests on 3 slots
+
+        assert asyncio.run(main()) == [one[p] for p in SERVER_PROMPTS * 2]
+        stream = server.client().completions.create(model=server.model, prompt="while True:", max_tokens=400,
+                                                    stream=True, extra_body={"ignore_eos": True})
+        for _, _ in zip(range(3), stream):
+            pass
+        stream.close()
+        deadline = time.time() + 5
+        while server.metric("mdi_mpi_requests_running") and time.time() < deadline:
+            time.sleep(0.05)
+        assert server.metric("mdi_mpi_requests_running") == 0
+        status = httpx.get(server.url + "/v1/status").json()
+        assert [(r["rank"], r["layers"]) for r in status["ranks"]] == [("0-1", [0, 2]), ("2-3", [2, 4])]
+        assert server.stop() == 0, "".join(server.stderr)
+        deadline = time.time() + 5
+        while ranks_of(server.tag) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not ranks_of(server.tag)
+    finally:
+        server.kill()
+
+
+NO_LINK = Link(0.0, float("inf"))
+
+
+@pytest.mark.parametrize("ranks, tp, streams, link, one_ms, round_ms", [
+    # 22 layers of 10 ms; the LM head is 1.49 layers (65.5M parameters against 44.0M): 234.9 ms a token alone
+    (1, 1, 1, NO_LINK, 234.9, 234.9),
+    (2, 2, 1, NO_LINK, 124.9, 124.9),  # half of every layer on each rank, the head whole on rank 0
+    (2, 1, 1, NO_LINK, 234.9, 234.9),  # a pipeline: one stream gets no faster
+    (2, 1, 2, NO_LINK, 234.9, 240.0),  # two streams keep both stages busy: 10 layers + head, 12 layers
+    (2, 1, 2, Link(1e-3, float("inf")), 236.9, 242.0),  # a hop of 1 ms after each stage
+    (4, 4, 8, Link(1e-3, float("inf")), 113.9, 113.9),  # 22 x (2.5 ms + 2 gathers of 1 ms) + head
+    # 8 KB gathers of 1 ms, hops of 4 KB (0.5 ms): stages of 10 layers + head + hop (85.4 ms) and 12 + hop (84.5)
+    (4, 2, 8, Link(0.0, 8192 / 1e-3), 124.9 + 44 + 1, 2 * 85.4),
+])
+def test_predicted_layout_speed(ranks, tp, streams, link, one_ms, round_ms):
+    config = ModelConfig.from_dict(dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                        num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4))
+    one, many = predict(config, ranks, tp, 0.010, streams, link)
+    assert 1e3 / one == pytest.approx(one_ms, abs=0.1)
+    assert 1e3 * streams / many == pytest.approx(round_ms, abs=0.1)

@@ -49,6 +49,11 @@ def test_naps_grow_from_10_us_to_the_cap_between_tests(clock):
     assert max(clock) == transport.MAX_NAP_S
 
 
+def test_a_spinning_wait_checks_without_napping(clock):
+    req = FakeRequest(1000)  # a stage's ranks meeting within a layer: each nap would cost more than the layer
+    assert transport.wait(req, timeout_s=5, spin_s=1.0) and req.tests == 1000 and clock == []
+
+
 def test_it_gives_up_at_the_deadline(clock):
     req = FakeRequest(10**9)
     assert transport.wait(req, timeout_s=0.3) is False

@@ -363,8 +363,11 @@ _BLOCK = re.compile(r"(.*)\.parts\.(\d+)\.(weight|bias)$")
 
 def block_of(stage: Stage, name: str, shape: torch.Size) -> tuple[str, range | None, range | None]:
     """Where parameter ``name`` of a split stage (``--tp``) lies in the whole model's tensor: that
-    tensor's name, and the rows (a column-parallel block) or columns (a row-parallel block) it holds;
-    (``name``, None, None) for a parameter held whole."""
+    tensor's name, and the rows (a column-parallel block, or a share of the vocabulary) or columns
+    (a row-parallel block) it holds; (``name``, None, None) for a parameter held whole."""
+    if name in ("embed_tokens.weight", "lm_head.weight"):  # split by vocabulary, or whole
+        whole = len(stage.vocab) == stage.config.vocab_size
+        return name, None if whole else stage.vocab, None
     m = _BLOCK.match(name)
     if m is None:
         return name, None, None

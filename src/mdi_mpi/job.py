@@ -178,6 +178,7 @@ class Job:
             "kernels": self.kernels.describe(),
             "quantized_linears": self.stage.quant_summary(),
             "threads": self.threads,
+            "combine_s": round(self.peers.combine_s, 4) if self.peers else 0.0,  # in the stage's exchanges (--tp)
             "bytes_sent": (self.ring.bytes_sent if self.ring else 0) + (self.peers.bytes_sent if self.peers else 0),
             **rec.summary(),
         }
@@ -227,7 +228,7 @@ def start(comm: Comm, spec: JobSpec, prepare: Callable[[ModelConfig, str, int], 
     plan = comm.agree(lambda: plan_layout(cfg, comm.size, dtype, layout, sizes, opened.quant, memory, speeds))
     t_load = time.perf_counter()
     stage_index = comm.rank // tp
-    stage = comm.agree(lambda: load_stage(opened.ckpt, plan.layers[stage_index], comm.rank == 0, dtype, opened.quant, split))
+    stage = comm.agree(lambda: load_stage(opened.ckpt, plan.layers[stage_index], stage_index == 0, dtype, opened.quant, split))
     stage.setup_cache(n_slots + sizes.cache_slots, sizes.max_seq_len)
     load_s = time.perf_counter() - t_load
     kernels = comm.agree(lambda: stage.choose_kernels(spec.kernel, kernel_cache))

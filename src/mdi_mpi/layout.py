@@ -101,7 +101,7 @@ def make_plan(
     tp: int = 1,
 ) -> Plan:
     """Split the layers over ``n_ranks`` stages (explicit ``split`` > ``balance``) and predict each
-    stage's memory (with ``tp``, that of each of its ranks: the leader's, which holds the edges)."""
+    stage's memory (with ``tp``, that of each of its ranks)."""
     if balance not in BALANCES:
         raise UserError(f"--balance must be one of {', '.join(BALANCES)}")
     esize = torch.empty((), dtype=dtype).element_size()
@@ -239,6 +239,41 @@ def check_plan(plan: Plan, config: ModelConfig, dtype: torch.dtype, sizes: Sizes
         check_fit(plan, lambda: suggestion(config, dtype, min(plan.available), len(plan.layers), **sizes.plan_kw(quant)))
 
 
+@dataclass(frozen=True)
+class Link:
+    """What ``predict`` assumes of the network between ranks: one message's latency and the bandwidth."""
+
+    latency_s: float = 100e-6  # gigabit Ethernet between two Pis: about 0.1 ms one way
+    bytes_per_s: float = 125e6  # 1 Gbit/s
+
+    def send_s(self, n_bytes: int) -> float:
+        return self.latency_s + n_bytes / self.bytes_per_s
+
+
+def predict(config: ModelConfig, n_ranks: int, tp: int, layer_s: float, streams: int, link: Link,
+            act_bytes: int = 2) -> tuple[float, float]:
+    """Predicted decode tokens/s of ``n_ranks`` ranks as stages of ``tp``: one stream alone, and
+    ``streams`` streams together. ``layer_s``: one decoder layer's time per token on one rank
+    (decoding reads every weight once, so a rank of a ``tp`` stage takes ``layer_s / tp``, and a
+    token's time hardly grows with the rows a step carries); rank 0's LM head costs ``edge_cost``
+    layers. Each stage hands one row (``act_bytes`` per value) to the next over ``link``; with
+    ``tp``, each layer also gathers two float32 rows from every rank of the stage.
+
+    One stream visits every stage in turn; with as many streams as stages or more, every stage
+    works all the time, and a round (each group one token further) takes the longest of the
+    stream's own time and the stages' work."""
+    stages = n_ranks // tp
+    per_stage = [len(r) for r in split_layers(config.n_layers, stages, edge_cost(config))]
+    d = config.hidden_size
+    gather = 0.0 if tp == 1 else 2 * link.send_s((tp - 1) * d * 4)  # per layer: o_proj, then the MLP's down_proj
+    hop = 0.0 if stages == 1 else link.send_s(d * act_bytes)
+    stage_s = [n * (layer_s / tp + gather) + hop for n in per_stage]
+    stage_s[0] += edge_cost(config) * layer_s
+    one = sum(stage_s)
+    rounds = max(one, min(streams, stages) * max(stage_s))  # a group per stage at most: more streams share the groups
+    return 1.0 / one, streams / rounds
+
+
 AUTO_FLOAT32_GAIN = 1.25  # float32 must decode this much faster to be worth twice the memory
 
 
@@ -265,7 +300,7 @@ def print_plan(plan: Plan, dtype: torch.dtype, quant: Quant | None = None) -> No
     ``--tp``: each stage's, per rank of the stage)."""
     if plan.tp > 1:
         print(f"{len(plan.layers)} stages of {plan.tp} ranks (--tp {plan.tp}): ranks sT..sT+T-1 hold stage s; "
-              "bytes are per rank (the leader's: it also holds stage 0's embedding and head)")
+              "bytes are per rank")
     print(f"{'rank' if plan.tp == 1 else 'stage':>4}  {'layers':>7}  {'weights':>10}  {'KV cache':>10}  {'buffers':>10}  {'peak':>10}  {'memory':>10}")
     for r, (layers, m) in enumerate(zip(plan.layers, plan.memory)):
         mem = gib(plan.available[r]) if plan.available else "-"

@@ -26,7 +26,7 @@ class Ranks:
     carry round the ring in the headers of their messages, as rank 0 last saw them)."""
 
     def __init__(self, info: list[dict], stats: np.ndarray):
-        self.info = info  # per rank: rank, host, layers, weight_bytes, kv_cache_bytes
+        self.info = by_stage(info)  # per ring rank: rank, host, layers, weight_bytes, kv_cache_bytes
         self.stats = stats  # the ring's [rank, stats.FIELDS] array, written by the main thread
 
     def view(self) -> list[dict]:
@@ -61,6 +61,25 @@ class Metrics:
     def text(self) -> bytes:
         """The exposition text of every metric."""
         return generate_latest(self.registry)
+
+
+def by_stage(placements: list[dict]) -> list[dict]:
+    """Every rank's ``Job.placement`` as one row per pipeline stage, the ring's ranks: with ``--tp``,
+    a stage's ranks as ``"A-B"``, its hosts, and the bytes of all of them (its leader's stats
+    stand for the stage)."""
+    stages: dict[int, list[dict]] = {}
+    for p in placements:
+        stages.setdefault(p.get("stage", p["rank"]), []).append(p)
+    rows = []
+    for ranks in stages.values():
+        if len(ranks) == 1:
+            rows.append(ranks[0])
+            continue
+        rows.append({**ranks[0], "rank": f"{ranks[0]['rank']}-{ranks[-1]['rank']}",
+                     "host": ", ".join(dict.fromkeys(r["host"] for r in ranks)),
+                     "weight_bytes": sum(r["weight_bytes"] for r in ranks),
+                     "kv_cache_bytes": sum(r["kv_cache_bytes"] for r in ranks)})
+    return rows
 
 
 class _RankCollector:

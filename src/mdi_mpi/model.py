@@ -68,7 +68,7 @@ class Linear(nn.Linear):
 class TensorSplit:
     """This rank's share of every decoder layer when ``size`` ranks hold a stage together (``--tp``):
     attention by KV-head groups (each query head stays with its KV head), the MLP by intermediate
-    columns. Each split weight is held as ``parts`` blocks in all, ``parts / size`` on each rank,
+    columns, the embedding and LM head (on stage 0) by vocabulary. Each split weight is held as ``parts`` blocks in all, ``parts / size`` on each rank,
     and each block is computed on its own: column-parallel ones (q, k, v, gate, up) give some
     output columns each, row-parallel ones (o_proj, down_proj) a partial product each, added in one
     fixed tree over the blocks (``tree_sum``). So a token's bits depend on ``parts``, never on
@@ -85,6 +85,10 @@ class TensorSplit:
         n = self.parts // self.size
         return range(self.index * n, (self.index + 1) * n)
 
+    def vocab(self, size: int) -> range:
+        """The rows of the embedding and LM head this rank holds (stage 0 splits them by vocabulary)."""
+        return range(self.blocks.start * size // self.parts, self.blocks.stop * size // self.parts)
+
     def check(self, config: ModelConfig) -> None:
         """``UserError`` unless this split divides the model: a power-of-two ``size`` that divides
         ``parts``, which divides the KV heads, and heads, KV heads and intermediate by ``parts``."""
@@ -96,9 +100,9 @@ class TensorSplit:
         if config.n_experts or config.qk_norm_full:
             raise UserError(f"--tp and --tp-parts do not split {config.model_type} (a mixture of experts) yet: "
                             "use a pipeline (--tp 1) for it")
-        if config.n_kv_heads % c or config.intermediate_size % c:
-            raise UserError(f"--tp-parts {c} must divide the model's {config.n_kv_heads} KV heads and its "
-                            f"intermediate size {config.intermediate_size}")
+        if config.n_kv_heads % c or config.intermediate_size % c or config.vocab_size % c:
+            raise UserError(f"--tp-parts {c} must divide the model's {config.n_kv_heads} KV heads, its "
+                            f"intermediate size {config.intermediate_size} and its vocabulary {config.vocab_size}")
 
 
 WHOLE = TensorSplit()  # the model not split: one rank holds every layer whole

@@ -127,8 +127,8 @@ def stage_memory(
     cache_slots: int = 0,
     tp: int = 1,
 ) -> dict[str, int]:
-    """Predicted bytes of one rank (with ``tp``, of a stage's leader, which holds its share of the
-    layers and the whole edges): weights (quantized with ``quant``; every expert of a mixture
+    """Predicted bytes of one rank (with ``tp``, of one of a stage's ranks, which holds its share of
+    the layers and of stage 0's embedding and LM head): weights (quantized with ``quant``; every expert of a mixture
     of experts), KV cache (for ``n_slots`` running slots and ``cache_slots`` that hold prefixes),
     message buffers, and the predicted peak (those plus the runtime, the transient of loading the
     largest tensor in full precision, and activations). Experts are read and quantized one at a
@@ -138,8 +138,8 @@ def stage_memory(
     inner = max(config.intermediate_size, 2 * config.expert_size)
     largest = config.hidden_size * inner * element_size
     if edges:
-        weights += int(config.edge_param_count() * (element_size if quant is None else 1))  # int8 embedding and head
-        largest = config.vocab_size * config.hidden_size * element_size
+        weights += int(config.edge_param_count() * (element_size if quant is None else 1) / tp)  # int8 embedding and head
+        largest = config.vocab_size * config.hidden_size * element_size // tp
     kv = (n_slots + cache_slots) * max_seq_len * len(layers) * 2 * config.n_kv_heads * config.head_dim * element_size // tp
     rows = micro_batch * prefill_chunk
     groups = -(-n_slots // micro_batch)

@@ -26,7 +26,7 @@ import torch
 from mdi_mpi.kv_cache import Batch
 from mdi_mpi.prefix_cache import Copy
 from mdi_mpi.probes import peak_rss
-from mdi_mpi.ring import HEARTBEAT, STOP, WORK, Link, Packet, signal_packet
+from mdi_mpi.ring import HEAD, HEARTBEAT, STOP, WORK, Link, Packet, signal_packet
 from mdi_mpi.scheduler import Inbox, Planner, Work
 from mdi_mpi.stage import Stage
 from mdi_mpi.stats import COMPUTE, EVENT_KINDS, PREFILL, RECV, SAMPLE, SEND, to_row
@@ -38,6 +38,8 @@ class StagePeers(Protocol):
     def share(self, packet: Packet) -> None: ...
 
     def receive(self) -> Packet: ...
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor | None: ...
 
 
 class Recorder:
@@ -137,10 +139,9 @@ def run_first(
             return False
         t0 = time.perf_counter()
         stage.copy_kv(work.copies)
-        h = stage.embed(work.ids)  # [T, D]
-        if peers is not None:
-            peers.share(Packet(WORK, g, work.batch, work.sampled_segs, h, copies=work.copies))
-        h = stage.forward_layers(h, work.batch)
+        if peers is not None:  # stage 0's ranks embed the ids together
+            peers.share(Packet(WORK, g, work.batch, work.sampled_segs, copies=work.copies, ids=work.ids))
+        h = stage.forward_layers(stage.embed(work.ids), work.batch)  # [T, D]
         if is_last_rank:
             h = _rows_to_return(h, work.batch, work.sampled_segs, all_rows)
         rec.add(_compute_kind(work.batch), g, t0, time.perf_counter())
@@ -169,7 +170,7 @@ def run_first(
         work = works.pop(msg.group)
         if work.sampled_segs:
             t0 = time.perf_counter()
-            logits = stage.head(msg.rows)  # [len(sampled_segs), V]
+            logits = _head(stage, msg, peers)  # [len(sampled_segs), V]
             t1 = time.perf_counter()
             rec.add(COMPUTE, msg.group, t0, t1)
             sched.complete(work, logits)
@@ -180,6 +181,15 @@ def run_first(
     _expect(ring, rec, STOP)
     ring.close()
     rec.wall_s = time.perf_counter() - rec.origin
+
+
+def _head(stage: Stage, msg: Packet, peers: StagePeers | None) -> torch.Tensor:
+    """The logits of the rows ``msg`` brought back [B, V]; stage 0's ranks (``--tp``) compute a
+    share of the vocabulary each."""
+    if peers is None:
+        return stage.head(msg.rows)
+    peers.share(Packet(HEAD, msg.group, rows=msg.rows))
+    return peers.gather_logits(stage.head(msg.rows))
 
 
 def _expect(ring: Link, rec: Recorder, kind: int) -> None:
@@ -230,11 +240,15 @@ def run_member(stage: Stage, peers: StagePeers, rec: Recorder) -> None:
         rec.add(RECV, msg.group, t0, time.perf_counter())
         if msg.kind == STOP:
             break
+        t0 = time.perf_counter()
+        if msg.kind == HEAD:  # stage 0: this rank's share of the vocabulary's logits
+            peers.gather_logits(stage.head(msg.rows))
+            rec.add(COMPUTE, msg.group, t0, time.perf_counter())
+            continue
         if msg.kind != WORK:
             continue
-        t0 = time.perf_counter()
         stage.copy_kv(msg.copies)
-        stage.forward_layers(msg.rows, msg.batch)
+        stage.forward_layers(stage.embed(msg.ids) if msg.ids is not None else msg.rows, msg.batch)
         rec.add(_compute_kind(msg.batch), msg.group, t0, time.perf_counter())
         rec.steps += 1
     rec.wall_s = time.perf_counter() - rec.origin

@@ -10,17 +10,28 @@ head; ``memory`` splits layers in proportion to each rank's memory (use it when 
 e.g. a Pi 5 8GB with two Pi 4 4GB); ``speed`` splits in proportion to each rank's measured speed on
 one decoder layer (use it when nodes differ in speed, e.g. a laptop with Pis), within memory limits.
 An explicit ``--layers`` always wins.
+
+Layouts (``--layouts``): for every ``--tp`` that the rank count and the model allow, whether it fits
+and the predicted tokens/s of one stream alone and of ``--streams K`` together, from one decoder
+layer's speed measured here (scaled to the ``--quant`` bytes: decoding reads every weight once) and
+the link (``--link-latency-ms``, ``--link-mbit``); then the layout to use for K streams. Measure the
+layer on the nodes themselves (``plan`` runs where you start it) and the link with ``ping``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
+
+import torch
 
 from mdi_mpi.cli import add_layout_arguments, layout_of, positive_int
 from mdi_mpi.config import ModelConfig, parse_dtype
 from mdi_mpi.errors import UserError, cli_main
-from mdi_mpi.layout import Sizes, check_plan, plan_layout, print_plan
+from mdi_mpi.layout import Layout, Link, Sizes, check_plan, fits, plan_layout, predict, print_plan
+from mdi_mpi.model import TensorSplit
+from mdi_mpi.partition import split_layers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=positive_int, required=True, metavar="N")
     p.add_argument("--dtype", default="bfloat16", help="weights and activations dtype (default: bfloat16)")
     add_layout_arguments(p)
+    lay = p.add_argument_group("choosing a layout")
+    lay.add_argument("--layouts", action="store_true", help="predict the speed of every layout (--tp) of --ranks "
+                     "ranks and recommend one for --streams")
+    lay.add_argument("--streams", type=positive_int, default=1, metavar="K", help="conversations at once (default: 1)")
+    lay.add_argument("--link-latency-ms", type=float, default=0.1, metavar="MS", help="one message's latency "
+                     "between nodes (default: 0.1, gigabit Ethernet; Wi-Fi: 2 or more; one machine: 0.01)")
+    lay.add_argument("--link-mbit", type=float, default=1000.0, metavar="MBIT", help="link bandwidth (default: 1000)")
     args = p.parse_args(argv)
 
     def body() -> None:
@@ -42,11 +60,48 @@ def main(argv: list[str] | None = None) -> int:
         config = ModelConfig.from_dir(args.model or str(demo.demo_model()))
         dtype = parse_dtype(args.dtype)
         sizes = Sizes.of(layout, config, args.ranks)
+        if args.layouts:
+            link = Link(args.link_latency_ms / 1e3, args.link_mbit * 1e6 / 8)
+            print_layouts(config, args.ranks, dtype, layout, args.streams, link)
+            return
         plan = plan_layout(config, args.ranks, dtype, layout, sizes, layout.quant, check=False)
         print_plan(plan, dtype, layout.quant)
         check_plan(plan, config, dtype, sizes, layout.quant)
 
     return cli_main(body)
+
+
+def print_layouts(config: ModelConfig, n_ranks: int, dtype: torch.dtype, layout: Layout, streams: int, link: Link) -> None:
+    """Each layout of ``n_ranks`` ranks that the model allows: whether it fits, its predicted speed
+    for one stream and for ``streams``, and the fastest that fits for ``streams``."""
+    from mdi_mpi.stage import layer_speed
+
+    layer_s = 1.0 / layer_speed(config, dtype)
+    if layout.quant is not None:
+        esize = torch.empty((), dtype=dtype).element_size()
+        layer_s *= layout.quant.bytes_per_weight(esize) / esize
+    print(f"one decoder layer: {layer_s * 1e3:.2f} ms per token on this machine ({str(dtype).removeprefix('torch.')}"
+          f"{', scaled to ' + layout.quant.kind if layout.quant else ''}); link {link.latency_s * 1e3:g} ms, "
+          f"{link.bytes_per_s * 8 / 1e6:g} Mbit/s")
+    print(f"{'stages x T':>10}  {'fits':>4}  {'1 stream tok/s':>14}  {f'{streams} streams tok/s':>16}")
+    best = None
+    for tp in (t for t in range(1, n_ranks + 1) if n_ranks % t == 0):
+        try:
+            TensorSplit(0, tp, tp).check(config)
+            split_layers(config.n_layers, n_ranks // tp)
+        except UserError:
+            continue
+        lay = replace(layout, tp=tp, tp_parts=None)
+        sizes = Sizes.of(lay, config, n_ranks)
+        plan = plan_layout(config, n_ranks, dtype, lay, sizes, lay.quant, check=False)
+        ok = plan.available is None or fits(plan.memory, plan.available)
+        one, many = predict(config, n_ranks, tp, layer_s, streams, link)
+        print(f"{f'{n_ranks // tp} x {tp}':>10}  {'yes' if ok else 'no':>4}  {one:>14.2f}  {many:>16.2f}")
+        if ok and (best is None or many > best[1] * 1.02):  # a faster layout wins only by more than the noise
+            best = (tp, many)
+    if best is None:
+        raise UserError(f"no layout of {n_ranks} ranks fits: see plan without --layouts for what would")
+    print(f"recommended for {streams} stream{'s' if streams > 1 else ''}: --tp {best[0]}")
 
 
 if __name__ == "__main__":

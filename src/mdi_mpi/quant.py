@@ -165,17 +165,19 @@ class QuantWeight(torch.nn.Module):
             return cls(*quantize_int4(w, quant.group), dtype)
         return cls(*quantize_int8(w), None, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [m, in] -> [m, out] in x's dtype."""
+    def forward(self, x: torch.Tensor, rows: range | None = None) -> torch.Tensor:
+        """x [m, in] -> [m, out] in x's dtype (with ``rows``, an int8 weight's rows ``rows`` only: [m, len(rows)])."""
         if self.per_row and x.shape[0] > 1:
-            return torch.cat([self._mm(r) for r in x.split(1)])
-        return self._mm(x)
+            return torch.cat([self._mm(r, rows) for r in x.split(1)])
+        return self._mm(x, rows)
 
-    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+    def _mm(self, x: torch.Tensor, rows: range | None = None) -> torch.Tensor:
         x = x.contiguous()
         if self.kind == "int8":
             if self.pad:
                 x = torch.nn.functional.pad(x, (0, self.pad))
+            if rows is not None:
+                return torch.ops.aten._weight_int8pack_mm(x, self.q[rows.start : rows.stop], self.scale[rows.start : rows.stop])
             return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.q, self.group, self.scale_zero)
 

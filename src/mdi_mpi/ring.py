@@ -14,7 +14,9 @@ from mdi_mpi.kv_cache import Batch
 from mdi_mpi.prefix_cache import Copy
 from mdi_mpi.stats import FIELDS
 
-WORK, STOP, HEARTBEAT = 1, 2, 3  # what a packet is: a step of a group, the end of the job, a sign of life
+# What a packet is: a step of a group, the end of the job, a sign of life; and within a stage (--tp),
+# the rows whose logits its ranks compute together.
+WORK, STOP, HEARTBEAT, HEAD = 1, 2, 3, 4
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Packet:
     rows: torch.Tensor | None = None  # [n_rows, D]
     buffer: int = 0  # which receive buffer holds it
     copies: tuple[Copy, ...] = ()  # KV copies each rank makes, in order, before the step
+    ids: torch.Tensor | None = None  # [T] token ids in place of rows: stage 0's ranks embed them together (--tp)
 
 
 def signal_packet(kind: int) -> Packet:

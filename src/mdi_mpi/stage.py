@@ -34,14 +34,17 @@ from mdi_mpi.quant import QuantWeight, check_rows
 
 class Stage(nn.Module):
     """Decoder layers ``layers`` (a range of global indices), plus the edges when ``edges`` is true;
-    with ``split``, this rank's share of each layer (``--tp``: the edges stay whole, on one rank)."""
+    with ``split``, this rank's share of each layer and of the edges (``--tp``: the embedding and LM
+    head hold the rank's rows of the vocabulary, ``vocab``)."""
 
     def __init__(self, config: ModelConfig, layers: range, edges: bool, split: TensorSplit = WHOLE):
         super().__init__()
         self.config = config
         self.layer_range = layers
         self.split = split
-        d, vocab = config.hidden_size, config.vocab_size
+        d = config.hidden_size
+        self.vocab = split.vocab(config.vocab_size)  # rows of the embedding and LM head held here
+        vocab = len(self.vocab)
         self.embed_tokens = nn.Embedding(vocab, d) if edges else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i, split) for i in layers})
         self.norm = RMSNorm(d, config.rms_norm_eps, config.gemma, config.gpt_oss) if edges else None
@@ -54,6 +57,7 @@ class Stage(nn.Module):
         self.embed_q: QuantWeight | None = None  # int8 embedding table (quantized stages)
         self.head_q: QuantWeight | None = None  # int8 LM head (the embedding's when tied)
         self.max_seq_len = 0  # positions per slot, set with the cache
+        self.combine: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # the stage's ranks' sum (set_combine)
 
     @property
     def has_edges(self) -> bool:
@@ -75,8 +79,9 @@ class Stage(nn.Module):
             self.local_cos, self.local_sin = rope_tables(c, max_seq_len, self.dtype, local=True)
 
     def set_combine(self, combine: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Have every row-parallel layer add its partial products [T, D] (float32) with those of
-        the stage's other ranks through ``combine`` (the transport's ``Group.combine``)."""
+        """Have every row-parallel layer (and a split embedding) add its partial products [T, D]
+        (float32) with those of the stage's other ranks through ``combine`` (``transport.Peers``)."""
+        self.combine = combine
         for m in self.layers.modules():
             if isinstance(m, RowParallel):
                 m.combine = combine
@@ -134,7 +139,7 @@ class Stage(nn.Module):
     def choose_kernels(self, forced: str | None = None, cache: Path | None = None) -> Selection:
         """Pick each linear layer's matmul kernels on this machine (see ``kernels.py``): measured
         on the loaded weights, or read from ``cache``; ``forced`` names one kernel for all."""
-        head = self.head_weight if self.has_edges and self.head_q is None else None
+        head = self.head_weight[: len(self.vocab) // len(self.split.blocks)] if self.has_edges and self.head_q is None else None
         selection, self.head_kernels = pick_kernels(self.layers, forced, cache, head)
         with torch.inference_mode():
             selection.quant_row_by_row = check_rows([m for m in self.modules() if isinstance(m, QuantWeight)], self.dtype)
@@ -153,11 +158,21 @@ class Stage(nn.Module):
         return sum(p.nbytes for p in self.parameters()) + sum(t.nbytes for t in quant)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [T] -> hidden states [T, D]."""
-        h = self.embed_q.rows(ids, self.dtype) if self.embed_q is not None else self.embed_tokens(ids)  # [T, D]
+        """Token ids [T] -> hidden states [T, D]. Split by vocabulary, each rank looks up the ids it
+        holds, zeros for the others, and the stage adds them (exactly: one term is not zero)."""
+        if len(self.vocab) < self.config.vocab_size:
+            local = ids - self.vocab.start
+            held = (local >= 0) & (local < len(self.vocab))  # [T]
+            h = self._lookup(local.clamp(0, len(self.vocab) - 1)) * held[:, None].to(self.dtype)
+            h = self.combine(h.float()).to(self.dtype)
+        else:
+            h = self._lookup(ids)
         if self.config.gemma:  # embeddings scaled by sqrt(D), rounded to the model dtype as transformers does
             h = h * torch.tensor(self.config.hidden_size**0.5, dtype=h.dtype)
         return h
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_q.rows(ids, self.dtype) if self.embed_q is not None else self.embed_tokens(ids)  # [T, D]
 
     def copy_kv(self, copies: Iterable[Copy]) -> None:
         """Make each KV copy (slot to slot, a prefix of positions) in every layer of this stage, in order."""
@@ -177,12 +192,18 @@ class Stage(nn.Module):
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, D] of sampled tokens -> float32 logits [B, V] (final norm, then LM head)."""
+        """Hidden states [B, D] of sampled tokens -> float32 logits [B, V] (final norm, then LM head);
+        split by vocabulary, this rank's columns of them [B, len(vocab)], a block of
+        ``vocab_size / parts`` rows at a time."""
         x = self.norm(h)
+        n = len(self.vocab) // len(self.split.blocks)  # rows of one block
+        blocks = [range(a, a + n) for a in range(0, len(self.vocab), n)]
         if self.head_q is not None:
-            logits = self.head_q(x).float()
+            parts = [self.head_q(x, None if len(blocks) == 1 else b) for b in blocks]
         else:
-            logits = linear(x, self.head_weight, None, h.shape[0], self.head_kernels).float()
+            w = self.head_weight
+            parts = [linear(x, w[b.start : b.stop], None, h.shape[0], self.head_kernels) for b in blocks]
+        logits = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).float()
         cap = self.config.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

@@ -42,7 +42,7 @@ from mdi_mpi.prefix_cache import Copy
 from mdi_mpi.ring import Link, LocalRing, Packet
 from mdi_mpi.stats import FIELDS
 
-_FIXED = 5  # kind, group, n_segments, n_rows, n_copies
+_FIXED = 6  # kind, group, n_segments, n_rows, n_copies, n_ids
 _PER_SEG = 5  # slot, start, length, sampled, long (longrope's long factors)
 _PER_COPY = 3  # src, dst, length
 COPIES_PER_SEGMENT = 2  # a slot's step may save its old prefix in a cache slot, then load another
@@ -157,20 +157,16 @@ def wait(req: MPI.Request, timeout_s: float | None = None, spin_s: float = 0.0) 
     node must end the job, not hang it until the scheduler's time limit."""
     start = time.monotonic()
     deadline = None if timeout_s is None else start + timeout_s
-    spin_until = start + spin_s
-    checks = 0
-    while not req.Test():
-        checks += 1
-        if checks % 64:
+    if spin_s > 0:
+        spin_until = start + spin_s if deadline is None else min(start + spin_s, deadline)
+        checks = 0
+        while not req.Test():
+            checks += 1
+            if checks % 64 == 0 and time.monotonic() > spin_until:
+                break
             os.sched_yield()
-            continue
-        now = time.monotonic()
-        if deadline is not None and now > deadline:
-            return False
-        if now > spin_until:
-            break
-    else:
-        return True
+        else:
+            return True
     nap = 1e-5
     while not req.Test():
         if deadline is not None and time.monotonic() > deadline:
@@ -182,14 +178,17 @@ def wait(req: MPI.Request, timeout_s: float | None = None, spin_s: float = 0.0) 
 
 class Codec:
     """The layout of one message in a byte buffer: the header of int64s (``header_len`` of them:
-    kind, group, counts, ``n_stats`` rows of stats, segments, KV copies), then the rows."""
+    kind, group, counts, ``n_stats`` rows of stats, segments, KV copies, up to ``max_ids`` token
+    ids), then the rows."""
 
-    def __init__(self, n_stats: int, max_segments: int, max_rows: int, dim: int, dtype: torch.dtype):
+    def __init__(self, n_stats: int, max_segments: int, max_rows: int, dim: int, dtype: torch.dtype, max_ids: int = 0):
         self.stats_shape = (n_stats, len(FIELDS))
         self.max_segments, self.max_copies, self.max_rows = max_segments, COPIES_PER_SEGMENT * max_segments, max_rows
         self.seg_at = _FIXED + n_stats * len(FIELDS)
         self.copy_at = self.seg_at + _PER_SEG * max_segments
-        self.header_len = self.copy_at + _PER_COPY * self.max_copies
+        self.ids_at = self.copy_at + _PER_COPY * self.max_copies
+        self.max_ids = max_ids
+        self.header_len = self.ids_at + max_ids
         self.dim, self.dtype = dim, dtype
         self.row_bytes = dim * torch.empty((), dtype=dtype).element_size()
         self.nbytes = 8 * self.header_len + max_rows * self.row_bytes
@@ -205,7 +204,12 @@ class Codec:
         n_copies = len(packet.copies)
         if n_copies > self.max_copies:
             raise RuntimeError(f"message of {n_copies} KV copies exceeds the header ({self.max_copies})")
-        header[:_FIXED] = (packet.kind, packet.group, n, n_rows, n_copies)
+        n_ids = 0 if packet.ids is None else len(packet.ids)
+        if n_ids > self.max_ids:
+            raise RuntimeError(f"message of {n_ids} token ids exceeds the header ({self.max_ids})")
+        header[:_FIXED] = (packet.kind, packet.group, n, n_rows, n_copies, n_ids)
+        if n_ids:
+            header[self.ids_at : self.ids_at + n_ids] = packet.ids.numpy()
         if stats is not None:
             header[_FIXED : self.seg_at].reshape(self.stats_shape)[:] = stats
         if n:
@@ -231,7 +235,7 @@ class Codec:
         """The message in ``buf`` (its rows a view of ``buf``; ``index``: which buffer it is), and
         its stats rows (a view of the header)."""
         header = buf[: 8 * self.header_len].numpy().view(np.int64)
-        kind, group, n, n_rows, n_copies = (int(x) for x in header[:_FIXED])
+        kind, group, n, n_rows, n_copies, n_ids = (int(x) for x in header[:_FIXED])
         batch, sampled = None, []
         if n:
             seg = header[self.seg_at : self.seg_at + _PER_SEG * n].reshape(n, _PER_SEG).tolist()
@@ -243,7 +247,9 @@ class Codec:
         if n_rows:
             start = 8 * self.header_len
             rows = buf[start : start + n_rows * self.row_bytes].view(self.dtype).view(n_rows, self.dim)
-        return Packet(kind, group, batch, sampled, rows, index, copies), header[_FIXED : self.seg_at].reshape(self.stats_shape)
+        ids = torch.from_numpy(header[self.ids_at : self.ids_at + n_ids].copy()) if n_ids else None
+        packet = Packet(kind, group, batch, sampled, rows, index, copies, ids)
+        return packet, header[_FIXED : self.seg_at].reshape(self.stats_shape)
 
 
 class Ring:
@@ -343,12 +349,12 @@ class Peers:
         self.index, self.size = comm.rank, comm.size
         self.timeout_s = timeout_s
         self.names = f"ranks {first_rank}-{first_rank + comm.size - 1}" + (f" on {', '.join(sorted(set(hosts)))}" if hosts else "")
-        self.codec = Codec(0, max_segments, max_rows, dim, dtype)
+        self.codec = Codec(0, max_segments, max_rows, dim, dtype, max_ids=max_rows if first_rank == 0 else 0)
         self.buf = torch.zeros(self.codec.nbytes, dtype=torch.uint8)
         self.view = self.buf.numpy()
         self.partials = torch.zeros(comm.size * max_rows * dim, dtype=torch.float32)  # every rank's, in rank order
         self.bytes_sent = 0
-
+        self.combine_s = 0.0  # time in ``combine``: mostly waiting for the slowest rank of the stage
     def buffer_bytes(self) -> int:
         return self.buf.nbytes + self.partials.nbytes
 
@@ -375,11 +381,23 @@ class Peers:
             self._wait(self.mpi.Ibcast([self.view[head:end], MPI.BYTE], root=0), "no message from the stage's leader")
         return self.codec.unpack(self.buf)[0]
 
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's share of the vocabulary's logits [B, V / size] (float32), side by side in
+        rank order, on the leader [B, V]; None on the others."""
+        mine = logits.contiguous()
+        whole = torch.empty((self.size, *mine.shape), dtype=torch.float32) if self.index == 0 else None
+        self._wait(self.mpi.Igather([mine.numpy(), MPI.FLOAT], [whole.numpy(), MPI.FLOAT] if whole is not None else None,
+                                    root=0), "no logits")
+        self.bytes_sent += 0 if self.index == 0 else mine.numel() * 4
+        return None if whole is None else whole.permute(1, 0, 2).reshape(mine.shape[0], -1)
+
     def combine(self, partial: torch.Tensor) -> torch.Tensor:
         """Every rank's float32 ``partial`` [T, D], added in ``tree_sum``'s order: [T, D]."""
+        t0 = time.perf_counter()
         n = partial.numel()
         gathered = self.partials[: self.size * n]
         self._wait(self.mpi.Iallgather([partial.contiguous().numpy(), MPI.FLOAT], [gathered.numpy(), MPI.FLOAT]),
                    "no partial product")
         self.bytes_sent += 4 * n
+        self.combine_s += time.perf_counter() - t0
         return tree_sum(list(gathered.view(self.size, *partial.shape).unbind(0)))

@@ -11,10 +11,11 @@ from support.stages import run_one_process, scheduler
 from mdi_mpi.config import ModelConfig
 from mdi_mpi.kernels import default_cache
 from mdi_mpi.kv_cache import Batch
+from mdi_mpi.model import tree_sum
 from mdi_mpi.partition import slot_groups
 from mdi_mpi.pipeline import Recorder, run_first, run_worker
 from mdi_mpi.requests import Request
-from mdi_mpi.ring import STOP, WORK, Packet, signal_packet
+from mdi_mpi.ring import HEAD, STOP, WORK, Packet, signal_packet
 from mdi_mpi.sampling import SamplingParams
 from mdi_mpi.stage import Stage
 from mdi_mpi.stats import FIELDS
@@ -101,9 +102,32 @@ def test_transport_round_trip(comm):
         assert ring.recv().kind == STOP
         ring.send(signal_packet(STOP))
     ring.close()
-    # header int64s (5 fixed, one stats row per rank, and for up to 3 segments 5 each and 3 for each of
+    # header int64s (6 fixed, one stats row per rank, and for up to 3 segments 5 each and 3 for each of
     # the 2 KV copies a segment may bring) plus 2 bytes per value
-    assert ring.bytes_sent == 2 * 8 * (5 + n_stats * comm.size + 5 * 3 + 3 * 2 * 3) + 5 * 16 * 2
+    assert ring.bytes_sent == 2 * 8 * (6 + n_stats * comm.size + 5 * 3 + 3 * 2 * 3) + 5 * 16 * 2
+
+
+def test_peers_share_ids_and_rows_combine_in_tree_order_and_gather_logits(comm):
+    peers = comm.peers(2, 8, 4, torch.bfloat16, timeout_s=30)
+    rows = torch.arange(12, dtype=torch.float32).view(3, 4).to(torch.bfloat16)
+    ids = torch.tensor([5, 9, 2])
+    if comm.rank == 0:
+        peers.share(Packet(WORK, 1, Batch.make([1], [4], [3]), [0], copies=(), ids=ids))
+        peers.share(Packet(HEAD, 0, rows=rows))
+    else:
+        got = peers.receive()
+        assert (got.kind, got.group, got.batch.slots, got.batch.starts, got.rows) == (WORK, 1, (1,), (4,), None)
+        assert got.ids.tolist() == [5, 9, 2]
+        got = peers.receive()
+        assert got.kind == HEAD and torch.equal(got.rows, rows) and got.ids is None
+    partial = torch.full((2, 4), 1.0 + comm.rank * 2.0**-24)  # the second rank's share rounds away unless added first
+    total = peers.combine(partial)
+    assert torch.equal(total, tree_sum([torch.full((2, 4), 1.0 + r * 2.0**-24) for r in range(comm.size)]))
+    logits = peers.gather_logits(torch.full((2, 3), float(comm.rank)))
+    if comm.rank == 0:
+        assert logits.tolist() == [[float(r) for r in range(comm.size) for _ in range(3)]] * 2
+    else:
+        assert logits is None
 
 
 def test_transport_refuses_oversized_message(comm):
