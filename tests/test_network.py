@@ -65,13 +65,13 @@ def test_hostfile_over_ssh_on_three_hosts_equals_single_process(hosts, demo_dir,
     assert hosts.tx_bytes(2) - before >= per_rank[1]["bytes_sent"]  # rank 1's activations left h2 over its cable
 
 
-def _start_long_job(hosts, tmp_path, extra: list[str]) -> tuple[subprocess.Popen, Path]:
+def _start_long_job(hosts, tmp_path, extra: list[str], env: dict | None = None) -> tuple[subprocess.Popen, Path]:
     """A job with many requests, once two records are written."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("def main(\nimport os\nclass Foo:\n" * 30)
     out = tmp_path / "out.jsonl"
     job = hosts.launch(["--prompts-file", str(prompts), "--max-new-tokens", "16", "--slots", "1", "--output", str(out),
-                        "--quiet", *extra])
+                        "--quiet", *extra], env)
     deadline = time.time() + 120
     while not (out.is_file() and out.read_text().count("\n") >= 2) and time.time() < deadline and job.poll() is None:
         time.sleep(0.1)
@@ -127,6 +127,45 @@ def test_a_pulled_cable_ends_the_job_after_the_timeout(hosts, demo_dir, tmp_path
     finally:
         subprocess.run([HARNESS, "link", PREFIX, "2", "up"], check=True)
     assert re.search(r"rank \d on h\d: TimeoutError: (no message from rank \d on h\d|rank \d on h\d has not taken)", stderr), stderr
+
+
+def _two_hosts(tmp_path) -> dict:
+    """The launcher's environment for a job on h1 and h2 only."""
+    hostfile = tmp_path / "two.txt"
+    hostfile.write_text("h1\nh2\n")
+    return {"HOSTS": str(hostfile)}
+
+
+@pytest.mark.timeout(300)
+def test_a_stage_held_by_two_hosts_equals_single_process(hosts, demo_dir, tmp_path):
+    """--tp 2 across h1 and h2: the tokens of one process with the same --tp-parts, and the partial
+    products crossed h2's cable."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def main(\nimport os\nclass Foo:\n")
+    flags = ["--prompts-file", str(prompts), "--max-new-tokens", "12", "--tp-parts", "2", "--dtype", "bfloat16", "--quiet"]
+    single = tmp_path / "single.jsonl"
+    res = run_cli(["--threads", "1", *flags, "--output", str(single)])
+    assert res.returncode == 0, res.stderr
+    out, stats = tmp_path / "hosts.jsonl", tmp_path / "stats.json"
+    before = hosts.tx_bytes(2)
+    job = hosts.launch([*flags, "--tp", "2", "--output", str(out), "--stats-json", str(stats)], _two_hosts(tmp_path))
+    _, stderr = job.communicate(timeout=200)
+    assert job.returncode == 0, stderr
+    assert _records(out) == _records(single)
+    per_rank = json.loads(stats.read_text())["per_rank"]
+    assert [(r["host"], r["tensor"]) for r in per_rank] == [("h1", [0, 2]), ("h2", [1, 2])]
+    assert hosts.tx_bytes(2) - before >= per_rank[1]["bytes_sent"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_a_pulled_cable_to_a_tensor_rank_ends_the_job(hosts, demo_dir, tmp_path):
+    job, out = _start_long_job(hosts, tmp_path, ["--tp", "2", "--timeout", "3"], _two_hosts(tmp_path))
+    subprocess.run([HARNESS, "link", PREFIX, "2", "down"], check=True)  # h2 holds rank 1, half of the only stage
+    try:
+        stderr = _ended(hosts, job, out, within=3 + 10)
+    finally:
+        subprocess.run([HARNESS, "link", PREFIX, "2", "up"], check=True)
+    assert re.search(r"rank 0 on h1: TimeoutError: .* among the stage's ranks 0-1 on h1, h2", stderr), stderr
 
 
 @pytest.mark.timeout(300)

@@ -251,12 +251,12 @@ class Link:
 
 
 def predict(config: ModelConfig, n_ranks: int, tp: int, layer_s: float, streams: int, link: Link,
-            act_bytes: int = 2) -> tuple[float, float]:
+            act_bytes: int = 2, head_s: float | None = None) -> tuple[float, float]:
     """Predicted decode tokens/s of ``n_ranks`` ranks as stages of ``tp``: one stream alone, and
     ``streams`` streams together. ``layer_s``: one decoder layer's time per token on one rank
     (decoding reads every weight once, so a rank of a ``tp`` stage takes ``layer_s / tp``, and a
-    token's time hardly grows with the rows a step carries); rank 0's LM head costs ``edge_cost``
-    layers. Each stage hands one row (``act_bytes`` per value) to the next over ``link``; with
+    token's time hardly grows with the rows a step carries); rank 0's LM head takes ``head_s``
+    (default: ``edge_cost`` layers), shared by stage 0's ranks. Each stage hands one row (``act_bytes`` per value) to the next over ``link``; with
     ``tp``, each layer also gathers two float32 rows from every rank of the stage.
 
     One stream visits every stage in turn; with as many streams as stages or more, every stage
@@ -268,7 +268,7 @@ def predict(config: ModelConfig, n_ranks: int, tp: int, layer_s: float, streams:
     gather = 0.0 if tp == 1 else 2 * link.send_s((tp - 1) * d * 4)  # per layer: o_proj, then the MLP's down_proj
     hop = 0.0 if stages == 1 else link.send_s(d * act_bytes)
     stage_s = [n * (layer_s / tp + gather) + hop for n in per_stage]
-    stage_s[0] += edge_cost(config) * layer_s
+    stage_s[0] += (edge_cost(config) * layer_s if head_s is None else head_s) / tp
     one = sum(stage_s)
     rounds = max(one, min(streams, stages) * max(stage_s))  # a group per stage at most: more streams share the groups
     return 1.0 / one, streams / rounds

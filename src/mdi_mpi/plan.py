@@ -13,8 +13,7 @@ An explicit ``--layers`` always wins.
 
 Layouts (``--layouts``): for every ``--tp`` that the rank count and the model allow, whether it fits
 and the predicted tokens/s of one stream alone and of ``--streams K`` together, from one decoder
-layer's speed measured here (scaled to the ``--quant`` bytes: decoding reads every weight once) and
-the link (``--link-latency-ms``, ``--link-mbit``); then the layout to use for K streams. Measure the
+layer's speed measured here (with ``--quant`` weights, ``--threads`` threads) and the link (``--link-latency-ms``, ``--link-mbit``); then the layout to use for K streams. Measure the
 layer on the nodes themselves (``plan`` runs where you start it) and the link with ``ping``.
 """
 
@@ -31,7 +30,7 @@ from mdi_mpi.config import ModelConfig, parse_dtype
 from mdi_mpi.errors import UserError, cli_main
 from mdi_mpi.layout import Layout, Link, Sizes, check_plan, fits, plan_layout, predict, print_plan
 from mdi_mpi.model import TensorSplit
-from mdi_mpi.partition import split_layers
+from mdi_mpi.partition import edge_cost, split_layers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     lay.add_argument("--link-latency-ms", type=float, default=0.1, metavar="MS", help="one message's latency "
                      "between nodes (default: 0.1, gigabit Ethernet; Wi-Fi: 2 or more; one machine: 0.01)")
     lay.add_argument("--link-mbit", type=float, default=1000.0, metavar="MBIT", help="link bandwidth (default: 1000)")
+    lay.add_argument("--threads", type=positive_int, metavar="T", help="torch threads of the measured layer: a rank's "
+                     "threads (default: this machine's cores, one rank per node)")
     args = p.parse_args(argv)
 
     def body() -> None:
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype = parse_dtype(args.dtype)
         sizes = Sizes.of(layout, config, args.ranks)
         if args.layouts:
+            if args.threads:
+                torch.set_num_threads(args.threads)
             link = Link(args.link_latency_ms / 1e3, args.link_mbit * 1e6 / 8)
             print_layouts(config, args.ranks, dtype, layout, args.streams, link)
             return
@@ -76,13 +79,13 @@ def print_layouts(config: ModelConfig, n_ranks: int, dtype: torch.dtype, layout:
     for one stream and for ``streams``, and the fastest that fits for ``streams``."""
     from mdi_mpi.stage import layer_speed
 
-    layer_s = 1.0 / layer_speed(config, dtype)
-    if layout.quant is not None:
-        esize = torch.empty((), dtype=dtype).element_size()
-        layer_s *= layout.quant.bytes_per_weight(esize) / esize
+    layer_s = 1.0 / layer_speed(config, dtype, steps=16, quant=layout.quant)
+    head_s = edge_cost(config) * layer_s  # the head reads as many weights as edge_cost layers...
+    if layout.quant is not None:  # ...as int8, against the layers' int8 or int4
+        head_s *= 1 / layout.quant.bytes_per_weight(torch.empty((), dtype=dtype).element_size())
     print(f"one decoder layer: {layer_s * 1e3:.2f} ms per token on this machine ({str(dtype).removeprefix('torch.')}"
-          f"{', scaled to ' + layout.quant.kind if layout.quant else ''}); link {link.latency_s * 1e3:g} ms, "
-          f"{link.bytes_per_s * 8 / 1e6:g} Mbit/s")
+          f"{', ' + layout.quant.kind if layout.quant else ''}, {torch.get_num_threads()} threads); "
+          f"link {link.latency_s * 1e3:g} ms, {link.bytes_per_s * 8 / 1e6:g} Mbit/s")
     print(f"{'stages x T':>10}  {'fits':>4}  {'1 stream tok/s':>14}  {f'{streams} streams tok/s':>16}")
     best = None
     for tp in (t for t in range(1, n_ranks + 1) if n_ranks % t == 0):
@@ -95,7 +98,7 @@ def print_layouts(config: ModelConfig, n_ranks: int, dtype: torch.dtype, layout:
         sizes = Sizes.of(lay, config, n_ranks)
         plan = plan_layout(config, n_ranks, dtype, lay, sizes, lay.quant, check=False)
         ok = plan.available is None or fits(plan.memory, plan.available)
-        one, many = predict(config, n_ranks, tp, layer_s, streams, link)
+        one, many = predict(config, n_ranks, tp, layer_s, streams, link, head_s=head_s)
         print(f"{f'{n_ranks // tp} x {tp}':>10}  {'yes' if ok else 'no':>4}  {one:>14.2f}  {many:>16.2f}")
         if ok and (best is None or many > best[1] * 1.02):  # a faster layout wins only by more than the noise
             best = (tp, many)

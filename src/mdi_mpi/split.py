@@ -36,16 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=positive_int, required=True, metavar="N")
     p.add_argument("--out", metavar="DIR", required=True, help="new directory for the shards")
     p.add_argument("--dtype", default="bfloat16", help="dtype the shards store (default: bfloat16)")
-    add_layout_arguments(p)
+    add_layout_arguments(p, tp=False)  # shards are whole stages: --tp jobs read the whole checkpoint's slices
     args = p.parse_args(argv)
 
     def body() -> None:
         if args.balance == "speed":
             raise UserError("--balance speed measures the ranks themselves: split with --layers from a generate run")
         layout = layout_of(args)
-        if layout.tp > 1:
-            raise UserError("split writes one shard per pipeline stage, not tensor-parallel slices yet: run --tp jobs "
-                            "from the whole checkpoint (each rank reads only its slices)")
         ckpt = Checkpoint(args.model)
         dtype = parse_dtype(args.dtype)
         plan = plan_layout(ckpt.config, args.ranks, dtype, layout, Sizes.of(layout, ckpt.config, args.ranks),

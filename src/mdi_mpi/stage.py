@@ -29,7 +29,7 @@ from mdi_mpi.model import (
     rope_tables,
 )
 from mdi_mpi.prefix_cache import Copy
-from mdi_mpi.quant import QuantWeight, check_rows
+from mdi_mpi.quant import Quant, QuantWeight, check_rows
 
 
 class Stage(nn.Module):
@@ -215,9 +215,9 @@ class Stage(nn.Module):
         return self.head(h if all_logits else h[batch.last])
 
 
-def layer_speed(config: ModelConfig, dtype: torch.dtype, steps: int = 8) -> float:
-    """Decode steps per second of one decoder layer on this rank (random weights): the rank's
-    relative speed for ``--balance speed``."""
+def layer_speed(config: ModelConfig, dtype: torch.dtype, steps: int = 8, quant: Quant | None = None) -> float:
+    """Decode steps per second of one decoder layer on this rank (random weights, quantized with
+    ``quant``): the rank's relative speed for ``--balance speed``, and ``plan --layouts``' unit."""
     import time
 
     from mdi_mpi.kernels import default_cache
@@ -227,6 +227,11 @@ def layer_speed(config: ModelConfig, dtype: torch.dtype, steps: int = 8) -> floa
     layer = layer.to_empty(device="cpu").to(dtype).requires_grad_(False)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(0))
+    if quant is not None:
+        for m in layer.modules():
+            if isinstance(m, Linear) and m.quantizable:
+                m.qweight = QuantWeight.of(m.weight, quant, dtype)
+                del m.weight
     length = steps + 2
     pick_kernels(layer, None, default_cache())
     layer.self_attn.kv_cache = KVCache(1, config.n_kv_heads, length, config.head_dim, dtype)
