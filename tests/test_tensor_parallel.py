@@ -326,3 +326,27 @@ def test_plan_lists_the_layouts_the_model_allows_and_recommends_one():
     # over Wi-Fi, two gathers per layer cost more than they save: the pipeline wins for 8 streams
     assert float(rows["4x1"][5]) > float(rows["2x2"][5])
     assert res.stdout.splitlines()[-1] == "recommended for 8 streams: --tp 1"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.mpi
+def test_split_shards_hold_each_tensor_ranks_slices(tp_models, tmp_path):
+    import subprocess
+    import sys
+
+    model, shards = tp_models["qwen2"], tmp_path / "shards"
+    res = subprocess.run([sys.executable, "-m", "mdi_mpi.split", "--model", str(model), "--ranks", "4", "--tp", "2",
+                          "--quant", "int8", "--out", str(shards)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    split = json.loads((shards / "mdi_split.json").read_text())
+    assert (split["ranks"], split["tp"], split["tp_parts"], len(split["layers"])) == (4, 2, 2, 2)
+    one = Checkpoint(shards / "rank-1")  # the second half of stage 0: half the vocabulary, half of each layer
+    shape = lambda name: one.files[name].tensors[name]["shape"]  # noqa: E731
+    assert shape("model.embed_tokens.weight.q") == [384 // 2, 128]
+    assert shape("model.layers.0.mlp.down_proj.parts.0.weight.q") == [128, 256 // 2]
+    assert shape("model.layers.0.self_attn.k_proj.parts.0.bias") == [4 * 16 // 2]  # 4 KV heads of 16
+    assert not any(".layers.2." in n for n in one.files)
+    whole = _run(model, tmp_path, 4, ["--tp", "2", "--quant", "int8", "--slots", "2"], "whole")
+    assert _run(shards, tmp_path, 4, ["--slots", "2"], "shards") == whole  # the split's --tp, adopted
+    wrong = run_cli(["--model", str(shards), "--prompt", "x", "--tp", "4"], ranks=4)
+    assert wrong.returncode == 2 and "is split for --tp 2 --tp-parts 2" in wrong.stderr, wrong.stderr

@@ -186,20 +186,21 @@ class Checkpoint:
 
 
 def load_stage(ckpt: Checkpoint, layers: range, edges: bool, dtype: torch.dtype, quant: Quant | None = None,
-               split: TensorSplit = WHOLE) -> Stage:
+               split: TensorSplit = WHOLE, sliced: bool = False) -> Stage:
     """Build the stage for ``layers`` (plus the edges if ``edges``) and fill it from ``ckpt``,
     reading only its own tensors, one at a time, casting them to ``dtype``. With ``quant``, each
     linear weight (and the embedding and LM head, as int8) is quantized as soon as it is read, so that
     at most one full-precision tensor exists at a time; weights that ``ckpt`` stores quantized
     (``split --quant`` shards: ``NAME.q``, ``NAME.scale``, ``NAME.zero``) are read as they are. With
-    ``split`` (``--tp``), only this rank's blocks of each split weight are kept."""
+    ``split`` (``--tp``), only this rank's blocks of each split weight are read; ``sliced``: ``ckpt``
+    holds them already, under the split stage's names (``split --tp`` shards)."""
     with torch.device("meta"):
         stage = Stage(ckpt.config, layers, edges, split).to(dtype)
     quantized = stage.quantizable() if quant is not None else set()
     with torch.no_grad():
         for name, param in list(stage.named_parameters()):
             owner, _, attr = name.rpartition(".")
-            name_in_ckpt, rows, cols = block_of(stage, name, param.shape)
+            name_in_ckpt, rows, cols = (name, None, None) if sliced else block_of(stage, name, param.shape)
             key = ckpt.key(name_in_ckpt)
             if _EXPERTS.match(name):
                 _load_experts(ckpt, stage, name, param.shape, dtype, quant if name in quantized else None)

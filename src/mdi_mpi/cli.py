@@ -35,11 +35,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_layout_arguments(p, prefix_cache: bool = True, tp: bool = True) -> None:
+def add_layout_arguments(p, prefix_cache: bool = True) -> None:
     """The flags that say how a model is laid out over the ranks and what the plan assumes, shared
     by generate, serve, perplexity, plan and split (one name, type, default and help each);
-    ``prefix_cache``: with ``--cache-slots`` (not perplexity's, which reuses no prefix); ``tp``:
-    with ``--tp`` and ``--tp-parts`` (not split's, whose shards are whole stages)."""
+    ``prefix_cache``: with ``--cache-slots`` (not perplexity's, which reuses no prefix)."""
     p.add_argument("--layers", metavar="A,B,...", help="explicit layer counts per rank, e.g. 6,8,8 (wins over "
                    "--balance); default: balanced, rank 0 fewer (it also runs the LM head)")
     p.add_argument("--quant", choices=QUANTS, help="store weights quantized: int8 (per output channel) or int4 (per "
@@ -62,8 +61,6 @@ def add_layout_arguments(p, prefix_cache: bool = True, tp: bool = True) -> None:
     p.add_argument("--balance", choices=BALANCES, default="cost",
                    help="how to split layers: cost (default: even compute, rank 0 runs the head), memory "
                    "(in proportion to rank memory), speed (in proportion to measured speed, within memory)")
-    if not tp:
-        return
     p.add_argument("--tp", type=positive_int, default=1, metavar="T", help="tensor parallelism: T ranks (a power of two) "
                    "hold each pipeline stage together, splitting its attention heads and MLP, so that one sequence gets "
                    "faster; the job's N ranks make N/T stages, ranks sT..sT+T-1 stage s (default: 1, a pipeline)")
@@ -118,8 +115,8 @@ def layout_of(args: argparse.Namespace) -> Layout:
         mem_per_rank=parse_bytes(args.mem_per_rank) if args.mem_per_rank else None,
         mem=tuple(parse_bytes(m) for m in args.mem.split(",")) if args.mem else None,
         balance=args.balance,
-        tp=getattr(args, "tp", 1),
-        tp_parts=getattr(args, "tp_parts", None),
+        tp=args.tp,
+        tp_parts=args.tp_parts,
     )
 
 

@@ -83,6 +83,9 @@ class _Opened:
     split: tuple[int, ...] | None
     max_seq_len: int
     quant: Quant | None
+    tp: int = 1  # ranks per stage: --tp, or what split shards were written for
+    tp_parts: int | None = None
+    sliced: bool = False  # the checkpoint is this rank's --tp shard: it holds its slices already
 
 
 @dataclass
@@ -215,20 +218,21 @@ def start(comm: Comm, spec: JobSpec, prepare: Callable[[ModelConfig, str, int], 
     model_dir, is_demo = _model_dir(comm, spec)
     opened = comm.agree(lambda: _open(comm, spec, model_dir, default_max_seq_len))
     cfg = opened.ckpt.config
-    tp = spec.layout.tp
-    split = TensorSplit(comm.rank % tp, tp, spec.layout.parts)
-    work, shape = comm.agree(lambda: _prepare(comm, spec, prepare, opened))
+    layout = replace(spec.layout, split=opened.split, tp=opened.tp, tp_parts=opened.tp_parts)  # split shards' own
+    tp = layout.tp
+    split = TensorSplit(comm.rank % tp, tp, layout.parts)
+    work, shape = comm.agree(lambda: _prepare(comm, layout, prepare, opened))
     n_slots, micro = comm.bcast(shape)
     sizes = Sizes(n_slots, opened.max_seq_len, micro, spec.layout.prefill_chunk, spec.layout.cache_slots, tp)
-    memory = spec.layout.memory(comm.size) or comm.allgather(available_memory(comm.local_ranks()))
+    memory = layout.memory(comm.size) or comm.allgather(available_memory(comm.local_ranks()))
     kernel_cache = default_cache()
-    dtype, dtype_reason = _dtype(comm, spec, opened, sizes, memory, kernel_cache)
-    speeds = comm.allgather(layer_speed(cfg, dtype)) if spec.layout.balance == "speed" and opened.split is None else None
-    layout = replace(spec.layout, split=opened.split)  # a split checkpoint's own split
+    dtype, dtype_reason = _dtype(comm, spec, layout, opened, sizes, memory, kernel_cache)
+    speeds = comm.allgather(layer_speed(cfg, dtype)) if layout.balance == "speed" and opened.split is None else None
     plan = comm.agree(lambda: plan_layout(cfg, comm.size, dtype, layout, sizes, opened.quant, memory, speeds))
     t_load = time.perf_counter()
     stage_index = comm.rank // tp
-    stage = comm.agree(lambda: load_stage(opened.ckpt, plan.layers[stage_index], stage_index == 0, dtype, opened.quant, split))
+    stage = comm.agree(lambda: load_stage(opened.ckpt, plan.layers[stage_index], stage_index == 0, dtype, opened.quant, split,
+                                          opened.sliced))
     stage.setup_cache(n_slots + sizes.cache_slots, sizes.max_seq_len)
     load_s = time.perf_counter() - t_load
     kernels = comm.agree(lambda: stage.choose_kernels(spec.kernel, kernel_cache))
@@ -273,9 +277,14 @@ def _open(comm: Comm, spec: JobSpec, model_dir: str, default_max_seq_len: int) -
     """Every rank opens its checkpoint itself (each node may have its own copy or its own shard)."""
     layout, split, quant = spec.layout, spec.layout.split, spec.layout.quant
     shards = read_split(model_dir)
+    tp, parts = layout.tp, layout.tp_parts
+    if shards is not None:
+        tp, parts = shards.get("tp", 1), shards.get("tp_parts", 1)
+        if layout.tp not in (1, tp) or layout.tp_parts not in (None, parts):
+            raise UserError(f"{model_dir} is split for --tp {tp} --tp-parts {parts}: leave --tp and --tp-parts out, "
+                            "or split again")
+        layout = replace(layout, tp=tp, tp_parts=parts)
     stages = layout.stages(comm.size)
-    if shards is not None and layout.tp > 1:
-        raise UserError(f"{model_dir} holds split shards, one per pipeline stage: run --tp jobs from the whole checkpoint")
     if shards is not None:
         if shards["ranks"] != comm.size:
             raise UserError(f"{model_dir} is split for {shards['ranks']} ranks, but the job has {comm.size}")
@@ -293,24 +302,24 @@ def _open(comm: Comm, spec: JobSpec, model_dir: str, default_max_seq_len: int) -
     TensorSplit(0, layout.tp, layout.parts).check(ckpt.config)
     split_layers(ckpt.config.n_layers, stages, split=list(split) if split else None)  # too many stages, a bad split
     layout.memory(comm.size)  # a --mem list of the wrong length
-    return _Opened(ckpt, tokenizer_dir, split, max_seq_len, quant)
+    return _Opened(ckpt, tokenizer_dir, split, max_seq_len, quant, tp, parts, shards is not None and tp > 1)
 
 
-def _prepare(comm: Comm, spec: JobSpec, prepare: Callable[[ModelConfig, str, int], Prepared],
+def _prepare(comm: Comm, layout: Layout, prepare: Callable[[ModelConfig, str, int], Prepared],
              opened: _Opened) -> tuple[Prepared | None, tuple[int, int] | None]:
     """Rank 0: the command's work, and from it the slot count and micro-batch."""
     if comm.rank != 0:
         return None, None
     work = prepare(opened.ckpt.config, opened.tokenizer_dir, opened.max_seq_len)
-    n, size = work.n_requests, spec.layout.stages(comm.size)
-    n_slots = spec.layout.slots or (4 * size if n is None else max(size, min(n, 4 * size)))
-    micro = spec.layout.micro_batch or default_micro_batch(n_slots, size)
+    n, size = work.n_requests, layout.stages(comm.size)
+    n_slots = layout.slots or (4 * size if n is None else max(size, min(n, 4 * size)))
+    micro = layout.micro_batch or default_micro_batch(n_slots, size)
     if micro > n_slots:
         raise UserError(f"--micro-batch {micro} is larger than --slots {n_slots}")
     return work, (n_slots, micro)
 
 
-def _dtype(comm: Comm, spec: JobSpec, opened: _Opened, sizes: Sizes, memory: list[int],
+def _dtype(comm: Comm, spec: JobSpec, layout: Layout, opened: _Opened, sizes: Sizes, memory: list[int],
            kernel_cache: Path) -> tuple[torch.dtype, str]:
     """The dtype, and why: given by ``--dtype``; bfloat16 with ``--quant``; else measured on every rank."""
     if spec.dtype is not None:
@@ -321,8 +330,7 @@ def _dtype(comm: Comm, spec: JobSpec, opened: _Opened, sizes: Sizes, memory: lis
     shape = (cfg.intermediate_size, cfg.hidden_size)
     dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
     ms = comm.allgather({name: decode_row_ms(shape, d, kernel_cache) for name, d in dtypes.items()})
-    float32_plan = plan_layout(cfg, comm.size, torch.float32, replace(spec.layout, split=opened.split), sizes, None,
-                               memory, check=False)
+    float32_plan = plan_layout(cfg, comm.size, torch.float32, layout, sizes, None, memory, check=False)
     return pick_dtype({d: sum(m[d] for m in ms) for d in dtypes}, fits(float32_plan.memory, float32_plan.available))
 
 

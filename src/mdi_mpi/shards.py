@@ -1,6 +1,7 @@
 """Per-rank shards on disk: ``SHARDS/rank-R/`` holds rank R's tensors (rank 0 also the embedding,
-final norm, LM head and tokenizer) as an ordinary checkpoint directory, and ``SHARDS/mdi_split.json``
-the layers of every rank, the dtype and the quantization. ``split`` writes them (``write_shards``);
+final norm, LM head and tokenizer; with ``--tp``, its slices of them) as an ordinary checkpoint
+directory, and ``SHARDS/mdi_split.json`` the layers of every stage, the ranks per stage, the dtype
+and the quantization. ``split`` writes them (``write_shards``);
 the job set-up recognises them (``read_split``) and checks that the job matches.
 
 Shards are safetensors, the format of the source checkpoints: a node reads its tensors lazily (by
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 from mdi_mpi.checkpoint import Checkpoint, hf_name, layer_quant, load_stage
 from mdi_mpi.config import parse_dtype
 from mdi_mpi.errors import UserError
+from mdi_mpi.model import TensorSplit
 from mdi_mpi.quant import Quant, quantize
 from mdi_mpi.requests import TOKENIZER_FILES
 
@@ -44,21 +46,26 @@ def shard_dir(path: str | Path, rank: int) -> Path:
     return Path(path) / f"rank-{rank}"
 
 
-def write_shards(model: str, out: str, layers: list[range], dtype_name: str, quant: Quant | None = None) -> None:
-    """Write one shard per rank into ``out`` (which must not exist yet); with ``quant``, the weights
-    that ``generate --quant`` quantizes are stored quantized, as portable unpacked integers with their
-    scales (and zeros) beside them: ``NAME.q``, ``NAME.scale``, ``NAME.zero``."""
+def write_shards(model: str, out: str, layers: list[range], dtype_name: str, quant: Quant | None = None,
+                 tp: int = 1, tp_parts: int | None = None) -> None:
+    """Write one shard per rank into ``out`` (which must not exist yet); ``layers``: each stage's,
+    held by ``tp`` ranks whose shards hold their slices of it (``TensorSplit``: blocks of
+    ``tp_parts``, default ``tp``, under the names the split stage gives them). With ``quant``, the
+    weights that ``generate --quant`` quantizes are stored quantized, as portable unpacked integers
+    with their scales (and zeros) beside them: ``NAME.q``, ``NAME.scale``, ``NAME.zero``."""
     dtype = parse_dtype(dtype_name)
     dest = Path(out)
     if dest.exists():
         raise UserError(f"{out} already exists; choose a new --out directory")
     ckpt = Checkpoint(model)
+    parts = tp_parts or tp
+    TensorSplit(0, tp, parts).check(ckpt.config)
     if ckpt.config.gpt_oss:  # its experts are stored transposed and interleaved under the names of ours
         raise UserError("split does not write gpt_oss shards yet; run generate on the checkpoint itself")
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    for rank, r in enumerate(layers):
-        stage = load_stage(ckpt, r, rank == 0, dtype)
+    for rank in range(len(layers) * tp):
+        stage = load_stage(ckpt, layers[rank // tp], rank < tp, dtype, split=TensorSplit(rank % tp, tp, parts))
         shard = shard_dir(tmp, rank)
         shard.mkdir(parents=True)
         quantized = stage.quantizable() if quant is not None else set()
@@ -79,8 +86,10 @@ def write_shards(model: str, out: str, layers: list[range], dtype_name: str, qua
         del stage, tensors
     (tmp / SPLIT_FILE).write_text(json.dumps({
         "format": 1,
-        "ranks": len(layers),
-        "layers": [[r.start, r.stop] for r in layers],
+        "ranks": len(layers) * tp,
+        "tp": tp,
+        "tp_parts": parts,
+        "layers": [[r.start, r.stop] for r in layers],  # per stage
         "dtype": str(dtype).removeprefix("torch."),
         "quant": None if quant is None else {"kind": quant.kind, "group": quant.group},
         "source": str(Path(model).resolve()),

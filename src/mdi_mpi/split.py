@@ -3,7 +3,8 @@
 Writes ``SHARDS/rank-R/`` for every rank: the rank's own tensors in one ``model.safetensors`` (rank 0
 also gets the embedding, final norm and LM head), ``config.json``, and on rank 0 the tokenizer, plus
 ``SHARDS/mdi_split.json`` with the plan. Copy ``rank-R`` to node R, and each node stores and reads
-only its part. ``generate --model SHARDS`` recognises the split and checks that the job matches it.
+only its part. With ``--tp T``, every rank of a stage gets its slices of the stage (heads, MLP
+columns, and on stage 0 the vocabulary), and the job must run with the same ``--tp``. ``generate --model SHARDS`` recognises the split and checks that the job matches it.
 
 With ``--quant int8|int4`` the shards hold the weights quantized (portable unpacked integers with
 their scales; int4 is packed for the CPU at load), so a node stores and reads only its quantized part,
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=positive_int, required=True, metavar="N")
     p.add_argument("--out", metavar="DIR", required=True, help="new directory for the shards")
     p.add_argument("--dtype", default="bfloat16", help="dtype the shards store (default: bfloat16)")
-    add_layout_arguments(p, tp=False)  # shards are whole stages: --tp jobs read the whole checkpoint's slices
+    add_layout_arguments(p)
     args = p.parse_args(argv)
 
     def body() -> None:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                            layout.quant, check=False)
         print_plan(plan, dtype, layout.quant)
         check_plan(plan, ckpt.config, dtype, Sizes.of(layout, ckpt.config, args.ranks), layout.quant)
-        write_shards(args.model, args.out, plan.layers, args.dtype, layout.quant)
+        write_shards(args.model, args.out, plan.layers, args.dtype, layout.quant, layout.tp, layout.tp_parts)
         print(f"wrote {args.ranks} shards to {args.out}: copy {args.out}/rank-R to node R, "
               f"or share the directory; run generate with --model {args.out}")
 
