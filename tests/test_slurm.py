@@ -161,11 +161,13 @@ def _tokens(path: Path) -> dict[str, list[int]]:
     return {r["id"]: r["tokens"] for r in map(json.loads, path.read_text().splitlines())}
 
 
-def _reference(tmp_path: Path) -> tuple[Path, Path]:
-    """Three prompts, and their 12 greedy tokens from one process at one thread, as the jobs' ranks run."""
+def _reference(tmp_path: Path, flags: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """Three prompts, and their 12 greedy tokens from one process at one thread (with ``flags``), as
+    the jobs' ranks run."""
     prompts, single = tmp_path / "prompts.txt", tmp_path / "single.jsonl"
     prompts.write_text("Once upon a time\nThe cluster of Raspberry Pis\nHello, world!\n")
-    res = run_cli(["--threads", "1", "--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single), "--quiet"])
+    res = run_cli(["--threads", "1", "--prompts-file", str(prompts), "--max-new-tokens", "12", "--output", str(single),
+                   "--quiet", *flags])
     assert res.returncode == 0, res.stderr
     return prompts, single
 
@@ -181,6 +183,20 @@ def test_pi_cluster_job_on_three_nodes_matches_single_process(cluster, demo_dir,
     log = cluster.job_output(job)
     assert job.returncode == 0, f"{job.stdout}{job.stderr}\n{log}\n{cluster.logs()}"
     assert "3 ranks" in log and "rank 2: layers" in log, log
+    assert _tokens(out) == _tokens(single)
+
+
+@pytest.mark.timeout(600)
+def test_a_stage_held_by_two_nodes_matches_single_process(cluster, demo_dir, tmp_path):
+    prompts, single = _reference(tmp_path, ("--tp-parts", "2"))
+    out = tmp_path / "slurm.jsonl"
+    job = cluster.sbatch(REPO / "jobs" / "pi-cluster.sbatch", 2, {
+        "MDI_MPI_HOME": str(REPO), "VENV": str(Path(sys.executable).parent.parent), "PROMPTS": str(prompts),
+        "OUTPUT": str(out), "MAX_NEW_TOKENS": "12", "MDI_MPI_CACHE": os.environ["MDI_MPI_CACHE"], "EXTRA_ARGS": "--tp 2",
+    })
+    log = cluster.job_output(job)
+    assert job.returncode == 0, f"{job.stdout}{job.stderr}\n{log}\n{cluster.logs()}"
+    assert "2 ranks" in log and "rank 1: layers 0-3" in log, log  # both ranks hold every layer, half of each
     assert _tokens(out) == _tokens(single)
 
 
