@@ -68,8 +68,8 @@ class Linear(nn.Linear):
 class TensorSplit:
     """This rank's share of every decoder layer when ``size`` ranks hold a stage together (``--tp``):
     attention by KV-head groups (each query head stays with its KV head), the MLP by intermediate
-    columns, the embedding and LM head (on stage 0) by vocabulary. Each split weight is held as ``parts`` blocks in all, ``parts / size`` on each rank,
-    and each block is computed on its own: column-parallel ones (q, k, v, gate, up) give some
+    columns, the embedding and LM head (on stage 0) by vocabulary. Each split weight is held as
+    ``parts`` blocks in all, ``parts / size`` on each rank, and each block is computed on its own: column-parallel ones (q, k, v, gate, up) give some
     output columns each, row-parallel ones (o_proj, down_proj) a partial product each, added in one
     fixed tree over the blocks (``tree_sum``). So a token's bits depend on ``parts``, never on
     ``size``: every layout with the same ``parts`` gives the same tokens. ``parts == 1`` (one
@@ -91,7 +91,8 @@ class TensorSplit:
 
     def check(self, config: ModelConfig) -> None:
         """``UserError`` unless this split divides the model: a power-of-two ``size`` that divides
-        ``parts``, which divides the KV heads, and heads, KV heads and intermediate by ``parts``."""
+        ``parts``, which divides the KV heads, the intermediate size and the vocabulary; and a dense
+        model (mixtures of experts are not split)."""
         t, c = self.size, self.parts
         if t & (t - 1) or c % t:
             raise UserError(f"--tp {t} must be a power of two that divides --tp-parts {c}")
