@@ -33,7 +33,7 @@ from mdi_mpi.stats import COMPUTE, EVENT_KINDS, PREFILL, RECV, SAMPLE, SEND, to_
 
 
 class StagePeers(Protocol):
-    """The ranks of one stage as the loops see them (``transport.Group``)."""
+    """The ranks of one stage as the loops see them (``transport.Peers``)."""
 
     def share(self, packet: Packet) -> None: ...
 
