@@ -95,8 +95,13 @@ def test_perplexity_is_the_same_for_any_ranks_and_slots(demo_dir, held_out, tmp_
 @pytest.mark.timeout(400)
 @pytest.mark.mpi
 def test_quantization_costs_little_perplexity_on_the_trained_model(demo_dir, held_out, tmp_path):
+    from mdi_mpi.quant import integer_products_exact
+
     ppl = {}
-    for name, extra in [("bf16", []), ("int8", ["--quant", "int8"]), ("int4", ["--quant", "int4", "--quant-group", "128"])]:
+    runs = [("bf16", []), ("int8", ["--quant", "int8", "--quant-kernel", "w8"]), ("int4", ["--quant", "int4", "--quant-group", "128"])]
+    if integer_products_exact(128):  # activations rounded to int8 too, where this CPU can
+        runs.append(("int8 w8a8", ["--quant", "int8", "--quant-kernel", "w8a8"]))
+    for name, extra in runs:
         out = tmp_path / f"{name}.json"
         res = run_ppl(["--text", str(held_out), "--max-tokens", "6000", "--max-seq-len", "256", "--dtype", "bfloat16",
                        "--json", str(out), *extra], ranks=2)
@@ -104,6 +109,7 @@ def test_quantization_costs_little_perplexity_on_the_trained_model(demo_dir, hel
         ppl[name] = json.loads(out.read_text())["perplexity"]
     assert ppl["bf16"] < 150, ppl  # it has learned Python: a random model of this vocabulary scores ~2000
     assert ppl["int8"] <= 1.02 * ppl["bf16"], ppl
+    assert ppl.get("int8 w8a8", 0) <= 1.02 * ppl["bf16"], ppl
     assert ppl["int4"] <= 1.10 * ppl["bf16"], ppl
 
 

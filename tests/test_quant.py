@@ -5,6 +5,7 @@ outputs that do not change with ranks, slots or micro-batches."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +22,28 @@ from mdi_mpi.kv_cache import Batch
 from mdi_mpi.quant import (
     Quant,
     QuantWeight,
+    choose_quant_kernels,
     dequantize_int4,
     dequantize_int8,
+    integer_products_exact,
     quantize_int4,
     quantize_int8,
+    quantize_rows,
+    rank_kernels,
     rows_independent,
 )
+
+W8A8 = integer_products_exact(256)  # oneDNN's int8 products are exact here (VNNI or AMX on x86)
+needs_w8a8 = pytest.mark.skipif(not W8A8, reason="this CPU's int8 products saturate or oneDNN has no int8 matmul: no w8a8")
+KINDS = [("int8", "w8"), pytest.param("int8", "w8a8", marks=needs_w8a8), ("int4", "w4")]  # (kind, kernel) of each kernel
+
+
+def quant_weight(w: torch.Tensor, kind: str, kernel: str, group: int = 32) -> QuantWeight:
+    """``w`` quantized as ``kind``, computing with ``kernel`` (an int4 shape that falls back to int8: ``w8``)."""
+    qw = QuantWeight.of(w, Quant(kind, group), w.dtype)
+    if qw.kind == kind:
+        qw.use(kernel)
+    return qw
 
 
 def test_round_trip_bounds():
@@ -41,28 +58,117 @@ def test_round_trip_bounds():
         assert (err <= s[..., None] / 2 + 1e-5).all(), g
 
 
-@pytest.mark.parametrize("kind, group", [("int8", 128), ("int4", 32), ("int4", 128), ("int4", 256)])
+@pytest.mark.parametrize("kind, kernel, group", [("int8", "w8", 128), pytest.param("int8", "w8a8", 128, marks=needs_w8a8),
+                                                 ("int4", "w4", 32), ("int4", "w4", 128), ("int4", "w4", 256)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(256, 512), (96, 768)])
-def test_kernel_matches_dequantized_reference(kind, group, dtype, shape):
+def test_kernel_matches_dequantized_reference(kind, kernel, group, dtype, shape):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(*shape, generator=g) * 0.05
-    qw = QuantWeight.of(w.to(dtype), Quant(kind, group), dtype)
+    qw = quant_weight(w.to(dtype), kind, kernel, group)
     x = torch.randn(5, shape[1], generator=g).to(dtype)
     ref = x.float() @ qw.dequantized().t()
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    tol = 2e-2 if dtype == torch.bfloat16 or kernel == "w8a8" else 1e-4  # w8a8 rounds activations to 8 bits
     torch.testing.assert_close(qw(x).float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_every_shape_residue_mod_64_gives_the_reference(kind):
+@needs_w8a8
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_w8a8_is_the_exact_integer_product_scaled(dtype):
+    """w8a8 rounds each row to int8 with its own scale, and gives float32(integer sum) times the
+    weight's and the row's scales, bit for bit: what makes it batch-invariant on any CPU."""
+    g = torch.Generator().manual_seed(7)
+    w = (torch.randn(200, 328, generator=g) * 0.05).to(dtype)
+    qw = quant_weight(w, "int8", "w8a8")
+    x = (torch.randn(9, 328, generator=g) * torch.exp(2 * torch.randn(9, 328, generator=g))).to(dtype)
+    xq, xs = quantize_rows(x)
+    assert xq.dtype == torch.uint8 and ((xq.int() - 128).abs().amax(dim=1) == 127).all()
+    q, s = quantize_int8(w)
+    acc = (xq.double() - 128) @ q.double().t()
+    want = (acc.float() * s.to(dtype).float() * xs).to(dtype)
+    assert torch.equal(qw(x), want)
+
+
+@needs_w8a8
+def test_use_moves_an_int8_weight_between_layouts_without_changing_it():
+    w = torch.randn(96, 200, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    qw = QuantWeight.of(w, Quant("int8"), torch.bfloat16)
+    before, size = qw.dequantized(), qw.nbytes()
+    qw.use("w8a8")
+    assert qw.q is None and qw.packed is not None and torch.equal(qw.dequantized(), before)
+    assert qw.nbytes() <= size + 96 * 4  # one layout held, never both
+    qw.use("w8")
+    assert qw.packed is None and torch.equal(qw.dequantized(), before) and qw.nbytes() == size
+    with pytest.raises(ValueError, match="w4 is not a kernel of int8"):
+        qw.use("w4")
+
+
+@pytest.mark.parametrize("times, want", [
+    ({"w8": {1: 1.0, 8: 2.0}, "w8a8": {1: 1.2, 8: 1.0}}, "w8a8"),  # 1.5 against 1.1 times the best, on average
+    ({"w8": {1: 1.0, 8: 1.2}, "w8a8": {1: 1.3, 8: 1.0}}, "w8"),  # 1.1 against 1.15
+    ({"w8": {1: 1.0, 8: 1.0}, "w8a8": {1: 1.0, 8: 1.0}}, "w8"),  # a tie: the first listed
+    ({"w4": {1: 3.0, 64: 9.0}}, "w4"),
+])
+def test_rank_kernels_takes_the_least_slower_on_average(times, want):
+    assert rank_kernels(times) == want
+
+
+@needs_w8a8
+def test_choose_quant_kernels_measures_once_per_shape_and_caches(tmp_path, monkeypatch):
+    import mdi_mpi.quant as quant
+
+    cache = tmp_path / "kernels.json"
+    g = torch.Generator().manual_seed(9)
+    ws = [QuantWeight.of(torch.randn(*shape, generator=g).bfloat16(), Quant("int8"), torch.bfloat16)
+          for shape in [(256, 512), (256, 512), (96, 200)]]
+    measured = []
+    monkeypatch.setattr(quant, "_measure", lambda qw, real=quant._measure: measured.append(qw) or real(qw))
+    chosen = choose_quant_kernels(ws, None, cache)
+    assert len(chosen) == 2 and len(measured) == 2
+    for qw in ws:
+        c = chosen[f"int8|{qw.out_features}x{qw.in_features}|g0|bfloat16|quant"]
+        assert qw.kernel == c.kernel == rank_kernels(c.times) and set(c.times) == {"w8", "w8a8"} and not c.per_row
+    assert ws[0].kernel == ws[1].kernel
+    again = choose_quant_kernels(ws, "w8a8", cache)
+    assert len(measured) == 2 and all(qw.kernel == "w8a8" for qw in ws) and again.keys() == chosen.keys()
+    choose_quant_kernels(ws, "w8", cache)
+    assert len(measured) == 2 and all(qw.kernel == "w8" and qw.packed is None for qw in ws)
+
+
+def test_forcing_w8a8_where_the_products_are_not_exact_is_a_clear_error(tmp_path, monkeypatch):
+    import mdi_mpi.quant as quant
+    from mdi_mpi.errors import UserError
+
+    monkeypatch.setattr(quant, "integer_products_exact", lambda *a: False)  # as on x86 without VNNI
+    qw = QuantWeight.of(torch.randn(64, 128).bfloat16(), Quant("int8"), torch.bfloat16)
+    assert choose_quant_kernels([qw], None, tmp_path / "k.json")["int8|64x128|g0|bfloat16|quant"].kernel == "w8"
+    with pytest.raises(UserError, match="--quant-kernel w8a8: this CPU's int8 products are not exact"):
+        choose_quant_kernels([qw], "w8a8", tmp_path / "k.json")
+
+
+@pytest.mark.subprocess
+def test_without_vnni_int8_products_saturate_and_w8_is_chosen():
+    """Capped at AVX2 (no VNNI), oneDNN's 8-bit products saturate in 16 bits: w8a8 is found inexact
+    and never chosen."""
+    code = ("import torch; from mdi_mpi.quant import *; "
+            "qw = QuantWeight.of(torch.randn(128, 256).bfloat16(), Quant('int8'), torch.bfloat16); "
+            "c, = choose_quant_kernels([qw], None, None).values(); "
+            "print(integer_products_exact(256), c.kernel, *c.times)")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["False", "w8", "w8"], res.stdout
+
+
+@pytest.mark.parametrize("kind, kernel", KINDS)
+def test_every_shape_residue_mod_64_gives_the_reference(kind, kernel):
     """torch's int8 kernel crashes or reads garbage when the in-features are not a multiple of 16
     (int4 falls back to it on such shapes): every residue of in- and out-features works."""
     dtype, g = torch.bfloat16, torch.Generator().manual_seed(4)
     shapes = [(out_f, in_f) for r in range(64) for out_f, in_f in ((64 + r, 64 + r), (80, 192 + r), (128 + r, 128))]
     for out_f, in_f in shapes:
         w = (torch.randn(out_f, in_f, generator=g) * 0.05).to(dtype)
-        qw = QuantWeight.of(w, Quant(kind, 32), dtype)
+        qw = quant_weight(w, kind, kernel)
         if qw.kind == "int8":
             q, s = quantize_int8(w)
             ref_w = dequantize_int8(q, s.to(dtype).float())
@@ -81,29 +187,31 @@ def test_int4_falls_back_to_int8_where_the_kernel_cannot_take_the_shape():
     assert QuantWeight.of(torch.randn(64, 256), Quant("int4", 32), torch.float32).kind == "int4"
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_rows_are_bitwise_independent_of_the_row_count(kind):
+@pytest.mark.parametrize("kind, kernel", KINDS)
+def test_rows_are_bitwise_independent_of_the_row_count(kind, kernel):
     dtype = torch.bfloat16
     w = torch.randn(512, 1024, generator=torch.Generator().manual_seed(2)).to(dtype)
-    qw = QuantWeight.of(w, Quant(kind, 128), dtype)
-    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(3)).to(dtype)
+    qw = quant_weight(w, kind, kernel, 128)
+    x = torch.randn(128, 1024, generator=torch.Generator().manual_seed(3)).to(dtype)
     full = qw(x)
-    for m in (1, 3, 8, 64):
+    for m in (1, 3, 8, 64, 128):
         assert torch.equal(qw(x[:m]), full[:m]), m
-    assert rows_independent(qw, dtype)
+    assert rows_independent(qw)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind, kernel", KINDS)
 @pytest.mark.parametrize("name, n_weights", [("llama-gqa-llama3", 4 * 7 + 2),
                                              ("qwen2-moe", 4 * 4 + 2 * 3 + 2 * (8 * 2 + 3) + 2)])  # attention, 2 dense MLPs, 2 sparse layers
-def test_quantized_stage_matches_transformers_on_the_dequantized_weights(models, kind, name, n_weights):
+def test_quantized_stage_matches_transformers_on_the_dequantized_weights(models, kind, kernel, name, n_weights):
+    """w8 and w4 give transformers' logits on the dequantized weights, and its greedy tokens; w8a8,
+    which rounds activations too, its logits within a few hundredths."""
     from transformers import AutoModelForCausalLM
 
     path = models[name]
     ckpt = Checkpoint(path)
     stage = load_stage(ckpt, range(ckpt.config.n_layers), True, torch.float32, Quant(kind, 32))
     stage.setup_cache(1, 128)
-    stage.choose_kernels(cache=default_cache())
+    stage.choose_kernels(cache=default_cache(), quant_forced=kernel if kind == "int8" else None)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     state = hf.state_dict()
     n_quantized = 0
@@ -121,6 +229,9 @@ def test_quantized_stage_matches_transformers_on_the_dequantized_weights(models,
     with torch.no_grad():
         ref = hf(ids[None]).logits[0]
     ours = stage(ids, Batch.make([0], [0], [20]), all_logits=True)
+    if kernel == "w8a8":
+        assert 0 < (ours - ref).abs().max() < 0.1 * ref.abs().max()  # rounded (3-4% on these random models), not broken
+        return
     assert (ours - ref).abs().max() < 1e-3
     with torch.no_grad():
         for p in PROMPTS[:3]:
@@ -130,15 +241,16 @@ def test_quantized_stage_matches_transformers_on_the_dequantized_weights(models,
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind, kernel", KINDS)
 @pytest.mark.mpi
-def test_quantized_outputs_are_identical_across_ranks_slots_and_micro_batches(models, tmp_path, kind):
+def test_quantized_outputs_are_identical_across_ranks_slots_and_micro_batches(models, tmp_path, kind, kernel):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:3])
     runs = {}
     for ranks, slots, micro in [(1, 1, 1), (2, 4, 2), (3, 3, 1), (3, 6, 2)]:
         out = tmp_path / f"out-{ranks}-{slots}-{micro}.jsonl"
         stats = tmp_path / "stats.json"
         res = run_cli(["--model", str(models["qwen2"]), "--quant", kind, "--quant-group", "32", "--prompts-file", prompts,
+                       *(["--quant-kernel", kernel] if kind == "int8" else []),
                        "--n-samples", "2", "--temperature", "0.9", "--seed", "5", "--max-new-tokens", "10",
                        "--slots", str(slots), "--micro-batch", str(micro), "--prefill-chunk", "5",
                        "--output", str(out), "--quiet", "--stats-json", str(stats)], ranks=ranks)
@@ -147,6 +259,7 @@ def test_quantized_outputs_are_identical_across_ranks_slots_and_micro_batches(mo
         s = json.loads(stats.read_text())
         assert s["quant"] == kind and s["dtype"] == "bfloat16"
         assert sum(r["quantized_linears"][kind] for r in s["per_rank"]) == 4 * 7
+        assert {c["kernel"] for r in s["per_rank"] for c in r["kernels"]["quant"].values()} == {kernel}
     first = runs[(1, 1, 1)]
     assert len(first) == 6 and first["p0-0"] != first["p0-1"]
     for key, tokens in runs.items():

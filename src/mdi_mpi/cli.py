@@ -14,7 +14,7 @@ from mdi_mpi.job import JobSpec
 from mdi_mpi.kernels import ROWS
 from mdi_mpi.layout import BALANCES, DEFAULT_PREFILL_CHUNK, Layout
 from mdi_mpi.partition import parse_bytes, parse_split
-from mdi_mpi.quant import QUANTS, Quant
+from mdi_mpi.quant import KERNELS, QUANTS, Quant
 
 
 class Parser(argparse.ArgumentParser):
@@ -79,6 +79,10 @@ def add_job_arguments(p: argparse.ArgumentParser, prefix_cache: bool = True) -> 
                    "where this CPU decodes float32 at least 1.25x faster and it fits in memory), bfloat16, float32, float16")
     m.add_argument("--kernel", default="auto", choices=("auto", *ROWS), help="matmul kernel for every linear layer: "
                    "auto (default: measured per weight shape on each rank's CPU, cached), or one of mv, row, tile2..tile256")
+    m.add_argument("--quant-kernel", default="auto", choices=("auto", *KERNELS["int8"]), help="kernel of int8 weights "
+                   "(--quant int8, and int4 shapes that fall back to int8): auto (default: the faster on each rank's CPU, "
+                   "measured per weight shape, cached), w8 (activations in the model dtype) or w8a8 (activations rounded "
+                   "to int8 per row, exact integer dot products; needs VNNI or AMX on x86)")
     m.add_argument("--threads", type=positive_int, metavar="T", help="torch threads per rank; default: the node's cores divided by its ranks")
     add_layout_arguments(m, prefix_cache)
     if prefix_cache:
@@ -129,6 +133,7 @@ def job_spec(args: argparse.Namespace) -> JobSpec:
         model=args.model,
         dtype=None if args.dtype == "auto" else parse_dtype(args.dtype),
         kernel=None if args.kernel == "auto" else args.kernel,
+        quant_kernel=None if args.quant_kernel == "auto" else args.quant_kernel,
         threads=args.threads,
         layout=layout_of(args),
         timeout_s=args.timeout or None,

@@ -59,6 +59,7 @@ class JobSpec:
     model: str | None  # checkpoint or shards directory; None: the demo model
     dtype: torch.dtype | None = None  # None: auto
     kernel: str | None = None  # one kernel forced everywhere; None: measured (auto)
+    quant_kernel: str | None = None  # the kernel of int8 weights (w8 or w8a8); None: measured (auto)
     threads: int | None = None  # None: the node's cores divided by its ranks
     layout: Layout = Layout()
     timeout_s: float | None = 600.0  # None: never
@@ -235,7 +236,7 @@ def start(comm: Comm, spec: JobSpec, prepare: Callable[[ModelConfig, str, int], 
                                           opened.sliced))
     stage.setup_cache(n_slots + sizes.cache_slots, sizes.max_seq_len)
     load_s = time.perf_counter() - t_load
-    kernels = comm.agree(lambda: stage.choose_kernels(spec.kernel, kernel_cache))
+    kernels = comm.agree(lambda: stage.choose_kernels(spec.kernel, kernel_cache, spec.quant_kernel))
     groups = slot_groups(n_slots, micro)
     ring_comm = comm.split(split.index) if tp > 1 else comm  # the leaders (index 0) make the ring
     ring = ring_comm.ring(max(2, len(groups)), micro, micro * sizes.prefill_chunk, cfg.hidden_size, dtype,

@@ -32,7 +32,8 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +149,19 @@ def families_of(outputs: dict[str, torch.Tensor | None]) -> list[tuple[str, ...]
     return [tuple(g) for g in groups]
 
 
+def best_ms(run: Callable[[], object], budget_ms: float = 25.0) -> float:
+    """Milliseconds of the fastest of a few calls of ``run`` after a warm-up: at least 2, at most 5,
+    no more once ``budget_ms`` is spent."""
+    run()
+    best, spent, n = float("inf"), 0.0, 0
+    while n < 2 or (n < 5 and spent < budget_ms):
+        t0 = time.perf_counter()
+        run()
+        dt = (time.perf_counter() - t0) * 1e3
+        best, spent, n = min(best, dt), spent + dt, n + 1
+    return best
+
+
 def measure(weight: torch.Tensor, bias: torch.Tensor | None, names: Iterable[str], budget_ms: float = 25.0) -> dict[str, float]:
     """Milliseconds per call of each kernel on ``weight`` (the best of a few calls after a warm-up).
     Tiles are timed in growing sizes and no further once two in a row are no cheaper per row than
@@ -160,14 +174,7 @@ def measure(weight: torch.Tensor, bias: torch.Tensor | None, names: Iterable[str
         if strikes >= 2 and ROWS[name] > 1:
             continue
         xs = x[: ROWS[name]]
-        call(name, xs, weight, bias)  # warm-up
-        best, spent, n = float("inf"), 0.0, 0
-        while n < 2 or (n < 5 and spent < budget_ms):
-            t0 = time.perf_counter()
-            call(name, xs, weight, bias)
-            dt = (time.perf_counter() - t0) * 1e3
-            best, spent, n = min(best, dt), spent + dt, n + 1
-        times[name] = best
+        best = times[name] = best_ms(lambda: call(name, xs, weight, bias), budget_ms)  # noqa: B023 - called at once
         per_row = best / ROWS[name]
         if ROWS[name] > 1:
             strikes = strikes + 1 if per_row > 0.95 * best_per_row else 0
@@ -281,12 +288,33 @@ class Selection:
     seconds: float
     cached: int  # shapes whose measurements came from the cache
     measured: int  # shapes measured now
-    quant_row_by_row: int = 0  # quantized shapes whose kernel had to run row by row (see quant.py)
+    quant: dict = field(default_factory=dict)  # quantized weight shapes' kernels: quant.QuantChoice by shape key
 
     def describe(self) -> dict:
         return {"seconds": round(self.seconds, 3), "cached": self.cached, "measured": self.measured,
-                "quant_row_by_row": self.quant_row_by_row,
-                "shapes": {key: k.describe() for key, k in self.kernels.items()}}
+                "shapes": {key: k.describe() for key, k in self.kernels.items()},
+                "quant": {key: c.describe() for key, c in self.quant.items()}}
+
+
+@contextmanager
+def machine_entries(cache: Path | None) -> Iterator[dict]:
+    """This machine's measurements (``machine_key``) in ``cache``, a JSON file, as a dict to read and
+    add to: the file is locked meanwhile, so that the ranks of one node measure once, and written
+    back if the dict changed. Without a cache, an empty dict."""
+    if cache is None:
+        yield {}
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(cache) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        store = json.loads(cache.read_text()) if cache.exists() else {}
+        entries = store.setdefault(machine_key(torch.get_num_threads()), {})
+        before = json.dumps(entries, sort_keys=True)
+        yield entries
+        if json.dumps(entries, sort_keys=True) != before:
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(store, indent=1))
+            tmp.replace(cache)
 
 
 def choose_kernels(
@@ -298,19 +326,10 @@ def choose_kernels(
     from mdi_mpi.errors import UserError
 
     t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    machine = machine_key(threads)
     keys = [shape_key(w, b, d) for w, b, d in weights]
     chosen: dict[str, ShapeKernels] = {}
     n_cached = n_measured = 0
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(str(cache) + ".lock", "w") if cache is not None else None  # noqa: SIM115 - held below
-    try:
-        if lock is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        store = json.loads(cache.read_text()) if cache is not None and cache.exists() else {}
-        entries = store.setdefault(machine, {})
+    with machine_entries(cache) as entries:
         with torch.inference_mode():
             for (w, b, decode_only), key in zip(weights, keys):
                 if key in chosen:
@@ -334,13 +353,6 @@ def choose_kernels(
                 else:
                     n_cached += 1
                 chosen[key] = k
-        if cache is not None and n_measured:
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(store, indent=1))
-            tmp.replace(cache)
-    finally:
-        if lock is not None:
-            lock.close()
     sel = Selection(chosen, time.perf_counter() - t0, n_cached, n_measured)
     return sel, [chosen[k] for k in keys]
 

@@ -16,6 +16,7 @@ whole call), and each row's expert outputs are summed in expert order (``SparseM
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from mdi_mpi.config import ModelConfig
 from mdi_mpi.errors import UserError
 from mdi_mpi.kernels import Selection, ShapeKernels, choose_kernels
 from mdi_mpi.kv_cache import Batch, KVCache
-from mdi_mpi.quant import QuantWeight
+from mdi_mpi.quant import QuantWeight, choose_quant_kernels
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_single: int, kernels: ShapeKernels) -> torch.Tensor:
@@ -162,16 +163,20 @@ def row(d_in: int, d_out: int, bias: bool, split: TensorSplit) -> nn.Module:
 
 
 def pick_kernels(
-    root: nn.Module, forced: str | None, cache: Path | None, head: torch.Tensor | None = None
+    root: nn.Module, forced: str | None, cache: Path | None, head: torch.Tensor | None = None, quant_forced: str | None = None
 ) -> tuple[Selection, ShapeKernels | None]:
     """Choose the kernels of every ``Linear`` under ``root`` (and of an LM ``head`` weight, whose
-    rows are all decode rows; its kernels are returned) with ``kernels.choose_kernels``."""
+    rows are all decode rows; its kernels are returned) with ``kernels.choose_kernels``, and of every
+    quantized weight under it with ``quant.choose_quant_kernels`` (``quant_forced``: for int8 weights)."""
     linears = [m for m in root.modules() if isinstance(m, Linear) and m.qweight is None]
     experts = [m for m in root.modules() if isinstance(m, Experts) and m.gate_up_q is None]
     weights = [(m.weight, None, False) for m in linears]  # biases are added after the kernels (``linear``)
     weights += [(w, None, False) for m in experts for w in (m.gate_up_proj[0], m.down_proj[0])]  # one shape each
     weights += [(head, None, True)] if head is not None else []
     selection, chosen = choose_kernels(weights, forced, cache)
+    t0 = time.perf_counter()
+    selection.quant = choose_quant_kernels([m for m in root.modules() if isinstance(m, QuantWeight)], quant_forced, cache)
+    selection.seconds += time.perf_counter() - t0
     for m, k in zip(linears, chosen):
         m.kernels = k
     rest = iter(chosen[len(linears):])

@@ -29,7 +29,7 @@ from mdi_mpi.model import (
     rope_tables,
 )
 from mdi_mpi.prefix_cache import Copy
-from mdi_mpi.quant import Quant, QuantWeight, check_rows
+from mdi_mpi.quant import Quant, QuantWeight, rows_independent
 
 
 class Stage(nn.Module):
@@ -136,13 +136,16 @@ class Stage(nn.Module):
                 kinds += [q.kind for q in m.gate_up_q] + [q.kind for q in m.down_q] if m.gate_up_q is not None else ["none"] * 2 * m.n_experts
         return {k: kinds.count(k) for k in ("int4", "int8", "none")}
 
-    def choose_kernels(self, forced: str | None = None, cache: Path | None = None) -> Selection:
-        """Pick each linear layer's matmul kernels on this machine (see ``kernels.py``): measured
-        on the loaded weights, or read from ``cache``; ``forced`` names one kernel for all."""
+    def choose_kernels(self, forced: str | None = None, cache: Path | None = None, quant_forced: str | None = None) -> Selection:
+        """Pick each linear layer's matmul kernels on this machine (see ``kernels.py`` and ``quant.py``):
+        measured on the loaded weights, or read from ``cache``; ``forced`` names one kernel for all
+        unquantized weights, ``quant_forced`` one for the int8 ones. An int8 LM head keeps ``w8``
+        (it is read in row blocks), row by row if its rows depend on each other."""
         head = self.head_weight[: len(self.vocab) // len(self.split.blocks)] if self.has_edges and self.head_q is None else None
-        selection, self.head_kernels = pick_kernels(self.layers, forced, cache, head)
-        with torch.inference_mode():
-            selection.quant_row_by_row = check_rows([m for m in self.modules() if isinstance(m, QuantWeight)], self.dtype)
+        selection, self.head_kernels = pick_kernels(self.layers, forced, cache, head, quant_forced)
+        if self.head_q is not None:
+            with torch.inference_mode():
+                self.head_q.per_row = not rows_independent(self.head_q)
         return selection
 
     @property
@@ -154,8 +157,7 @@ class Stage(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of weights, quantized or not (KV caches excluded)."""
-        quant = [t for m in self.modules() if isinstance(m, QuantWeight) for t in m.buffers()]
-        return sum(p.nbytes for p in self.parameters()) + sum(t.nbytes for t in quant)
+        return sum(p.nbytes for p in self.parameters()) + sum(m.nbytes() for m in self.modules() if isinstance(m, QuantWeight))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [T] -> hidden states [T, D]. Split by vocabulary, each rank looks up the ids it
