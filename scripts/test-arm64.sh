@@ -12,10 +12,11 @@ CPUS=${ARM64_CPUS:-cortex-a76 cortex-a72}
 TESTS="tests/test_quant.py tests/test_batch_invariance.py"
 # emulation runs these ~40x slower than the host: the lane keeps the tests that decide a Pi's bits in
 # about 2.5 minutes per CPU model (a shape of every residue mod 64 for int8 and int4, the quantized
-# kernels against their reference and across row counts, the chosen kernels' and the probe's families,
+# kernels against their reference and across row counts, which int8 kernel is chosen and whether
+# oneDNN's int8 products are exact there, the chosen kernels' and the probe's families,
 # the stage logits of dense and MoE tiny models whatever their batch companions); a -k among the extra
 # arguments replaces this selection (e.g. -k "forced_kernel or probe_forms": the tiles one by one, 6 minutes more)
-SELECT="residue or kernel_matches or bitwise or falls_back or chosen_kernels or families_group"
+SELECT="residue or kernel_matches or bitwise or falls_back or chosen_kernels or families_group or w8a8 or quant_kernels or rank_kernels or use_moves"
 if [ ! -x "$ROOT/venv/bin/python" ]; then echo "test-arm64.sh: run scripts/setup-arm64.sh first" >&2; exit 1; fi
 [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || bash scripts/setup-arm64.sh
 mkdir -p "$ROOT/src/mdi-mpi"

@@ -512,7 +512,7 @@ def hot_path(model: str, dtype: str, tokens: int = 64) -> dict:
 # --profile: torch op names by where a decode step's time goes
 PROFILE_KINDS = {
     "matmul kernels": ("linear", "mm", "addmm", "mv", "addmv", "addmv_", "matmul", "_weight_int8pack_mm", "_weight_int4pack_mm",
-                       "_weight_int4pack_mm_for_cpu", "bmm"),
+                       "_weight_int4pack_mm_for_cpu", "qlinear_pointwise", "bmm"),
     "attention": ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu", "softmax", "_softmax",
                   "index_copy_", "copy_", "narrow", "slice"),
     "norms, RoPE, activations": ("pow", "mean", "rsqrt", "mul", "add", "sub", "neg", "cat", "silu", "to", "_to_copy",
@@ -559,7 +559,7 @@ def step_profile(model: str, dtype: str, quant: str | None, tokens: int = 32) ->
     spent = dict.fromkeys([*PROFILE_KINDS, "other ops"], 0.0)
     others = []
     for e in prof.key_averages():
-        kind = names.get(e.key.removeprefix("aten::"), "other ops")
+        kind = names.get(e.key.split("::")[-1], "other ops")
         spent[kind] += e.self_cpu_time_total / 1e6
         if kind == "other ops":
             others.append((e.key, round(e.self_cpu_time_total / 1e6 / wall, 3)))

@@ -250,6 +250,10 @@ def print_summary(s: dict) -> None:
         if shapes:
             print(f"  rank {r['rank']} kernels ({k['measured']} shapes measured, {k['cached']} cached, {k['seconds']:.2f} s) "
                   f"for 1, 8 decode rows / 16, 64 prompt rows: {shapes}", file=err)
+        if k["quant"]:
+            quant = "; ".join(f"{key.split('|')[1]} {c['kernel']}" + (" row by row" if c["row_by_row"] else "")
+                              for key, c in k["quant"].items())
+            print(f"  rank {r['rank']} quantized kernels: {quant}", file=err)
 
 
 def main(argv: list[str] | None = None) -> int:
