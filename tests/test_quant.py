@@ -211,7 +211,7 @@ def test_quantized_stage_matches_transformers_on_the_dequantized_weights(models,
     ckpt = Checkpoint(path)
     stage = load_stage(ckpt, range(ckpt.config.n_layers), True, torch.float32, Quant(kind, 32))
     stage.setup_cache(1, 128)
-    stage.choose_kernels(cache=default_cache(), quant_forced=kernel if kind == "int8" else None)
+    stage.choose_kernels(cache=default_cache(), quant_forced=kernel if kind == "int8" else "w8")  # the int8 head too
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     state = hf.state_dict()
     n_quantized = 0
@@ -259,7 +259,7 @@ def test_quantized_outputs_are_identical_across_ranks_slots_and_micro_batches(mo
         s = json.loads(stats.read_text())
         assert s["quant"] == kind and s["dtype"] == "bfloat16"
         assert sum(r["quantized_linears"][kind] for r in s["per_rank"]) == 4 * 7
-        assert {c["kernel"] for r in s["per_rank"] for c in r["kernels"]["quant"].values()} == {kernel}
+        assert {c["kernel"] for r in s["per_rank"] for key, c in r["kernels"]["quant"].items() if key.startswith(kind)} == {kernel}
     first = runs[(1, 1, 1)]
     assert len(first) == 6 and first["p0-0"] != first["p0-1"]
     for key, tokens in runs.items():
@@ -374,3 +374,21 @@ def test_split_quant_shards_hold_experts_as_quantized_on_the_fly(models, tmp_pat
     assert a.keys() == b.keys() and "layers.2.mlp.experts.gate_up_q.7.q" in a
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert shard.quant_summary() == {"int4": 2 * (4 + 2 * 8), "int8": 0, "none": 2}  # the routers stay unquantized
+
+
+@needs_w8a8
+def test_weights_reading_one_input_round_it_once_with_the_same_bits(monkeypatch):
+    """Within ``one_rounding`` (q, k and v; gate and up), int8 weights that read one tensor share its
+    int8 rows: computed once, and the outputs are the bits each weight gives alone."""
+    import mdi_mpi.quant as quant
+
+    g = torch.Generator().manual_seed(10)
+    ws = [quant_weight(torch.randn(n, 256, generator=g).bfloat16(), "int8", "w8a8") for n in (256, 64, 64)]
+    x, other = torch.randn(2, 3, 256, generator=g).bfloat16()
+    alone = [qw(x) for qw in ws]
+    calls = []
+    monkeypatch.setattr(quant, "quantize_rows", lambda t, real=quant.quantize_rows: calls.append(t) or real(t))
+    with quant.one_rounding():
+        shared = [qw(x) for qw in ws] + [ws[0](other)]
+    assert len(calls) == 2 and all(torch.equal(a, b) for a, b in zip(alone, shared))
+    assert torch.equal(shared[3], ws[0](other)) and quant._shared is None

@@ -29,7 +29,7 @@ from mdi_mpi.config import ModelConfig
 from mdi_mpi.errors import UserError
 from mdi_mpi.kernels import Selection, ShapeKernels, choose_kernels
 from mdi_mpi.kv_cache import Batch, KVCache
-from mdi_mpi.quant import QuantWeight, choose_quant_kernels
+from mdi_mpi.quant import QuantWeight, choose_quant_kernels, one_rounding
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_single: int, kernels: ShapeKernels) -> torch.Tensor:
@@ -255,7 +255,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: Batch, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [T, D]; cos, sin: [T, 1, hd]
         t, ns = x.shape[0], batch.n_single
-        q, k, v = self.q_proj(x, ns), self.k_proj(x, ns), self.v_proj(x, ns)  # [T, H*hd], [T, Hkv*hd] x 2
+        with one_rounding():
+            q, k, v = self.q_proj(x, ns), self.k_proj(x, ns), self.v_proj(x, ns)  # [T, H*hd], [T, Hkv*hd] x 2
         if self.full_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
@@ -320,7 +321,9 @@ class MLP(nn.Module):
         self.act = (lambda g: F.gelu(g, approximate="tanh")) if config.gemma else F.silu  # GeGLU or SwiGLU
 
     def forward(self, x: torch.Tensor, n_single: int) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x, n_single)) * self.up_proj(x, n_single), n_single)
+        with one_rounding():
+            gate, up = self.gate_proj(x, n_single), self.up_proj(x, n_single)
+        return self.down_proj(self.act(gate) * up, n_single)
 
 
 class Experts(nn.Module):

@@ -21,6 +21,8 @@ to depend on each other (``rows_independent``, checked at every start-up) comput
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,7 +218,7 @@ class QuantWeight(torch.nn.Module):
                 return torch.ops.aten._weight_int8pack_mm(x, self.q[rows.start : rows.stop], self.scale[rows.start : rows.stop])
             return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
         if self.kernel == "w8a8":
-            xq, xs = quantize_rows(x)
+            xq, xs = _rounded(x)
             y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, self.packed, self.scale_f32, self.zero_points, None,
                                                    1.0, 0, torch.float32, "none", [], "")  # [m, out]: float(sum) * scale
             return y.mul_(xs).to(x.dtype)
@@ -233,6 +235,30 @@ class QuantWeight(torch.nn.Module):
             return dequantize_int8(q, self.scale.float())
         eye = torch.eye(self.in_features, dtype=self.scale_zero.dtype)
         return self.forward(eye).float().t().contiguous()
+
+
+_shared: dict[int, tuple] | None = None  # within ``one_rounding``: id(x) -> (x, its int8 rows, their scales)
+
+
+@contextmanager
+def one_rounding() -> Iterator[None]:
+    """Within it, the int8 weights that read one activations tensor (q, k and v; gate and up) round
+    it to int8 once, not once each."""
+    global _shared
+    _shared = {}
+    try:
+        yield
+    finally:
+        _shared = None
+
+
+def _rounded(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if _shared is None:
+        return quantize_rows(x)
+    hit = _shared.get(id(x))
+    if hit is None or hit[0] is not x:
+        hit = _shared[id(x)] = (x, *quantize_rows(x))
+    return hit[1], hit[2]
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from mdi_mpi.model import (
     rope_tables,
 )
 from mdi_mpi.prefix_cache import Copy
-from mdi_mpi.quant import Quant, QuantWeight, rows_independent
+from mdi_mpi.quant import Quant, QuantWeight, choose_quant_kernels, rows_independent
 
 
 class Stage(nn.Module):
@@ -139,11 +139,14 @@ class Stage(nn.Module):
     def choose_kernels(self, forced: str | None = None, cache: Path | None = None, quant_forced: str | None = None) -> Selection:
         """Pick each linear layer's matmul kernels on this machine (see ``kernels.py`` and ``quant.py``):
         measured on the loaded weights, or read from ``cache``; ``forced`` names one kernel for all
-        unquantized weights, ``quant_forced`` one for the int8 ones. An int8 LM head keeps ``w8``
-        (it is read in row blocks), row by row if its rows depend on each other."""
+        unquantized weights, ``quant_forced`` one for the int8 ones. The int8 LM head is chosen for
+        too, unless it is read in row blocks (``--tp-parts``) or is the embedding table (tied), which
+        keep ``w8`` (row by row if its rows depend on each other)."""
         head = self.head_weight[: len(self.vocab) // len(self.split.blocks)] if self.has_edges and self.head_q is None else None
         selection, self.head_kernels = pick_kernels(self.layers, forced, cache, head, quant_forced)
-        if self.head_q is not None:
+        if self.head_q is not None and self.head_q is not self.embed_q and len(self.split.blocks) == 1:
+            selection.quant.update(choose_quant_kernels([self.head_q], quant_forced, cache))
+        elif self.head_q is not None:
             with torch.inference_mode():
                 self.head_q.per_row = not rows_independent(self.head_q)
         return selection
