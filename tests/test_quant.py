@@ -392,3 +392,33 @@ def test_weights_reading_one_input_round_it_once_with_the_same_bits(monkeypatch)
         shared = [qw(x) for qw in ws] + [ws[0](other)]
     assert len(calls) == 2 and all(torch.equal(a, b) for a, b in zip(alone, shared))
     assert torch.equal(shared[3], ws[0](other)) and quant._shared is None
+
+
+RSS_SCRIPT = """
+import sys, torch
+from mdi_mpi.checkpoint import Checkpoint, load_stage
+from mdi_mpi.probes import peak_rss
+from mdi_mpi.process import return_freed_memory
+from mdi_mpi.quant import Quant
+return_freed_memory()  # as every command does first
+load_stage(Checkpoint(sys.argv[1]), range(0, 1), False, torch.bfloat16, Quant("int8"))  # torch's one-time set-up
+before = peak_rss()
+stage = load_stage(Checkpoint(sys.argv[1]), range(2, 6), False, torch.bfloat16, Quant("int8"))
+stage.choose_kernels(quant_forced=sys.argv[2])
+print(peak_rss() - before, stage.weight_bytes())
+"""
+
+
+@pytest.mark.parametrize("kernel", ["w8", pytest.param("w8a8", marks=needs_w8a8)])
+@pytest.mark.subprocess
+def test_int8_stage_start_up_peaks_at_its_weights_plus_one_tensor(tmp_path, kernel):
+    """Loading, quantizing, repacking (w8a8) and choosing kernels for 4 layers of a float32 file
+    (16 MB tensors): peak memory grows by the int8 weights plus one tensor, not by the freed
+    temporaries that glibc's malloc keeps unless told (3-3.7x the weights before)."""
+    from support.models import build_hf_model
+
+    path = build_hf_model(tmp_path / "m", "LlamaConfig", dict(num_hidden_layers=6, hidden_size=1024, intermediate_size=4096,
+                                                              num_attention_heads=8, num_key_value_heads=4))
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), kernel], capture_output=True, text=True, check=True)
+    grown, weights = map(int, out.stdout.split())
+    assert grown < weights + 1024 * 4096 * 4 + 16 * 2**20, f"peak RSS grew {grown} for {weights} bytes of int8 weights"

@@ -10,6 +10,7 @@ that no rank is left waiting.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import socket
@@ -105,6 +106,24 @@ def _interrupted(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+MMAP_THRESHOLD = 4 * 2**20  # bytes: freed blocks this large go straight back to the system
+
+
+def return_freed_memory() -> None:
+    """Have glibc's malloc give every freed block of ``MMAP_THRESHOLD`` bytes or more straight back
+    to the system. Left to itself, it raises that threshold to the largest block freed so far, and
+    the load's temporaries (each tensor in the file's dtype, its float32 blocks, a weight's first
+    layout before it is repacked) stay in the heap: measured, 0.4-0.9 GiB more resident memory for a
+    1.1B model in int8. Nothing where malloc is not glibc's, or where ``MALLOC_MMAP_THRESHOLD_`` is set."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; an explicit value also ends the raising
+
+
 def exit_code(e: BaseException) -> int:
     """The exit code of a rank that failed with ``e``."""
     if isinstance(e, UserError):
@@ -118,6 +137,7 @@ def run_command(parser: argparse.ArgumentParser, body: Callable[[argparse.Namesp
     into a ``JobSpec``), run ``body(args, spec, comm)``; returns the exit code (see the module
     docstring)."""
     watch_rank()
+    return_freed_memory()
     note = choose_netmod()
     from mdi_mpi.transport import world
 
