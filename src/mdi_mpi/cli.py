@@ -80,7 +80,7 @@ def add_job_arguments(p: argparse.ArgumentParser, prefix_cache: bool = True) -> 
     m.add_argument("--kernel", default="auto", choices=("auto", *ROWS), help="matmul kernel for every linear layer: "
                    "auto (default: measured per weight shape on each rank's CPU, cached), or one of mv, row, tile2..tile256")
     m.add_argument("--quant-kernel", default="auto", choices=("auto", *KERNELS["int8"]), help="kernel of int8 weights "
-                   "(--quant int8, and int4 shapes that fall back to int8): auto (default: the faster on each rank's CPU, "
+                   "(--quant int8, int4 shapes that fall back to int8, the int8 LM head): auto (default: the faster on each rank's CPU, "
                    "measured per weight shape, cached), w8 (activations in the model dtype) or w8a8 (activations rounded "
                    "to int8 per row, exact integer dot products; needs VNNI or AMX on x86)")
     m.add_argument("--threads", type=positive_int, metavar="T", help="torch threads per rank; default: the node's cores divided by its ranks")
