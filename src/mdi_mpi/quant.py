@@ -381,8 +381,9 @@ def choose_quant_kernels(weights: list[QuantWeight], forced: str | None, cache: 
                 name = KERNELS["int8"][0]
                 first.use(name)
             first.per_row = not rows_independent(first)
-            for qw in group[1:]:
-                qw.use(name)
-                qw.per_row = first.per_row
             chosen[key] = QuantChoice(name, first.per_row, times)
+    for key, group in shapes.items():  # repacking the rest needs no lock: the other ranks of the node go on meanwhile
+        for qw in group[1:]:
+            qw.use(chosen[key].kernel)
+            qw.per_row = chosen[key].per_row
     return chosen
